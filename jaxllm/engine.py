@@ -71,14 +71,14 @@ class Engine:
         if not c.scan_layers:
             params = unstack_layers(params, mc.num_hidden_layers)
         params = jax.device_put(params)
-        model_module = get_model_class(mc.architecture)(
+        self.model = get_model_class(mc.architecture)(
             config=mc, dtype=jax.numpy.dtype(c.dtype), attention_fn=get_attention(c.attention),
             scan_layers=c.scan_layers)
         kv_cache = allocate_kv_cache(mc, c.num_blocks, c.block_size, c.dtype)
         self.kv_cache_manager = KVCacheManager(c.num_blocks, c.block_size)
         self.scheduler = Scheduler(self.kv_cache_manager, c.max_num_seqs, c.max_num_batched_tokens)
         self.model_runner = ModelRunner(
-            CompiledStep(model_module), params, kv_cache, c.block_size,
+            CompiledStep(self.model), params, kv_cache, c.block_size,
             c.max_num_batched_tokens, c.max_num_seqs, -(-c.max_model_len // c.block_size))
         self._executor = Executor(self.scheduler, self.model_runner, self._detokenize,
                                   c.max_model_len)

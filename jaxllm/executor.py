@@ -106,7 +106,7 @@ class Executor:
 
     def _raise_if_dead(self) -> None:
         if self._error is not None:
-            raise EngineDeadError("the engine's executor loop failed") from self._error
+            raise EngineDeadError(f"the engine's executor loop failed: {self._error!r}") from self._error
         if self._stopped:
             raise EngineDeadError("the engine was shut down")
 

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random Llama checkpoints saved by transformers, the real SmolLM2."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep tests hermetic: never reach a hub, keep converted models and XLA caches per session.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_tiny_llama(path: Path, seed: int = 0, **overrides):
+    """Saves a random float32 ``LlamaForCausalLM`` to ``path``; returns the torch model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  eos_token_id=None, bos_token_id=None)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**fields)).eval()
+    # Random init leaves biases at zero; make them count.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model = make_tiny_llama(path)
+    return path, model
