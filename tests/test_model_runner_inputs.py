@@ -1,0 +1,141 @@
+"""ModelRunner.prepare_inputs without a model: buckets, padding layout, slots, sampling rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxllm.model_runner import ModelRunner, pick_bucket, power_of_two_buckets
+from jaxllm.sampling_params import SamplingParams
+from jaxllm.scheduler import ScheduledBatch, ScheduledSequence
+from jaxllm.sequence import Request, Sequence
+
+BLOCK_SIZE = 4
+
+
+def make_runner() -> ModelRunner:
+    # prepare_inputs never touches the step, the params or the device cache.
+    return ModelRunner(step=None, params=None, kv_cache=None, block_size=BLOCK_SIZE,
+                       max_num_batched_tokens=16, max_num_seqs=4, max_blocks_per_seq=8)
+
+
+def make_seq(request_id, prompt, outputs=(), *, num_computed, block_ids, seed=0, **params) -> Sequence:
+    request = Request(request_id=request_id, prompt=None, prompt_token_ids=tuple(prompt),
+                      sampling_params=SamplingParams(**params), seed=seed,
+                      eos_token_ids=frozenset(), arrival_time=0.0)
+    seq = Sequence.from_request(request)
+    seq.token_ids += list(outputs)
+    seq.num_computed_tokens = num_computed
+    seq.block_ids = list(block_ids)
+    return seq
+
+
+@pytest.mark.parametrize("limit, expected", [
+    (1, (1,)), (2, (1, 2)), (3, (1, 2, 3)), (16, (1, 2, 4, 8, 16)), (12, (1, 2, 4, 8, 12)),
+])
+def test_power_of_two_buckets(limit, expected):
+    assert power_of_two_buckets(limit) == expected
+
+
+@pytest.mark.parametrize("n, expected", [(0, 1), (1, 1), (3, 4), (8, 8), (9, 12), (12, 12)])
+def test_pick_bucket_takes_the_smallest_that_fits(n, expected):
+    assert pick_bucket(n, (1, 2, 4, 8, 12)) == expected
+
+
+def test_pick_bucket_too_large_raises():
+    with pytest.raises(ValueError, match="13"):
+        pick_bucket(13, (1, 2, 4, 8, 12))
+
+
+def three_row_batch() -> ScheduledBatch:
+    # a: prefill chunk, tokens 4..5 of a 6-token prompt (4 cached in block 7).
+    a = make_seq("a", range(10, 16), num_computed=4, block_ids=[7, 3], seed=5,
+                 temperature=0.7, top_k=5, top_p=0.9)
+    # b: decode of its 10th token (3 outputs so far), 9 cached in blocks 5, 2, 9.
+    b = make_seq("b", range(20, 27), [27, 28, 29], num_computed=9, block_ids=[5, 2, 9],
+                 seed=2**40 + 3, temperature=0.0)
+    # c: a fresh 3-token prompt in block 6.
+    c = make_seq("c", [40, 41, 42], num_computed=0, block_ids=[6], seed=11, top_k=-1)
+    return ScheduledBatch([ScheduledSequence(a, 2), ScheduledSequence(b, 1), ScheduledSequence(c, 3)],
+                          preempted=[])
+
+
+def test_model_runner_prepare_inputs_layout():
+    inputs, sampling = make_runner().prepare_inputs(three_row_batch())
+    get = lambda x: np.asarray(x).tolist()                              # noqa: E731
+    # 6 tokens -> bucket 8; 3 rows -> bucket 4; 3 context blocks at most -> bucket 4.
+    assert get(inputs.token_ids) == [14, 15, 29, 40, 41, 42, 0, 0]
+    assert get(inputs.positions) == [4, 5, 9, 0, 1, 2, 0, 0]
+    # slot = block_ids[pos // 4] * 4 + pos % 4; padding tokens write to block 0.
+    assert get(inputs.slot_mapping) == [3 * 4 + 0, 3 * 4 + 1, 9 * 4 + 1, 24, 25, 26, 0, 1]
+    assert get(inputs.token_rows) == [0, 0, 1, 2, 2, 2, -1, -1]
+    # Tables hold the blocks of the cached context only; padding rows are all block 0.
+    assert get(inputs.block_tables) == [[7, 0, 0, 0], [5, 2, 9, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert get(inputs.context_lens) == [4, 9, 0, 0]
+    assert get(inputs.logits_indices) == [1, 2, 5, 0]
+    assert all(np.asarray(x).dtype == np.int32 for x in (
+        inputs.token_ids, inputs.positions, inputs.slot_mapping, inputs.token_rows,
+        inputs.block_tables, inputs.context_lens, inputs.logits_indices))
+
+    np.testing.assert_allclose(sampling.temperature, [0.7, 0.0, 1.0, 0.0])
+    assert get(sampling.top_k) == [5, 0, 0, 0]
+    np.testing.assert_allclose(sampling.top_p, [0.9, 1.0, 1.0, 1.0])
+    # A 64-bit seed is folded to 32 bits: (s ^ s >> 32) & 0xFFFFFFFF.
+    assert get(sampling.seeds) == [5, 3 ^ 2**8, 11, 0]
+    assert np.asarray(sampling.seeds).dtype == np.uint32
+    assert get(sampling.output_index) == [0, 3, 0, 0]
+
+
+def one_decode_batch() -> ScheduledBatch:
+    d = make_seq("d", [1, 2, 3, 4, 5], [6], num_computed=5, block_ids=[8, 4], seed=1)
+    return ScheduledBatch([ScheduledSequence(d, 1)], preempted=[])
+
+
+def test_model_runner_prepare_inputs_leaves_no_stale_values_from_a_bigger_step():
+    runner = make_runner()
+    runner.prepare_inputs(three_row_batch())
+    inputs, sampling = runner.prepare_inputs(one_decode_batch())
+    assert np.asarray(inputs.token_ids).tolist() == [6]
+    assert np.asarray(inputs.positions).tolist() == [5]
+    assert np.asarray(inputs.slot_mapping).tolist() == [4 * 4 + 1]
+    assert np.asarray(inputs.token_rows).tolist() == [0]
+    assert np.asarray(inputs.block_tables).tolist() == [[8, 4]]
+    assert np.asarray(inputs.context_lens).tolist() == [5]
+    assert np.asarray(inputs.logits_indices).tolist() == [0]
+    np.testing.assert_allclose(sampling.temperature, [1.0])
+    assert np.asarray(sampling.top_k).tolist() == [0]
+    np.testing.assert_allclose(sampling.top_p, [1.0])
+    assert np.asarray(sampling.seeds).tolist() == [1]
+    assert np.asarray(sampling.output_index).tolist() == [1]
+
+
+def test_model_runner_prepare_inputs_arrays_do_not_change_on_the_next_call():
+    """A step's device arrays must not alias the host buffers the next step refills.
+
+    On CPU, ``jax.device_put`` of a suitably aligned numpy array may share its memory, so
+    whether a given buffer aliases depends on where numpy put it: try several runners.
+    """
+    changed = set()
+    for _ in range(8):
+        runner = make_runner()
+        first = runner.prepare_inputs(three_row_batch())
+        fields = {f"{type(obj).__name__}.{name}": value
+                  for obj in first for name, value in vars(obj).items()}
+        snapshot = {name: np.array(value) for name, value in fields.items()}
+        runner.prepare_inputs(one_decode_batch())
+        changed |= {name for name, value in fields.items()
+                    if not np.array_equal(np.asarray(value), snapshot[name])}
+    changed = sorted(changed)
+    assert changed == []
+
+
+def test_model_runner_prepare_inputs_fills_the_largest_buckets():
+    runner = make_runner()
+    seqs = [make_seq(f"s{i}", range(4), num_computed=0, block_ids=[i + 1]) for i in range(4)]
+    inputs, sampling = runner.prepare_inputs(
+        ScheduledBatch([ScheduledSequence(s, 4) for s in seqs], preempted=[]))
+    assert np.asarray(inputs.token_ids).shape == (16,)
+    assert np.asarray(inputs.token_rows).tolist() == [r for r in range(4) for _ in range(4)]
+    assert np.asarray(inputs.block_tables).shape == (4, 1)
+    assert np.asarray(sampling.temperature).shape == (4,)
+    assert np.asarray(inputs.logits_indices).tolist() == [3, 7, 11, 15]
