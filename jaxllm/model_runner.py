@@ -132,7 +132,9 @@ class ModelRunner:
         sampling = SamplingTensors(
             temperature=b.temperature_np[:rows], top_k=b.top_k_np[:rows], top_p=b.top_p_np[:rows],
             seeds=b.seeds_np[:rows], output_index=b.output_index_np[:rows])
-        return jax.device_put((inputs, sampling))
+        # Copy out of the reused buffers: on CPU device_put may alias an aligned numpy array,
+        # and the next step rewrites these buffers while this one may still be in flight.
+        return jax.device_put(jax.tree_util.tree_map(np.copy, (inputs, sampling)))
 
     def execute(self, batch: ScheduledBatch) -> tuple[np.ndarray, np.ndarray]:
         """Runs one step; returns sampled token ids and their logprobs for the batch's rows."""

@@ -30,7 +30,8 @@ def truncation_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> ja
     in_top_k = jnp.arange(vocab)[None, :] < k[:, None]
     probs = jax.nn.softmax(jnp.where(in_top_k, sorted_logits, -jnp.inf), axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = in_top_k & (mass_before < top_p[:, None])               # the top token always stays
+    # The top token always stays; top_p >= 1 keeps everything even where float32 mass rounds to 1.
+    keep_sorted = in_top_k & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1))
     num_kept = jnp.sum(keep_sorted, axis=-1)
     threshold = jnp.take_along_axis(sorted_logits, (num_kept - 1)[:, None], axis=-1)
     return logits >= threshold

@@ -50,7 +50,9 @@ class LlamaForCausalLM(nn.Module):
         # Only each row's last token needs logits: [S, D] instead of [T, D] through the head.
         h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x[inputs.logits_indices])
         if c.tie_word_embeddings:
-            logits = embed.attend(h)
+            # Contract against the [V, D] table as stored; embed.attend's ``h @ E.T`` made
+            # XLA:CPU copy a transposed table every step (113 MB for SmolLM2).
+            logits = jnp.einsum("sd,vd->sv", h, embed.embedding.astype(self.dtype))
         else:
             logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(h)
         return KVCache(k=k_cache, v=v_cache), logits.astype(jnp.float32)  # [S, V]

@@ -23,11 +23,14 @@ _MASKED = -1e30  # finite, so a row with nothing to attend to gives no NaN
 
 def write_kv(cache: jax.Array, new: jax.Array, layer: int | jax.Array,
              slot_mapping: jax.Array) -> jax.Array:
-    """Writes new[T, K, H] into cache[L, B, Z, K, H] at layer ``layer`` and the given slots."""
-    num_layers, num_blocks, block_size, num_kv_heads, head_dim = cache.shape
-    flat = cache.reshape(num_layers, num_blocks * block_size, num_kv_heads, head_dim)
-    flat = flat.at[layer, slot_mapping].set(new.astype(cache.dtype))
-    return flat.reshape(cache.shape)
+    """Writes new[T, K, H] into cache[L, B, Z, K, H] at layer ``layer`` and the given slots.
+
+    Indexes (block, offset) directly instead of reshaping to [L, B * Z, K, H]: on XLA:CPU the
+    reshape around the scatter defeats in-place update and copies the whole cache every layer.
+    """
+    block_size = cache.shape[2]
+    return cache.at[layer, slot_mapping // block_size, slot_mapping % block_size].set(
+        new.astype(cache.dtype))
 
 
 def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
