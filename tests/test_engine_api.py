@@ -193,3 +193,19 @@ def test_engine_steady_state_does_not_recompile(engine):
     stats = engine.stats()
     assert stats["num_compilations"] == before
     assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0
+
+
+def test_engine_runs_an_hf_dir_without_the_gguf_package(tiny_llama_dir):
+    """GPU images ship without ``gguf``: only GGUF files may need it."""
+    import subprocess
+    import sys
+
+    path, _ = tiny_llama_dir
+    code = (
+        "import sys; sys.modules['gguf'] = None\n"
+        "from jaxllm import Engine, SamplingParams\n"
+        f"with Engine({str(path)!r}, max_model_len=64, num_blocks=16) as e:\n"
+        "    print(len(e.generate([1, 2, 3], SamplingParams(max_tokens=3)).outputs[0].token_ids))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("3")
