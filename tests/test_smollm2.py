@@ -65,15 +65,20 @@ def hf_model(engine):
 
 
 def _hf_greedy_with_gaps(model, prompt_ids: list[int]) -> tuple[list[int], list[float]]:
+    """Plain argmax decoding with transformers' KV cache: no logits processors at all.
+
+    (``generate(min_new_tokens=...)`` would mask EOS, which ignore_eos does not.)
+    """
+    tokens, gaps = [], []
+    inputs, past = torch.tensor([prompt_ids]), None
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NUM_TOKENS,
-                             min_new_tokens=NUM_TOKENS, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True, pad_token_id=2)
-    tokens = out.sequences[0, len(prompt_ids):].tolist()
-    gaps = []
-    for scores in out.scores:
-        top2 = torch.log_softmax(scores[0].float(), -1).topk(2).values
-        gaps.append(float(top2[0] - top2[1]))
+        for _ in range(NUM_TOKENS):
+            out = model(input_ids=inputs, cache=past, use_cache=True)
+            logprobs = torch.log_softmax(out.logits[0, -1].float(), -1)
+            top2 = logprobs.topk(2)
+            gaps.append(float(top2.values[0] - top2.values[1]))
+            tokens.append(int(top2.indices[0]))
+            inputs, past = torch.tensor([[tokens[-1]]]), out.cache
     return tokens, gaps
 
 
