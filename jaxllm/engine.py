@@ -221,11 +221,17 @@ class Engine:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def _wait(self, handles: list[RequestHandle], use_tqdm: bool) -> list[RequestOutput]:
-        with tqdm.tqdm(total=len(handles), desc="Generating", disable=not use_tqdm) as bar:
-            outputs = []
-            for handle in handles:
-                outputs.append(handle.result())
-                bar.update(1)
+        outputs = []
+        try:
+            with tqdm.tqdm(total=len(handles), desc="Generating", disable=not use_tqdm) as bar:
+                for handle in handles:
+                    outputs.append(handle.result())
+                    bar.update(1)
+        except BaseException:
+            # An interrupted caller (Ctrl-C in a notebook) must not leave its requests running.
+            for handle in handles[len(outputs):]:
+                self._executor.abort(handle.request.request_id)
+            raise
         return outputs
 
 

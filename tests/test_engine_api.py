@@ -209,3 +209,29 @@ def test_engine_runs_an_hf_dir_without_the_gguf_package(tiny_llama_dir):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("3")
+
+
+def test_engine_interrupted_generate_aborts_its_requests(engine):
+    """A KeyboardInterrupt while waiting (a notebook's stop button) frees the engine."""
+    import jaxllm.executor as executor_module
+
+    original = executor_module.RequestHandle.result
+    calls = []
+
+    def interrupted(self):
+        calls.append(self)
+        raise KeyboardInterrupt
+
+    executor_module.RequestHandle.result = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            engine.generate(_prompts([5, 6, 7], seed=9),
+                            SamplingParams(temperature=0, max_tokens=60, ignore_eos=True),
+                            use_tqdm=False)
+    finally:
+        executor_module.RequestHandle.result = original
+    assert len(calls) == 1
+    # The aborted requests leave the engine idle with every block free.
+    assert engine.generate([1, 2, 3], GREEDY).finished
+    stats = engine.stats()
+    assert stats["num_running"] == 0 and stats["num_waiting"] == 0 and stats["kv_blocks_used"] == 0
