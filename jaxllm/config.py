@@ -113,6 +113,7 @@ class EngineConfig:
         attention: name of the attention implementation ("reference" or a registered kernel);
             None picks the best one for the platform.
         seed: base seed for requests that do not set one.
+        enable_prefix_caching: reuse the KV blocks of identical prompt prefixes across requests.
     """
 
     dtype: str | None = None
@@ -125,6 +126,7 @@ class EngineConfig:
     scan_layers: bool | None = None
     attention: str | None = None
     seed: int = 0
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in (None, "float32", "bfloat16"):

@@ -15,6 +15,7 @@ class RequestMetrics:
     last_token_time: float | None = None
     finished_time: float | None = None
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     num_generated_tokens: int = 0
 
     @property
