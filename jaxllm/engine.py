@@ -8,13 +8,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence as SequenceT
+from typing import Any, AsyncIterator, Iterator, Sequence as SequenceT
 
 import jax
 import numpy as np
@@ -28,8 +29,9 @@ from jaxllm.kv_cache_manager import KVCacheManager
 from jaxllm.model_runner import ModelRunner
 from jaxllm.models.llama import unstack_layers
 from jaxllm.models.registry import get_model_class
+from jaxllm.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.scheduler import Scheduler
 from jaxllm.sequence import Request
 from jaxllm.step import CompiledStep
@@ -80,8 +82,8 @@ class Engine:
         self.model_runner = ModelRunner(
             CompiledStep(self.model), params, kv_cache, c.block_size,
             c.max_num_batched_tokens, c.max_num_seqs, -(-c.max_model_len // c.block_size))
-        self._executor = Executor(self.scheduler, self.model_runner, self._detokenize,
-                                  c.max_model_len)
+        self._executor = Executor(self.scheduler, self.model_runner,
+                                  OutputProcessor(self.tokenizer), c.max_model_len)
         self._request_counter = itertools.count()
         self._seed_rng = np.random.default_rng(c.seed)
         self._seed_lock = threading.Lock()
@@ -120,6 +122,61 @@ class Engine:
         outputs = self._wait(handles, use_tqdm=use_tqdm and not single)
         return outputs[0] if single else outputs
 
+    def generate_stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                        request_id: str | None = None) -> Iterator[RequestOutput]:
+        """Streams one request's outputs as tokens arrive, for scripts and notebooks.
+
+        Each output is cumulative (all text so far) or a delta, per
+        ``sampling_params.output_kind``; the last one has ``finished=True``. The request is
+        validated and submitted before this returns; closing the iterator early aborts it.
+        """
+        params = sampling_params or SamplingParams()
+        request = self._make_request(prompt, params, request_id)
+        handle = self._executor.submit(request, params.output_kind)
+        return self._stream(handle)
+
+    def _stream(self, handle: RequestHandle) -> Iterator[RequestOutput]:
+        try:
+            yield from handle
+        finally:
+            if handle.final_output is None:
+                self.abort(handle.request.request_id)
+
+    async def generate_async(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                             request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Async iterator of one request's outputs (cumulative by default, as in vLLM's AsyncLLM).
+
+        Safe to call from many coroutines at once; cancelling the consumer aborts the request.
+        """
+        params = sampling_params or SamplingParams()
+        request = self._make_request(prompt, params, request_id)
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+        def sink(item: RequestOutput | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, item)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+                pass
+
+        self._executor.submit(request, params.output_kind, sink)
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request; its blocks are freed at the next step and its caller gets a final
+        output with ``finish_reason="abort"``. Unknown or finished ids are ignored."""
+        self._executor.abort(request_id)
+
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
              sampling_params: SamplingParams | SequenceT[SamplingParams] | None = None,
              use_tqdm: bool = True) -> RequestOutput | list[RequestOutput]:
@@ -134,8 +191,10 @@ class Engine:
         return outputs[0] if single else outputs
 
     def stats(self) -> dict[str, Any]:
+        """Engine-wide counters: queue sizes, KV usage, steps, compilations, time and tokens/s."""
         s = self._executor.stats
         kv = self.kv_cache_manager
+        busy = s.host_time_s + s.device_time_s
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
@@ -147,7 +206,9 @@ class Engine:
             "num_tokens_computed": s.num_tokens_computed,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_compilations": self.model_runner.step.num_compilations,
-            "step_time_s": s.step_time_s,
+            "host_time_s": s.host_time_s,
+            "device_time_s": s.device_time_s,
+            "generated_tokens_per_s": s.num_generated_tokens / busy if busy else 0.0,
         }
 
     # ---- helpers ----
@@ -162,7 +223,8 @@ class Engine:
         token_ids = tokenizer.encode(text, add_special_tokens=False)
         return {"prompt": text, "prompt_token_ids": token_ids}
 
-    def _make_request(self, prompt: PromptType, params: SamplingParams) -> Request:
+    def _make_request(self, prompt: PromptType, params: SamplingParams,
+                      request_id: str | None = None) -> Request:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         text, token_ids = self._tokenize(prompt)
@@ -173,7 +235,8 @@ class Engine:
         else:
             seed = params.seed
         return Request(
-            request_id=str(next(self._request_counter)), prompt=text,
+            request_id=str(next(self._request_counter)) if request_id is None else str(request_id),
+            prompt=text,
             prompt_token_ids=tuple(token_ids), sampling_params=params, seed=seed,
             eos_token_ids=self.eos_token_ids, arrival_time=time.monotonic())
 
@@ -214,11 +277,6 @@ class Engine:
         if self.tokenizer is None:
             raise ValueError(f"{self.model_dir} has no tokenizer: pass prompts as token ids")
         return self.tokenizer
-
-    def _detokenize(self, token_ids: list[int], skip_special_tokens: bool) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def _wait(self, handles: list[RequestHandle], use_tqdm: bool) -> list[RequestOutput]:
         outputs = []

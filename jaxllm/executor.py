@@ -21,7 +21,9 @@ import time
 from typing import Callable, Iterator
 
 from jaxllm.model_runner import ModelRunner
-from jaxllm.outputs import CompletionOutput, RequestOutput
+from jaxllm.output_processor import OutputProcessor
+from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import RequestOutputKind
 from jaxllm.scheduler import ScheduledBatch, Scheduler
 from jaxllm.sequence import Request, Sequence
 
@@ -31,15 +33,22 @@ class EngineDeadError(RuntimeError):
 
 
 class RequestHandle:
-    """The caller's end of one request: outputs arrive on a queue as the executor makes them."""
+    """The caller's end of one request: outputs arrive as the executor makes them.
 
-    def __init__(self, request: Request) -> None:
+    By default they queue up for a thread to read with ``result()`` or iteration; an asyncio
+    caller passes its own ``sink`` (e.g. a loop.call_soon_threadsafe into an asyncio.Queue).
+    """
+
+    def __init__(self, request: Request, output_kind: RequestOutputKind,
+                 sink: Callable[[RequestOutput | BaseException], None] | None = None) -> None:
         self.request = request
+        self.output_kind = output_kind
         self._outputs: queue.Queue[RequestOutput | BaseException] = queue.Queue()
+        self._sink = sink or self._outputs.put
         self.final_output: RequestOutput | None = None
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self._outputs.put(item)
+        self._sink(item)
 
     def __iter__(self) -> Iterator[RequestOutput]:
         """Yields outputs until the finished one; raises the loop's error if it died."""
@@ -62,15 +71,16 @@ class ExecutorStats:
     num_steps: int = 0
     num_generated_tokens: int = 0
     num_tokens_computed: int = 0
-    step_time_s: float = 0.0
+    host_time_s: float = 0.0    # schedule + prepare + postprocess, on the executor thread
+    device_time_s: float = 0.0  # from step dispatch until its outputs are on the host
 
 
 class Executor:
     def __init__(self, scheduler: Scheduler, model_runner: ModelRunner,
-                 detokenize: Callable[[list[int], bool], str], max_model_len: int) -> None:
+                 output_processor: OutputProcessor, max_model_len: int) -> None:
         self.scheduler = scheduler
         self.model_runner = model_runner
-        self.detokenize = detokenize
+        self.output_processor = output_processor
         self.max_model_len = max_model_len
         self.stats = ExecutorStats()
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
@@ -82,10 +92,13 @@ class Executor:
         self._thread.start()
 
     # ---- caller side (any thread) ----
-    def submit(self, request: Request) -> RequestHandle:
-        handle = RequestHandle(request)
+    def submit(self, request: Request, output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY,
+               sink: Callable[[RequestOutput | BaseException], None] | None = None) -> RequestHandle:
+        handle = RequestHandle(request, output_kind, sink)
         with self._lock:
             self._raise_if_dead()
+            if request.request_id in self._handles:
+                raise ValueError(f"request_id {request.request_id!r} is already in flight")
             self._handles[request.request_id] = handle
             self._inbox.put(("add", request))
         return handle
@@ -114,13 +127,17 @@ class Executor:
     def _run(self) -> None:
         try:
             while self._fetch():
+                start = time.perf_counter()
                 batch = self.scheduler.schedule()
                 if batch.is_empty:
                     continue
-                start = time.perf_counter()
-                token_ids, logprobs = self.model_runner.execute(batch)
-                self.stats.step_time_s += time.perf_counter() - start
+                inputs = self.model_runner.prepare_inputs(batch)
+                dispatched = time.perf_counter()
+                token_ids, logprobs = self.model_runner.execute(batch, inputs)
+                returned = time.perf_counter()
                 self._postprocess(batch, token_ids.tolist(), logprobs.tolist())
+                self.stats.device_time_s += returned - dispatched
+                self.stats.host_time_s += (dispatched - start) + (time.perf_counter() - returned)
         except BaseException as exc:  # noqa: BLE001 - every waiting caller must hear of it
             with self._lock:
                 self._error = exc
@@ -147,6 +164,9 @@ class Executor:
             if kind == "stop":
                 return False
             if kind == "add":
+                handle = self._handles.get(payload.request_id)
+                self.output_processor.add(payload, handle.output_kind if handle else
+                                          RequestOutputKind.FINAL_ONLY)
                 self.scheduler.add(Sequence.from_request(payload))
             elif kind == "abort":
                 seq = self.scheduler.find(payload)
@@ -169,10 +189,11 @@ class Executor:
             if not completes:
                 continue
             self._append_token(seq, token_ids[row], logprobs[row], now)
+            self.output_processor.on_token(seq)
             finish_reason = self._finish_reason(seq)
             if finish_reason is not None:
                 self.scheduler.finish(seq, finish_reason)
-                self._deliver(seq)
+            self._deliver(seq)
 
     def _append_token(self, seq: Sequence, token_id: int, logprob: float, now: float) -> None:
         seq.token_ids.append(token_id)
@@ -196,27 +217,14 @@ class Executor:
         return None
 
     def _deliver(self, seq: Sequence) -> None:
-        seq.metrics.finished_time = time.monotonic()
-        with self._lock:
-            handle = self._handles.pop(seq.request_id, None)
-        if handle is None:
+        """Sends the caller what its output kind asks for; the final output ends the handle."""
+        if seq.is_finished:
+            seq.metrics.finished_time = time.monotonic()
+        output = self.output_processor.make_output(seq)
+        if output is None:
             return
-        handle.put(self._make_output(seq))
-
-    def _make_output(self, seq: Sequence) -> RequestOutput:
-        request = seq.request
-        params = request.sampling_params
-        output_ids = seq.output_token_ids
-        completion = CompletionOutput(
-            index=0,
-            text=self.detokenize(output_ids, params.skip_special_tokens),
-            token_ids=list(output_ids),
-            cumulative_logprob=float(sum(seq.output_logprobs)),
-            logprobs=None,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-        )
-        return RequestOutput(
-            request_id=request.request_id, prompt=request.prompt,
-            prompt_token_ids=list(request.prompt_token_ids), outputs=[completion],
-            finished=seq.is_finished, metrics=seq.metrics)
+        with self._lock:
+            handle = (self._handles.pop(seq.request_id, None) if seq.is_finished
+                      else self._handles.get(seq.request_id))
+        if handle is not None:
+            handle.put(output)

@@ -136,9 +136,10 @@ class ModelRunner:
         # and the next step rewrites these buffers while this one may still be in flight.
         return jax.device_put(jax.tree_util.tree_map(np.copy, (inputs, sampling)))
 
-    def execute(self, batch: ScheduledBatch) -> tuple[np.ndarray, np.ndarray]:
-        """Runs one step; returns sampled token ids and their logprobs for the batch's rows."""
-        inputs, sampling = self.prepare_inputs(batch)
+    def execute(self, batch: ScheduledBatch,
+                inputs: tuple[StepInputs, SamplingTensors]) -> tuple[np.ndarray, np.ndarray]:
+        """Runs one step on prepared inputs; returns the rows' sampled token ids and logprobs."""
+        inputs, sampling = inputs
         self.kv_cache, outputs = self.step(self.params, self.kv_cache, inputs, sampling)
         token_ids, logprobs = jax.device_get((outputs.token_ids, outputs.logprobs))
         num_rows = len(batch.scheduled)

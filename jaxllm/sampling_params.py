@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
+
+
+class RequestOutputKind(enum.Enum):
+    """What each streamed RequestOutput carries (vLLM's semantics)."""
+
+    CUMULATIVE = 0  # everything generated so far (the default)
+    DELTA = 1       # only the tokens and text new since the previous output
+    FINAL_ONLY = 2  # a single output when the request finishes
 
 
 @dataclasses.dataclass
@@ -20,6 +29,7 @@ class SamplingParams:
         ignore_eos: keep generating past the model's EOS token(s).
         stop_token_ids: extra token ids that end generation (the token is kept in the output).
         skip_special_tokens: drop special tokens from the output text.
+        output_kind: for streaming calls, whether each output is cumulative or a delta.
     """
 
     n: int = 1
@@ -31,6 +41,7 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if self.n != 1:
@@ -52,6 +63,8 @@ class SamplingParams:
         if any(not isinstance(t, int) or t < 0 for t in stop_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = stop_ids
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
 
     @property
     def is_greedy(self) -> bool:

@@ -156,7 +156,7 @@ def test_engine_unsupported_architecture_names_it(tiny_llama_dir, tmp_path):
 def test_engine_loop_error_reaches_every_caller(tiny_llama_dir):
     path, _ = tiny_llama_dir
     eng = Engine(str(path), **OPTIONS)
-    def broken(batch):
+    def broken(*args):
         raise RuntimeError("device on fire")
     eng.model_runner.execute = broken
     errors = []
