@@ -130,3 +130,18 @@ def test_smollm2_cli_generate_prints_completion():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Hello, my name is")
     assert len(result.stdout.strip()) > len("Hello, my name is")
+
+
+@pytest.mark.parametrize("prompt", ["人工智能是计算机科学的一个分支，它的目标是",
+                                    "Écris un poème sur la mer et les étoiles :"])
+def test_smollm2_streamed_deltas_concatenate_to_final_text(engine, prompt):
+    from jaxllm.sampling_params import RequestOutputKind
+
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)
+    deltas = [o.outputs[0].text for o in engine.generate_stream(prompt, params)]
+    final = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    assert "".join(deltas) == final.outputs[0].text
+    assert final.outputs[0].text == engine.tokenizer.decode(final.outputs[0].token_ids)
+    assert not any("\ufffd" in d for d in deltas)
+    assert len([d for d in deltas if d]) > 5
