@@ -99,7 +99,7 @@ class EngineConfig:
         dtype: "float32" or "bfloat16" for weights, activations and KV cache. None picks the
             platform default: float32 on CPU (bfloat16 is no faster there), bfloat16 on GPU/TPU.
         max_model_len: longest prompt + output, in tokens. None = the model's
-            max_position_embeddings capped at 4096.
+            max_position_embeddings (or its sliding window, if smaller).
         block_size: tokens per KV block.
         num_blocks: KV blocks in the pool (block 0 is the reserved padding sink). None derives
             it from ``kv_cache_memory_bytes``.

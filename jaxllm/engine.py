@@ -187,7 +187,7 @@ class Engine:
         single = bool(messages) and isinstance(messages[0], dict)
         conversations = [messages] if single else list(messages)
         prompts = [self._chat_prompt(conv) for conv in conversations]
-        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm and not single)
         return outputs[0] if single else outputs
 
     def stats(self) -> dict[str, Any]:
