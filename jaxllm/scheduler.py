@@ -2,16 +2,25 @@
 
 Policy per step, within ``max_num_seqs`` sequences and ``max_num_batched_tokens`` tokens:
   1. running decodes first (one token each), then running sequences still in prefill;
-  2. then waiting sequences, first come first served, each taking a prefill chunk of whatever
-     token budget is left (chunked prefill), as long as KV blocks allow.
+  2. then waiting sequences in order of (``Request.priority``, arrival): lower priority values
+     first, first come first served among equals. Each first attaches the longest cached prefix
+     of its full blocks (prefix caching), then takes a prefill chunk of whatever token budget is
+     left (chunked prefill), as long as KV blocks allow. The head of the queue is never
+     overtaken: if it does not fit, nobody behind it is admitted this step.
 When a running sequence cannot get a block, the newest running sequence is preempted by
-recompute: its blocks are freed and it goes back to the front of the waiting queue, to
-recompute its prompt and the tokens it already generated when it resumes.
+recompute: its blocks are freed (the full ones stay cached until evicted) and it goes back to
+the waiting queue ahead of the waiting sequences of its priority. When it resumes, its prefix
+lookup usually finds most of its prompt and generated tokens still cached; the rest is
+recomputed.
+
+``RequestMetrics.num_cached_tokens`` is the prefix hit of the sequence's first admission, so it
+counts prompt tokens only. Hits when a preempted sequence resumes count in the KVCacheManager's
+hit statistics but not in that metric (they save the recompute that preemption caused).
 """
 
 from __future__ import annotations
 
-import collections
+import bisect
 import dataclasses
 
 from jaxllm.kv_cache_manager import KVCacheManager
@@ -33,6 +42,10 @@ class ScheduledSequence:
 class ScheduledBatch:
     scheduled: list[ScheduledSequence]
     preempted: list[Sequence]
+    # Copy-on-write block copies (src block id, dst block id) for the device to make, in order,
+    # before this step's K/V writes. Within one schedule() no dst is also a src, so one gather
+    # of every src followed by one scatter to every dst does the same.
+    block_copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -49,9 +62,12 @@ class Scheduler:
         self.kv_cache_manager = kv_cache_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.waiting: list[Sequence] = []  # sorted by _waiting_keys
+        self._waiting_keys: list[tuple[int, int]] = []  # (priority, order), ascending
         self.running: list[Sequence] = []  # in admission order: the last one is the newest
         self.num_preemptions = 0
+        self._num_added = 0
+        self._num_requeued = 0
 
     @property
     def has_unfinished(self) -> bool:
@@ -59,7 +75,8 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        self._enqueue(seq, self._num_added)
+        self._num_added += 1
 
     def finish(self, seq: Sequence, finish_reason: str) -> None:
         """Marks ``seq`` finished, removes it from the queues and frees its blocks."""
@@ -68,7 +85,7 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
-            self.waiting.remove(seq)
+            self._dequeue(self.waiting.index(seq))
         self.kv_cache_manager.free(seq)
 
     def find(self, request_id: str) -> Sequence | None:
@@ -108,16 +125,20 @@ class Scheduler:
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            if not kv.can_allocate(seq, num_new):
+            cached_block_ids = kv.get_cached_prefix(seq)
+            num_new = min(seq.num_tokens - len(cached_block_ids) * kv.block_size, budget)
+            if not kv.can_allocate(seq, num_new, cached_block_ids):
                 break
-            self.waiting.popleft()
-            kv.allocate(seq, num_new)
+            self._dequeue(0)
+            kv.allocate(seq, num_new, cached_block_ids)
+            if seq.num_preemptions == 0:
+                seq.metrics.num_cached_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
-        return ScheduledBatch(scheduled=scheduled, preempted=preempted)
+        return ScheduledBatch(scheduled=scheduled, preempted=preempted,
+                              block_copies=kv.take_block_copies())
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -126,4 +147,17 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        # Ahead of every waiting sequence of its priority, the latest preempted first (so
+        # victims taken newest first resume oldest first).
+        self._num_requeued += 1
+        self._enqueue(seq, -self._num_requeued)
+
+    def _enqueue(self, seq: Sequence, order: int) -> None:
+        key = (seq.request.priority, order)
+        index = bisect.bisect_right(self._waiting_keys, key)
+        self._waiting_keys.insert(index, key)
+        self.waiting.insert(index, seq)
+
+    def _dequeue(self, index: int) -> Sequence:
+        del self._waiting_keys[index]
+        return self.waiting.pop(index)

@@ -20,6 +20,8 @@ class Request:
     seed: int  # sampling_params.seed, or one drawn by the engine so sampling is reproducible
     eos_token_ids: frozenset[int]
     arrival_time: float
+    cache_salt: str | None = None  # joins the prefix-cache key: equal salts share cached blocks
+    priority: int = 0  # lower is served first; equal priorities are first come, first served
 
 
 class SequenceStatus(enum.Enum):
@@ -42,6 +44,10 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | None = None
     num_preemptions: int = 0
+    # Prefix caching (owned by the KVCacheManager): the chained hashes of the full blocks of
+    # token_ids, and how many leading block_ids have already been offered to the cache.
+    block_hashes: list[bytes] = dataclasses.field(default_factory=list)
+    num_registered_blocks: int = 0
 
     @classmethod
     def from_request(cls, request: Request) -> "Sequence":

@@ -1,10 +1,12 @@
 """Scheduler driven by a fake, hand-calculable step: no model, no jax.
 
-The fake step keeps a fake KV cache (slot -> token id) written through each sequence's block
-ids, exactly where the model would write K/V. When a step completes a sequence's prefill, the
-fake model reads the whole context back out of that cache through the block ids (so a block
-freed or handed to someone else too early shows up as a wrong context) and "samples"
-``(last token + 1) % 100``. The loop then does what executor._postprocess does.
+The fake step keeps a fake KV cache written through each sequence's block ids, exactly where
+the model would write K/V; what it writes for position p is every token up to p, since real K/V
+depends on all of them. When a step completes a sequence's prefill, the fake model reads the
+whole context back out of that cache through the block ids (so a block freed or handed to
+someone else too early, or a prefix hit on a block with other contents, shows up as a wrong
+context) and "samples" ``(last token + 1) % 100``. The loop then does what
+executor._postprocess does, including naming the blocks that became full (prefix caching).
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from jaxllm.scheduler import ScheduledBatch, ScheduledSequence, Scheduler
 from jaxllm.sequence import Request, Sequence, SequenceStatus
 
 
-def make_seq(request_id: str, prompt: list[int], max_tokens: int = 4) -> Sequence:
+def make_seq(request_id: str, prompt: list[int], max_tokens: int = 4, priority: int = 0) -> Sequence:
     request = Request(request_id=request_id, prompt=None, prompt_token_ids=tuple(prompt),
                       sampling_params=SamplingParams(max_tokens=max_tokens), seed=0,
-                      eos_token_ids=frozenset(), arrival_time=0.0)
+                      eos_token_ids=frozenset(), arrival_time=0.0, priority=priority)
     return Sequence.from_request(request)
 
 
@@ -33,10 +35,10 @@ class FakeEngine:
     """A scheduler plus a fake step and the executor's postprocess, checking invariants."""
 
     def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
-        self.kv = KVCacheManager(num_blocks, block_size)
+                 max_num_batched_tokens: int, enable_prefix_caching: bool = True) -> None:
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens)
-        self.cache: dict[int, int] = {}
+        self.cache: dict[int, tuple[int, ...]] = {}  # slot -> the K/V stand-in written there
         self.finished: list[Sequence] = []
         self.batches: list[list[tuple[str, int]]] = []
         self.completes: list[list[bool]] = []
@@ -51,9 +53,14 @@ class FakeEngine:
         self.scheduler.running.append(seq)
         self.kv.allocate(seq, num_computed_tokens)
         for pos in range(num_computed_tokens):
-            self.cache[self._slot(seq, pos)] = seq.token_ids[pos]
+            self.cache[self._slot(seq, pos)] = self._kv_of(seq, pos)
         seq.num_computed_tokens = num_computed_tokens
+        self.kv.cache_full_blocks(seq)
         return seq
+
+    @staticmethod
+    def _kv_of(seq: Sequence, position: int) -> tuple[int, ...]:
+        return tuple(seq.token_ids[:position + 1])
 
     def _slot(self, seq: Sequence, position: int) -> int:
         bs = self.kv.block_size
@@ -69,20 +76,27 @@ class FakeEngine:
         completes = [item.completes_prefill for item in batch.scheduled]
         self.completes.append(completes)
         sampled = []
+        bs = self.kv.block_size
+        copied = {dst: [self.cache.get(src * bs + i) for i in range(bs)] for src, dst in batch.block_copies}
+        for dst, values in copied.items():  # copy-on-write copies come before the writes
+            for i, value in enumerate(values):
+                self.cache[dst * bs + i] = value
         for item in batch.scheduled:  # the fake "forward": write K/V of the new tokens
             seq = item.seq
             for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens):
-                self.cache[self._slot(seq, pos)] = seq.token_ids[pos]
+                self.cache[self._slot(seq, pos)] = self._kv_of(seq, pos)
         for item, done in zip(batch.scheduled, completes):
             sampled.append(None)
             if done:  # the fake "attention": read the whole context back through the blocks
                 seq = item.seq
                 context = [self.cache[self._slot(seq, p)] for p in range(seq.num_tokens)]
-                assert context == seq.token_ids, f"{seq.request_id}: corrupted context"
-                sampled[-1] = (context[-1] + 1) % 100
+                expected = [self._kv_of(seq, p) for p in range(seq.num_tokens)]
+                assert context == expected, f"{seq.request_id}: corrupted context"
+                sampled[-1] = (context[-1][-1] + 1) % 100
         for item, done, token in zip(batch.scheduled, completes, sampled):  # _postprocess
             seq = item.seq
             seq.num_computed_tokens += item.num_new_tokens
+            self.kv.cache_full_blocks(seq)
             if not done:
                 continue
             seq.token_ids.append(token)
@@ -114,6 +128,13 @@ class FakeEngine:
         assert kinds == sorted(kinds), "a prefill chunk was scheduled before a decode"
         admitted = seqs[num_running:]
         assert admitted == waiting_before[:len(admitted)]
+        for seq in admitted:  # a prefix hit is whole blocks and leaves a token to compute
+            assert seq.num_computed_tokens % kv.block_size == 0
+            assert seq.num_computed_tokens < seq.num_tokens
+            if not kv.enable_prefix_caching:
+                assert seq.num_computed_tokens == 0
+            if seq.num_preemptions == 0:
+                assert seq.metrics.num_cached_tokens == seq.num_computed_tokens
         if batch.preempted:
             assert not admitted, "admitted a waiting sequence in a step that preempted"
         for seq in batch.preempted:
@@ -121,8 +142,10 @@ class FakeEngine:
             assert seq.block_ids == [] and seq.num_computed_tokens == 0
             assert seq not in seqs
         held = [b for seq in sched.running for b in seq.block_ids]
-        assert 0 not in held and len(held) == len(set(held))
-        assert kv.num_used_blocks == len(held)
+        assert 0 not in held
+        assert all(kv.ref_count(b) == held.count(b) for b in range(kv.num_blocks))
+        assert kv.num_used_blocks == len(set(held))
+        assert batch.block_copies == []  # nothing forks here
         assert all(seq.block_ids == [] for seq in sched.waiting)
 
     def run(self, max_steps: int = 1000) -> None:
@@ -261,7 +284,8 @@ def test_scheduler_finish_frees_blocks_of_running_and_waiting_sequences():
 def test_scheduler_preempts_the_newest_running_sequence_and_resumes_it():
     # 4 usable blocks of 2 tokens. a and b take 2 blocks each for their 3-token prompts; at
     # a's 5th token there is no block left, so b (the newest) is preempted.
-    engine = FakeEngine(num_blocks=5, block_size=2, max_num_seqs=4, max_num_batched_tokens=16)
+    engine = FakeEngine(num_blocks=5, block_size=2, max_num_seqs=4, max_num_batched_tokens=16,
+                        enable_prefix_caching=False)
     a = engine.add(make_seq("a", [10, 11, 12], max_tokens=4))
     b = engine.add(make_seq("b", [20, 21, 22], max_tokens=4))
     engine.step()
@@ -286,7 +310,8 @@ def test_scheduler_preempts_the_newest_running_sequence_and_resumes_it():
 
 
 def test_scheduler_preempted_sequence_goes_back_ahead_of_later_arrivals():
-    engine = FakeEngine(num_blocks=5, block_size=2, max_num_seqs=4, max_num_batched_tokens=16)
+    engine = FakeEngine(num_blocks=5, block_size=2, max_num_seqs=4, max_num_batched_tokens=16,
+                        enable_prefix_caching=False)
     engine.add(make_seq("a", [10, 11, 12], max_tokens=4))
     b = engine.add(make_seq("b", [20, 21, 22], max_tokens=4))
     engine.step()
@@ -321,28 +346,176 @@ def test_scheduler_preempting_an_already_scheduled_sequence_returns_its_tokens_t
     assert new.token_ids == expected_tokens([7, 8, 9], 4)
 
 
-@settings(max_examples=40, deadline=None)
+# ---- prefix caching ----
+
+SHARED = [40, 41, 42, 43, 44, 45, 46, 47]  # two blocks of 4
+
+
+def test_scheduler_prefix_hit_schedules_only_the_uncached_tokens():
+    engine = FakeEngine(num_blocks=16, block_size=4, max_num_seqs=4, max_num_batched_tokens=64)
+    a = engine.add(make_seq("a", SHARED + [50, 51, 52], max_tokens=2))
+    engine.run()
+    b = engine.add(make_seq("b", SHARED + [60, 61], max_tokens=2))
+    engine.run()
+    # b attaches a's 2 full prompt blocks (a is finished: they sat in the evictable LRU) and
+    # computes only its own 2 prompt tokens, then decodes.
+    assert engine.batches == [[("a", 11)], [("a", 1)], [("b", 2)], [("b", 1)]]
+    assert b.token_ids == expected_tokens(SHARED + [60, 61], 2)
+    assert (a.metrics.num_cached_tokens, b.metrics.num_cached_tokens) == (0, 8)
+    assert (engine.kv.num_queried_tokens, engine.kv.num_hit_tokens) == (11 + 10, 8)
+    assert engine.kv.prefix_cache_hit_rate == 8 / 21
+
+
+def test_scheduler_prefix_hit_on_blocks_a_running_sequence_still_holds():
+    engine = FakeEngine(num_blocks=16, block_size=4, max_num_seqs=4, max_num_batched_tokens=64)
+    a = engine.add(make_seq("a", SHARED + [50], max_tokens=3))
+    engine.step()
+    b = engine.add(make_seq("b", SHARED + [60, 61, 62], max_tokens=2))
+    engine.step()
+    assert engine.batches == [[("a", 9)], [("a", 1), ("b", 3)]]
+    assert b.block_ids[:2] == a.block_ids[:2]
+    assert [engine.kv.ref_count(x) for x in a.block_ids[:2]] == [2, 2]
+    engine.run()
+    assert a.token_ids == expected_tokens(SHARED + [50], 3)
+    assert b.token_ids == expected_tokens(SHARED + [60, 61, 62], 2)
+    assert b.metrics.num_cached_tokens == 8 and engine.kv.num_used_blocks == 0
+
+
+def test_scheduler_a_fully_cached_prompt_still_computes_its_last_block():
+    engine = FakeEngine(num_blocks=16, block_size=4, max_num_seqs=4, max_num_batched_tokens=64)
+    engine.add(make_seq("a", SHARED, max_tokens=1))
+    engine.run()
+    b = engine.add(make_seq("b", SHARED, max_tokens=1))
+    engine.run()
+    assert engine.batches[-1] == [("b", 4)]  # 1 block of 2 hits; the step needs logits
+    assert b.metrics.num_cached_tokens == 4
+    assert b.token_ids == expected_tokens(SHARED, 1)
+
+
+def test_scheduler_prefix_caching_off_computes_every_token():
+    engine = FakeEngine(num_blocks=16, block_size=4, max_num_seqs=4, max_num_batched_tokens=64,
+                        enable_prefix_caching=False)
+    engine.add(make_seq("a", SHARED + [50, 51, 52], max_tokens=2))
+    engine.run()
+    b = engine.add(make_seq("b", SHARED + [60, 61], max_tokens=2))
+    engine.run()
+    assert engine.batches[2:] == [[("b", 10)], [("b", 1)]]
+    assert b.metrics.num_cached_tokens == 0 and engine.kv.prefix_cache_hit_rate == 0.0
+
+
+def test_scheduler_preempted_sequence_resumes_from_its_cached_blocks():
+    # As test_scheduler_preempts_the_newest_running_sequence_and_resumes_it, with caching on.
+    # b's two full blocks [20, 21] [22, 23] are named before it is preempted, freed tail first
+    # into the LRU; a's next block evicts [22, 23]. When b resumes, [20, 21] is still cached:
+    # it computes 3 of its 5 tokens instead of 5.
+    engine = FakeEngine(num_blocks=5, block_size=2, max_num_seqs=4, max_num_batched_tokens=16)
+    a = engine.add(make_seq("a", [10, 11, 12], max_tokens=4))
+    b = engine.add(make_seq("b", [20, 21, 22], max_tokens=4))
+    engine.step()
+    engine.step()
+    batch = engine.step()
+    assert batch.preempted == [b]
+    assert engine.kv.num_cached_blocks == 1
+    engine.run()
+    assert engine.batches[3:] == [[("a", 1)], [("b", 3)], [("b", 1)]]
+    assert a.token_ids == expected_tokens([10, 11, 12], 4)
+    assert b.token_ids == expected_tokens([20, 21, 22], 4)
+    # The resume's hit counts in the hit rate but not in b's num_cached_tokens (prompt tokens
+    # cached at its first admission).
+    assert b.metrics.num_cached_tokens == 0
+    assert (engine.kv.num_queried_tokens, engine.kv.num_hit_tokens) == (3 + 3 + 5, 2)
+
+
+# ---- priority ----
+
+def test_scheduler_serves_lower_priority_values_first_then_arrival_order():
+    engine = FakeEngine(num_blocks=64, block_size=4, max_num_seqs=1, max_num_batched_tokens=64)
+    for name, priority in [("a", 1), ("b", 0), ("c", 1), ("d", 0), ("e", -1)]:
+        engine.add(make_seq(name, [1], max_tokens=1, priority=priority))
+    assert [s.request_id for s in engine.scheduler.waiting] == ["e", "b", "d", "a", "c"]
+    engine.run()
+    assert [s.request_id for s in engine.finished] == ["e", "b", "d", "a", "c"]
+
+
+def test_scheduler_equal_nonzero_priorities_stay_first_come_first_served():
+    engine = FakeEngine(num_blocks=64, block_size=4, max_num_seqs=1, max_num_batched_tokens=64)
+    for name in ["c", "a", "b"]:
+        engine.add(make_seq(name, [1], max_tokens=1, priority=5))
+    engine.run()
+    assert [s.request_id for s in engine.finished] == ["c", "a", "b"]
+
+
+def test_scheduler_a_later_urgent_request_is_admitted_before_earlier_ones():
+    engine = FakeEngine(num_blocks=64, block_size=4, max_num_seqs=1, max_num_batched_tokens=64)
+    engine.add(make_seq("first", [1], max_tokens=2))
+    engine.step()                                 # first is running: priority does not preempt
+    engine.add(make_seq("normal", [2], max_tokens=1))
+    engine.add(make_seq("urgent", [3], max_tokens=1, priority=-1))
+    engine.run()
+    assert [s.request_id for s in engine.finished] == ["first", "urgent", "normal"]
+
+
+def test_scheduler_preempted_sequence_goes_ahead_of_its_priority_only():
+    engine = FakeEngine(num_blocks=5, block_size=2, max_num_seqs=4, max_num_batched_tokens=16,
+                        enable_prefix_caching=False)
+    a = engine.add(make_seq("a", [10, 11, 12], max_tokens=4, priority=1))
+    b = engine.add(make_seq("b", [20, 21, 22], max_tokens=4, priority=1))
+    engine.step()
+    engine.step()
+    late = engine.add(make_seq("late", [30], max_tokens=1, priority=1))
+    lower = engine.add(make_seq("lower", [31], max_tokens=1, priority=2))
+    urgent = engine.add(make_seq("urgent", [32], max_tokens=1, priority=0))
+    batch = engine.step()
+    assert batch.preempted == [b]
+    assert list(engine.scheduler.waiting) == [urgent, b, late, lower]
+    engine.run()
+    # urgent is admitted as soon as a block frees up; b then comes before late, late before lower.
+    assert engine.batches[3:] == [[("a", 1), ("urgent", 1)], [("b", 5), ("late", 1)],
+                                  [("b", 1), ("lower", 1)]]
+    for seq, prompt in [(a, [10, 11, 12]), (b, [20, 21, 22])]:
+        assert seq.token_ids == expected_tokens(prompt, 4)
+
+
+def test_scheduler_finish_removes_a_waiting_sequence_from_the_priority_queue():
+    engine = FakeEngine(num_blocks=64, block_size=4, max_num_seqs=1, max_num_batched_tokens=64)
+    seqs = [engine.add(make_seq(n, [1], max_tokens=1, priority=p)) for n, p in [("x", 1), ("y", 0), ("z", 1)]]
+    engine.scheduler.finish(seqs[1], "abort")
+    engine.add(make_seq("w", [1], max_tokens=1, priority=0))
+    assert [s.request_id for s in engine.scheduler.waiting] == ["w", "x", "z"]
+    engine.run()
+    assert [s.request_id for s in engine.finished] == ["w", "x", "z"]
+
+
+@settings(max_examples=60, deadline=None)
 @given(
-    workload=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 6)), min_size=1, max_size=6),
+    workload=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 6), st.integers(0, 1)),
+                      min_size=1, max_size=6),
+    shared_prefix_len=st.integers(0, 9),
     block_size=st.sampled_from([1, 2, 4]),
     max_num_seqs=st.integers(1, 4),
     budget_extra=st.integers(0, 12),
     spare_blocks=st.integers(0, 6),
+    caching=st.booleans(),
 )
 def test_scheduler_small_pool_gives_the_same_tokens_as_a_big_pool(
-        workload, block_size, max_num_seqs, budget_extra, spare_blocks):
-    """Whatever preemption and chunking happen, every sequence ends with the same tokens."""
-    prompts = [[(7 * i + j) % 100 for j in range(n)] for i, (n, _) in enumerate(workload)]
-    longest = max(n + m for n, m in workload)
+        workload, shared_prefix_len, block_size, max_num_seqs, budget_extra, spare_blocks, caching):
+    """Whatever preemption, chunking and prefix hits happen, every sequence ends with the same
+    tokens (prompts share a prefix, so later ones and resumed ones hit cached blocks)."""
+    shared = [90 + j % 10 for j in range(shared_prefix_len)]
+    prompts = [shared + [(7 * i + j) % 90 for j in range(n)] for i, (n, _, _) in enumerate(workload)]
+    longest = max(len(p) + m for p, (_, m, _) in zip(prompts, workload))
     # Just enough blocks for the longest sequence alone, plus a few.
     num_blocks = 1 + -(-longest // block_size) + spare_blocks
-    engine = FakeEngine(num_blocks, block_size, max_num_seqs, max_num_seqs + budget_extra)
-    seqs = [engine.add(make_seq(f"s{i}", p, m)) for i, (p, (_, m)) in enumerate(zip(prompts, workload))]
+    engine = FakeEngine(num_blocks, block_size, max_num_seqs, max_num_seqs + budget_extra, caching)
+    seqs = [engine.add(make_seq(f"s{i}", p, m, priority))
+            for i, (p, (_, m, priority)) in enumerate(zip(prompts, workload))]
     engine.run(max_steps=2000)
-    for seq, prompt, (_, max_tokens) in zip(seqs, prompts, workload):
+    for seq, prompt, (_, max_tokens, _) in zip(seqs, prompts, workload):
         assert seq.token_ids == expected_tokens(prompt, max_tokens)
         assert seq.is_finished and seq.block_ids == []
-    assert engine.kv.num_free_blocks == engine.kv.num_usable_blocks
-    # Sequences finish in arrival order when only one runs at a time.
+    kv = engine.kv
+    assert kv.num_free_blocks == kv.num_usable_blocks and kv.num_used_blocks == 0
+    assert kv.num_hit_tokens <= kv.num_queried_tokens
+    # One at a time, sequences finish in (priority, arrival) order.
     if max_num_seqs == 1:
-        assert engine.finished == seqs
+        assert engine.finished == sorted(seqs, key=lambda s: s.request.priority)
