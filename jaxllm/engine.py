@@ -77,7 +77,7 @@ class Engine:
             config=mc, dtype=jax.numpy.dtype(c.dtype), attention_fn=get_attention(c.attention),
             scan_layers=c.scan_layers)
         kv_cache = allocate_kv_cache(mc, c.num_blocks, c.block_size, c.dtype)
-        self.kv_cache_manager = KVCacheManager(c.num_blocks, c.block_size)
+        self.kv_cache_manager = KVCacheManager(c.num_blocks, c.block_size, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, c.max_num_seqs, c.max_num_batched_tokens)
         self.model_runner = ModelRunner(
             CompiledStep(self.model), params, kv_cache, c.block_size,
@@ -200,7 +200,11 @@ class Engine:
             "num_waiting": len(self.scheduler.waiting),
             "kv_blocks_used": kv.num_used_blocks,
             "kv_blocks_free": kv.num_free_blocks,
+            "kv_blocks_cached": kv.num_cached_blocks,
             "kv_usage": kv.num_used_blocks / kv.num_usable_blocks,
+            "prefix_cache_hit_rate": kv.prefix_cache_hit_rate,
+            "prefix_cache_queried_tokens": kv.num_queried_tokens,
+            "prefix_cache_hit_tokens": kv.num_hit_tokens,
             "num_steps": s.num_steps,
             "num_generated_tokens": s.num_generated_tokens,
             "num_tokens_computed": s.num_tokens_computed,

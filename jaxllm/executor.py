@@ -186,6 +186,7 @@ class Executor:
                 seq.metrics.first_scheduled_time = now
             completes = item.completes_prefill
             seq.num_computed_tokens += item.num_new_tokens
+            self.scheduler.kv_cache_manager.cache_full_blocks(seq)
             if not completes:
                 continue
             self._append_token(seq, token_ids[row], logprobs[row], now)

@@ -139,6 +139,9 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch,
                 inputs: tuple[StepInputs, SamplingTensors]) -> tuple[np.ndarray, np.ndarray]:
         """Runs one step on prepared inputs; returns the rows' sampled token ids and logprobs."""
+        # Copy-on-write block copies only arise from forked sequences (n > 1, beam search),
+        # which the engine does not create yet.
+        assert not batch.block_copies, "block copies are not supported yet"
         inputs, sampling = inputs
         self.kv_cache, outputs = self.step(self.params, self.kv_cache, inputs, sampling)
         token_ids, logprobs = jax.device_get((outputs.token_ids, outputs.logprobs))
