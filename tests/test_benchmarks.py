@@ -1,0 +1,106 @@
+"""Smoke tests of benchmarks/throughput.py on a tiny random Llama (no tokenizer)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "throughput.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("throughput_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(**overrides):
+    fields = dict(workload=None, seed=0, num_requests=12, min_prompt=5, max_prompt=40,
+                  min_output=3, max_output=9)
+    fields.update(overrides)
+    return SimpleNamespace(**fields)
+
+
+def test_throughput_quick_run_writes_json_and_plot(tiny_llama_dir, tmp_path):
+    model_dir, _ = tiny_llama_dir
+    out, png = tmp_path / "throughput.json", tmp_path / "throughput.png"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--model", str(model_dir), "--concurrency", "2",
+         "--llamacpp-tps", "100", "--plot", str(png), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    jax_run, hf_run = data["jaxllm"], data["hf"]
+    assert data["workload"]["num_requests"] == 4
+    for run in (jax_run, hf_run):
+        assert run["output_tokens"] == data["workload"]["output_tokens"]
+        assert run["output_tokens_per_s"] > 0 and run["total_tokens_per_s"] > 0
+        assert run["ttft_s"]["p50"] > 0 and run["tpot_s"]["p50"] > 0
+    assert data["ratio_output_tps_vs_hf"] > 0 and data["ratio_output_tps_vs_llamacpp"] > 0
+    # The replayed warm-up compiled every bucket the measured run used; no prefix-cache help.
+    assert jax_run["num_compilations_after"] == jax_run["num_compilations_before"] > 0
+    assert jax_run["prefix_cached_tokens"] == 0
+    assert [p["max_num_seqs"] for p in data["concurrency"]] == [2]
+    assert data["concurrency"][0]["output_tokens_per_s"] > 0
+    assert hf_run["output_tokens_computed"] >= hf_run["output_tokens"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    assert "transformers" in result.stdout and "ratio jaxllm/transformers" in result.stdout
+
+
+def test_workload_is_seeded_within_ranges_and_warmup_prompts_differ(tiny_llama_dir):
+    bench = _load_script()
+    model_dir, _ = tiny_llama_dir
+
+    def build(seed):
+        source = bench.PromptSource(model_dir, None, seed)
+        workload = bench.make_workload(_args(seed=seed), source)
+        return workload, bench.warmup_workload(workload, source, "replay")
+
+    workload, warm = build(0)
+    assert workload == build(0)[0] and workload != build(1)[0]
+    assert len(workload) == 12
+    for request, warm_request in zip(workload, warm):
+        assert 5 <= len(request["prompt_token_ids"]) <= 40 and 3 <= request["max_tokens"] <= 9
+        assert all(0 <= t < 256 for t in request["prompt_token_ids"])
+        assert len(warm_request["prompt_token_ids"]) == len(request["prompt_token_ids"])
+        assert warm_request["max_tokens"] == request["max_tokens"]
+        assert warm_request["prompt_token_ids"] != request["prompt_token_ids"]
+    source = bench.PromptSource(model_dir, None, 0)
+    short = bench.warmup_workload([{"prompt_token_ids": [1] * 4, "max_tokens": 100}], source, "short")
+    assert short[0]["max_tokens"] == bench.SHORT_WARMUP_TOKENS
+
+
+def test_text_prompts_share_no_first_block():
+    """Text prompts start at distinct offsets of the passage: no prefix-cache sharing."""
+    bench = _load_script()
+
+    class WordTokenizer:  # one id per word: enough to exercise the slicing
+        def encode(self, text, add_special_tokens=False):
+            return [hash(w) % 50000 for w in text.split()]
+
+    source = bench.PromptSource(Path("unused"), WordTokenizer(), 0)
+    assert source.kind == "text"
+    workload = bench.make_workload(_args(num_requests=40, min_prompt=16, max_prompt=300), source)
+    warm = bench.warmup_workload(workload, source, "replay")
+    first_blocks = [tuple(r["prompt_token_ids"][:16]) for r in workload + warm]
+    assert len(set(first_blocks)) == len(first_blocks)
+    corpus = source.corpus.tolist()
+    for r in workload:
+        ids = r["prompt_token_ids"]
+        start = next(i for i in range(len(corpus)) if (corpus * 2)[i:i + 16] == ids[:16])
+        assert ids == [corpus[(start + k) % len(corpus)] for k in range(len(ids))]
+
+
+def test_workload_file(tmp_path, tiny_llama_dir):
+    bench = _load_script()
+    path = tmp_path / "workload.json"
+    items = [{"prompt_token_ids": [3, 4, 5], "max_tokens": 7}, {"prompt_token_ids": [9], "max_tokens": 1}]
+    path.write_text(json.dumps(items))
+    source = bench.PromptSource(tiny_llama_dir[0], None, 0)
+    assert bench.make_workload(_args(workload=str(path)), source) == items
