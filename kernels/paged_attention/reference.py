@@ -65,14 +65,31 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
     pos = inputs.positions
     new_mask = (rows[:, None] == rows[None, :]) & (pos[None, :] <= pos[:, None])  # [T, T]
 
-    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
-    s_ctx = jnp.einsum("tkgh,tckh->tkgc", qg, k_ctx, preferred_element_type=jnp.float32)
-    s_new = jnp.einsum("tkgh,skh->tkgs", qg, k, preferred_element_type=jnp.float32)
-    scores = jnp.concatenate([
-        jnp.where(ctx_mask[:, None, None, :], s_ctx * scale, _MASKED),
-        jnp.where(new_mask[:, None, None, :], s_new * scale, _MASKED),
-    ], axis=-1)                                                            # [T, K, G, C + T]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = (jnp.einsum("tkgc,tckh->tkgh", probs[..., :ctx_len], v_ctx, preferred_element_type=jnp.float32)
-           + jnp.einsum("tkgs,skh->tkgh", probs[..., ctx_len:], v, preferred_element_type=jnp.float32))
+    f32 = jnp.float32
+    # Each part is laid out with its batch dims leading so XLA runs plain batched matmuls:
+    # context as [T, K, ...] (per token), this step's tokens as [K, T * G, ...] (per kv head).
+    # The two softmax parts are merged through their row maxima and sums (log-sum-exp).
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)                       # [T, K, G, H]
+    k_ctx = k_ctx.transpose(0, 2, 1, 3)                                              # [T, K, C, H]
+    v_ctx = v_ctx.transpose(0, 2, 1, 3)
+    s_ctx = jnp.einsum("tkgh,tkch->tkgc", qg, k_ctx, preferred_element_type=f32) * scale
+    s_ctx = jnp.where(ctx_mask[:, None, None, :], s_ctx, _MASKED)                   # [T, K, G, C]
+
+    q_heads = qg.transpose(1, 0, 2, 3).reshape(num_kv_heads, num_tokens * group, head_dim)
+    k_heads, v_heads = k.transpose(1, 0, 2), v.transpose(1, 0, 2)                    # [K, T, H]
+    s_new = jnp.einsum("kqh,ksh->kqs", q_heads, k_heads, preferred_element_type=f32) * scale
+    s_new = s_new.reshape(num_kv_heads, num_tokens, group, num_tokens)
+    s_new = jnp.where(new_mask[None, :, None, :], s_new, _MASKED)                   # [K, T, G, T]
+
+    m_ctx = s_ctx.max(axis=-1)                                                       # [T, K, G]
+    m_new = s_new.max(axis=-1).transpose(1, 0, 2)                                    # [T, K, G]
+    m = jnp.maximum(m_ctx, m_new)
+    p_ctx = jnp.exp(s_ctx - m[..., None])
+    p_new = jnp.exp(s_new - m.transpose(1, 0, 2)[..., None])
+    denom = p_ctx.sum(axis=-1) + p_new.sum(axis=-1).transpose(1, 0, 2)              # [T, K, G]
+    o_ctx = jnp.einsum("tkgc,tkch->tkgh", p_ctx.astype(v.dtype), v_ctx, preferred_element_type=f32)
+    o_new = jnp.einsum("kqs,ksh->kqh", p_new.reshape(num_kv_heads, -1, num_tokens).astype(v.dtype),
+                       v_heads, preferred_element_type=f32)
+    o_new = o_new.reshape(num_kv_heads, num_tokens, group, head_dim).transpose(1, 0, 2, 3)
+    out = (o_ctx + o_new) / denom[..., None]                                         # [T, K, G, H]
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype), k_cache, v_cache
