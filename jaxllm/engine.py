@@ -194,7 +194,7 @@ class Engine:
         """Engine-wide counters: queue sizes, KV usage, steps, compilations, time and tokens/s."""
         s = self._executor.stats
         kv = self.kv_cache_manager
-        busy = s.host_time_s + s.device_time_s
+        busy = s.host_time_s - s.overlapped_host_time_s + s.device_time_s
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
@@ -212,6 +212,7 @@ class Engine:
             "num_compilations": self.model_runner.step.num_compilations,
             "host_time_s": s.host_time_s,
             "device_time_s": s.device_time_s,
+            "overlapped_host_time_s": s.overlapped_host_time_s,
             "generated_tokens_per_s": s.num_generated_tokens / busy if busy else 0.0,
         }
 

@@ -3,10 +3,14 @@
 One iteration of the loop:
   1. fetch     drain the request queue: new sequences join the scheduler, aborts finish theirs;
                block when there is no work at all.
-  2. schedule  the Scheduler picks rows and token counts (decodes first, then prefill chunks).
-  3. prepare   blocks were allocated by the scheduler; the ModelRunner packs bucketed inputs.
-  4. execute   one compiled step call; tokens and logprobs come back in one transfer.
-  5. outputs   append tokens, check stop conditions, finish and free, deliver RequestOutputs.
+  2. schedule  the Scheduler picks rows and token counts (decodes first, then prefill chunks)
+               and allocates their KV blocks (prefix-cache hits included).
+  3. prepare   the ModelRunner packs bucketed inputs and dispatches the compiled step, which
+               returns at once: the device runs while the host goes on.
+  4. overlap   meanwhile, the previous step's news goes out: incremental detokenization and
+               RequestOutputs for every caller.
+  5. outputs   wait for this step's tokens (one transfer), append them, check stop conditions,
+               finish and free; the callers hear about them during the next step.
 
 Callers hold a RequestHandle. Any exception in the loop fails every pending handle with
 EngineDeadError (never a hang), and the engine refuses new work from then on.
@@ -71,8 +75,9 @@ class ExecutorStats:
     num_steps: int = 0
     num_generated_tokens: int = 0
     num_tokens_computed: int = 0
-    host_time_s: float = 0.0    # schedule + prepare + postprocess, on the executor thread
+    host_time_s: float = 0.0    # schedule, prepare, deliver outputs, postprocess
     device_time_s: float = 0.0  # from step dispatch until its outputs are on the host
+    overlapped_host_time_s: float = 0.0  # host work done while the device ran a step
 
 
 class Executor:
@@ -126,18 +131,33 @@ class Executor:
     # ---- the loop (executor thread) ----
     def _run(self) -> None:
         try:
-            while self._fetch():
+            # Sequences whose new token the caller has not been sent yet. They are sent while
+            # the device runs the next step: detokenizing and building outputs is most of the
+            # host's per-step work, and it needs nothing from that step.
+            pending: list[Sequence] = []
+            while True:
+                if not self.scheduler.has_unfinished:
+                    pending = self._deliver_all(pending)
+                if not self._fetch():
+                    break
                 start = time.perf_counter()
                 batch = self.scheduler.schedule()
                 if batch.is_empty:
+                    pending = self._deliver_all(pending)
                     continue
-                inputs = self.model_runner.prepare_inputs(batch)
+                self._mark_scheduled(batch)
+                step_outputs = self.model_runner.dispatch(batch, self.model_runner.prepare_inputs(batch))
                 dispatched = time.perf_counter()
-                token_ids, logprobs = self.model_runner.execute(batch, inputs)
+                pending = self._deliver_all(pending)
+                overlapped = time.perf_counter()
+                token_ids, logprobs = self.model_runner.fetch(batch, step_outputs)
                 returned = time.perf_counter()
-                self._postprocess(batch, token_ids.tolist(), logprobs.tolist())
+                pending = self._postprocess(batch, token_ids, logprobs)
                 self.stats.device_time_s += returned - dispatched
-                self.stats.host_time_s += (dispatched - start) + (time.perf_counter() - returned)
+                self.stats.overlapped_host_time_s += overlapped - dispatched
+                self.stats.host_time_s += ((dispatched - start) + (overlapped - dispatched)
+                                           + (time.perf_counter() - returned))
+            self._deliver_all(pending)
         except BaseException as exc:  # noqa: BLE001 - every waiting caller must hear of it
             with self._lock:
                 self._error = exc
@@ -176,25 +196,37 @@ class Executor:
             if not self.scheduler.has_unfinished:
                 block = True
 
-    def _postprocess(self, batch: ScheduledBatch, token_ids: list[int], logprobs: list[float]) -> None:
+    def _mark_scheduled(self, batch: ScheduledBatch) -> None:
+        now = time.monotonic()
+        for item in batch.scheduled:
+            if item.seq.metrics.first_scheduled_time is None:
+                item.seq.metrics.first_scheduled_time = now
+
+    def _postprocess(self, batch: ScheduledBatch, token_ids: list[int],
+                     logprobs: list[float]) -> list[Sequence]:
+        """Appends sampled tokens, finishes sequences that stop; returns those with news."""
         now = time.monotonic()
         self.stats.num_steps += 1
         self.stats.num_tokens_computed += batch.num_tokens
+        updated = []
         for row, item in enumerate(batch.scheduled):
             seq = item.seq
-            if seq.metrics.first_scheduled_time is None:
-                seq.metrics.first_scheduled_time = now
             completes = item.completes_prefill
             seq.num_computed_tokens += item.num_new_tokens
             self.scheduler.kv_cache_manager.cache_full_blocks(seq)
             if not completes:
                 continue
             self._append_token(seq, token_ids[row], logprobs[row], now)
-            self.output_processor.on_token(seq)
             finish_reason = self._finish_reason(seq)
             if finish_reason is not None:
                 self.scheduler.finish(seq, finish_reason)
+            updated.append(seq)
+        return updated
+
+    def _deliver_all(self, seqs: list[Sequence]) -> list[Sequence]:
+        for seq in seqs:
             self._deliver(seq)
+        return []
 
     def _append_token(self, seq: Sequence, token_id: int, logprob: float, now: float) -> None:
         seq.token_ids.append(token_id)
@@ -219,7 +251,7 @@ class Executor:
 
     def _deliver(self, seq: Sequence) -> None:
         """Sends the caller what its output kind asks for; the final output ends the handle."""
-        if seq.is_finished:
+        if seq.is_finished and seq.metrics.finished_time is None:
             seq.metrics.finished_time = time.monotonic()
         output = self.output_processor.make_output(seq)
         if output is None:

@@ -15,7 +15,7 @@ import numpy as np
 from jaxllm.kv_cache import KVCache
 from jaxllm.scheduler import ScheduledBatch
 from jaxllm.step import CompiledStep
-from jaxllm.step_inputs import SamplingTensors, StepInputs
+from jaxllm.step_inputs import SamplingTensors, StepInputs, StepOutputs
 
 
 def power_of_two_buckets(limit: int) -> tuple[int, ...]:
@@ -136,14 +136,17 @@ class ModelRunner:
         # and the next step rewrites these buffers while this one may still be in flight.
         return jax.device_put(jax.tree_util.tree_map(np.copy, (inputs, sampling)))
 
-    def execute(self, batch: ScheduledBatch,
-                inputs: tuple[StepInputs, SamplingTensors]) -> tuple[np.ndarray, np.ndarray]:
-        """Runs one step on prepared inputs; returns the rows' sampled token ids and logprobs."""
+    def dispatch(self, batch: ScheduledBatch, inputs: tuple[StepInputs, SamplingTensors]) -> StepOutputs:
+        """Launches one step on prepared inputs and returns at once (JAX dispatch is async)."""
         # Copy-on-write block copies only arise from forked sequences (n > 1, beam search),
         # which the engine does not create yet.
         assert not batch.block_copies, "block copies are not supported yet"
         inputs, sampling = inputs
         self.kv_cache, outputs = self.step(self.params, self.kv_cache, inputs, sampling)
+        return outputs
+
+    def fetch(self, batch: ScheduledBatch, outputs: StepOutputs) -> tuple[list[int], list[float]]:
+        """Waits for a dispatched step; one transfer brings the rows' tokens and logprobs."""
         token_ids, logprobs = jax.device_get((outputs.token_ids, outputs.logprobs))
         num_rows = len(batch.scheduled)
-        return token_ids[:num_rows], logprobs[:num_rows]
+        return token_ids[:num_rows].tolist(), logprobs[:num_rows].tolist()

@@ -15,6 +15,7 @@ from jaxllm.sequence import Request, Sequence
 class _RequestState:
     output_kind: RequestOutputKind
     detokenizer: IncrementalDetokenizer | None
+    num_detokenized: int = 0
     num_sent_tokens: int = 0
     num_sent_chars: int = 0
 
@@ -33,26 +34,29 @@ class OutputProcessor:
                                                  request.sampling_params.skip_special_tokens)
         self._states[request.request_id] = _RequestState(output_kind, detokenizer)
 
-    def on_token(self, seq: Sequence) -> None:
-        state = self._states[seq.request_id]
-        if state.detokenizer is not None:
-            state.detokenizer.add(seq.token_ids[-1])
-
     def make_output(self, seq: Sequence) -> RequestOutput | None:
-        """The output to send now, or None when this request's kind has nothing to send yet.
+        """The output to send now, or None when there is nothing to send.
 
-        A finished sequence is dropped from tracking after its final output is made.
+        Text catches up with every token generated since the last call. A finished sequence
+        is dropped from tracking after its final output, and later calls for it return None.
         """
-        state = self._states[seq.request_id]
+        state = self._states.get(seq.request_id)
+        if state is None:
+            return None
         finished = seq.is_finished
+        if not finished and state.output_kind is RequestOutputKind.FINAL_ONLY:
+            return None
+        token_ids = seq.output_token_ids
+        text = ""
+        if state.detokenizer is not None:
+            for token_id in token_ids[state.num_detokenized:]:
+                state.detokenizer.add(token_id)
+            state.num_detokenized = len(token_ids)
+            if finished:
+                state.detokenizer.flush()
+            text = state.detokenizer.text
         if finished:
             del self._states[seq.request_id]
-            if state.detokenizer is not None:
-                state.detokenizer.flush()
-        elif state.output_kind is RequestOutputKind.FINAL_ONLY:
-            return None
-        text = state.detokenizer.text if state.detokenizer is not None else ""
-        token_ids = seq.output_token_ids
         if state.output_kind is RequestOutputKind.DELTA:
             if len(token_ids) == state.num_sent_tokens and not finished:
                 return None

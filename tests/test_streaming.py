@@ -141,3 +141,29 @@ def test_200_requests_from_8_threads_and_an_event_loop_all_finish(engine):
     assert sorted(results) == list(range(200))
     assert all(len(results[i]) == lengths[i] for i in range(200))
     _assert_idle(engine)
+
+
+def test_outputs_of_a_step_go_out_while_the_next_step_runs(engine):
+    """Host/device overlap: step N's deliveries happen between step N+1's dispatch and fetch."""
+    events = []
+    runner, executor = engine.model_runner, engine._executor
+    dispatch, fetch, deliver = runner.dispatch, runner.fetch, executor._deliver
+
+    def logged(name, fn):
+        def wrapper(*args):
+            events.append(name)
+            return fn(*args)
+        return wrapper
+
+    runner.dispatch, runner.fetch = logged("dispatch", dispatch), logged("fetch", fetch)
+    executor._deliver = logged("deliver", deliver)
+    try:
+        outputs = list(engine.generate_stream([1, 2, 3, 4], _params(max_tokens=6)))
+    finally:
+        del runner.dispatch, runner.fetch, executor._deliver
+    assert len(outputs) == 6 and outputs[-1].finished
+    steps = "".join({"dispatch": "D", "fetch": "F", "deliver": "d"}[e] for e in events)
+    # Prefill step, then 5 decode steps each overlapping the previous step's delivery.
+    assert steps == "DF" + "DdF" * 5 + "d"
+    stats = engine.stats()
+    assert stats["overlapped_host_time_s"] > 0 and stats["device_time_s"] > 0
