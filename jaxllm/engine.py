@@ -118,7 +118,7 @@ class Engine:
             if len(params_list) != len(prompt_list):
                 raise ValueError(f"got {len(params_list)} sampling_params for {len(prompt_list)} prompts")
         requests = [self._make_request(p, sp) for p, sp in zip(prompt_list, params_list)]
-        handles = [self._executor.submit(r) for r in requests]
+        handles = self._executor.submit_all(requests)
         outputs = self._wait(handles, use_tqdm=use_tqdm and not single)
         return outputs[0] if single else outputs
 

@@ -99,14 +99,23 @@ class Executor:
     # ---- caller side (any thread) ----
     def submit(self, request: Request, output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY,
                sink: Callable[[RequestOutput | BaseException], None] | None = None) -> RequestHandle:
-        handle = RequestHandle(request, output_kind, sink)
+        return self.submit_all([request], output_kind, sink)[0]
+
+    def submit_all(self, requests: list[Request],
+                   output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY,
+                   sink: Callable[[RequestOutput | BaseException], None] | None = None
+                   ) -> list[RequestHandle]:
+        """Submits requests as one message, so the scheduler sees all of them at once."""
+        handles = [RequestHandle(request, output_kind, sink) for request in requests]
         with self._lock:
             self._raise_if_dead()
-            if request.request_id in self._handles:
-                raise ValueError(f"request_id {request.request_id!r} is already in flight")
-            self._handles[request.request_id] = handle
-            self._inbox.put(("add", request))
-        return handle
+            ids = [r.request_id for r in requests]
+            clashes = [i for i in ids if i in self._handles] or sorted({i for i in ids if ids.count(i) > 1})
+            if clashes:
+                raise ValueError(f"request_id {clashes[0]!r} is already in flight")
+            self._handles.update(zip(ids, handles))
+            self._inbox.put(("add", requests))
+        return handles
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -184,10 +193,11 @@ class Executor:
             if kind == "stop":
                 return False
             if kind == "add":
-                handle = self._handles.get(payload.request_id)
-                self.output_processor.add(payload, handle.output_kind if handle else
-                                          RequestOutputKind.FINAL_ONLY)
-                self.scheduler.add(Sequence.from_request(payload))
+                for request in payload:
+                    handle = self._handles.get(request.request_id)
+                    self.output_processor.add(request, handle.output_kind if handle else
+                                              RequestOutputKind.FINAL_ONLY)
+                    self.scheduler.add(Sequence.from_request(request))
             elif kind == "abort":
                 seq = self.scheduler.find(payload)
                 if seq is not None:
