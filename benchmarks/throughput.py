@@ -38,13 +38,11 @@ tokenizer, pad id 0 by hand), ``generate(max_new_tokens=
 max(batch's max_tokens), min_new_tokens=same, do_sample=False)``, after one small untimed
 warm-up call. Useful output tokens are each request's own max_tokens: the tokens a shorter
 request generates beyond its own length in a padded batch are wasted work and not counted
-(the JSON also reports the tokens computed). HF gives no per-token timestamps without a
-streamer, so its latencies are estimated, with all requests arriving at t=0 as in jaxllm:
-    prefill_b = a separate timed ``generate(max_new_tokens=1)`` of batch b, run after the
-                measured pass (outside its wall time);
-    TTFT      = start of batch b in the measured pass + prefill_b   (queueing included);
-    TPOT      = (batch b's generate time - prefill_b) / (max_new_tokens_b - 1), one decode step
-                of the batch (what a streamer would see between tokens);
+(the JSON also reports the tokens computed). HF latencies come from a streamer whose put() is
+called by ``generate`` once with the prompt and then once per decoding step of the batch, so
+each step is timestamped in the measured run itself, all requests arriving at t=0 as in jaxllm:
+    TTFT      = time of batch b's first token since the start of the run (queueing included);
+    TPOT      = (time of a request's own last token - its first token) / (its max_tokens - 1);
     latency   = end of batch b (static batching returns every request when its batch ends).
 
 ``--concurrency`` reruns jaxllm (a new Engine and warm-up each) at several max_num_seqs values;
@@ -274,11 +272,26 @@ def run_hf(args, workload, model_dir: Path) -> dict:
             mask[i, width - len(tokens):] = 1
         return ids, mask
 
-    def generate(items, new_tokens):
+    from transformers.generation.streamers import BaseStreamer
+
+    class StepClock(BaseStreamer):
+        """Timestamps generate's streamer calls: the prompt, then every decoding step."""
+
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def generate(items, new_tokens, clock=None):
         ids, mask = left_pad(items)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id,
+                                 streamer=clock)
         if out.shape[1] - ids.shape[1] != new_tokens:
             raise RuntimeError(f"HF generated {out.shape[1] - ids.shape[1]} tokens, expected {new_tokens}")
 
@@ -288,28 +301,18 @@ def run_hf(args, workload, model_dir: Path) -> dict:
     generate([dict(r, prompt_token_ids=r["prompt_token_ids"][:16]) for r in batches[0]], 2)
     warmup_s = time.perf_counter() - start
 
-    spans = []  # (start, end) of each batch's generate, from the start of the run
+    ttft, tpot, latency = [], [], []
     run_start = time.perf_counter()
     for batch in batches:
-        t0 = time.perf_counter()
-        generate(batch, max(r["max_tokens"] for r in batch))
-        spans.append((t0 - run_start, time.perf_counter() - run_start))
-    wall = time.perf_counter() - run_start
-
-    prefills = []  # a separate timed prefill (+ first token) of each batch, outside the run
-    for batch in batches:
-        t0 = time.perf_counter()
-        generate(batch, 1)
-        prefills.append(time.perf_counter() - t0)
-
-    ttft, tpot, latency = [], [], []
-    for batch, (b_start, b_end), prefill in zip(batches, spans, prefills):
-        new_tokens = max(r["max_tokens"] for r in batch)
-        step = (b_end - b_start - prefill) / (new_tokens - 1) if new_tokens > 1 else None
+        clock = StepClock()
+        generate(batch, max(r["max_tokens"] for r in batch), clock)
+        token_times = [t - run_start for t in clock.times[1:]]  # [i] = when token i+1 appeared
         for r in batch:
-            ttft.append(b_start + prefill)
-            tpot.append(step if r["max_tokens"] > 1 else None)
-            latency.append(b_end)
+            n = r["max_tokens"]
+            ttft.append(token_times[0])
+            tpot.append((token_times[n - 1] - token_times[0]) / (n - 1) if n > 1 else None)
+            latency.append(token_times[-1])
+    wall = time.perf_counter() - run_start
     prompt_tokens, output_tokens = _token_counts(workload)
     computed = sum(len(b) * max(r["max_tokens"] for r in b) for b in batches)
     del model
@@ -322,9 +325,7 @@ def run_hf(args, workload, model_dir: Path) -> dict:
         "total_tokens_per_s": (prompt_tokens + output_tokens) / wall,
         "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
         "latency_s": percentiles(latency),
-        "batch_prefill_s": prefills, "batch_spans_s": spans,
-        "latency_method": "estimated: TTFT = batch start + separately timed prefill of the batch; "
-                          "TPOT = (batch time - prefill) / (max_new_tokens - 1)",
+        "latency_method": "streamer timestamps of each decoding step of the batch",
     }
 
 
