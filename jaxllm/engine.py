@@ -101,12 +101,14 @@ class Engine:
     # ---- public API ----
     def generate(self, prompts: PromptType | SequenceT[PromptType],
                  sampling_params: SamplingParams | SequenceT[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> RequestOutput | list[RequestOutput]:
+                 use_tqdm: bool = True, priority: SequenceT[int] | None = None
+                 ) -> RequestOutput | list[RequestOutput]:
         """Generates completions; a single prompt returns one output, a list returns a list.
 
         A prompt is a string, a list of token ids, or ``{"prompt_token_ids": [...]}``.
         ``sampling_params`` is one SamplingParams for all prompts or a list, one per prompt.
-        Every prompt is validated before any is submitted.
+        ``priority`` (one int per prompt, lower first; default 0) orders waiting requests,
+        first come first served among equals. Every prompt is validated before any is submitted.
         """
         single, prompt_list = _normalize_prompts(prompts)
         if sampling_params is None:
@@ -117,13 +119,17 @@ class Engine:
             params_list = list(sampling_params)
             if len(params_list) != len(prompt_list):
                 raise ValueError(f"got {len(params_list)} sampling_params for {len(prompt_list)} prompts")
-        requests = [self._make_request(p, sp) for p, sp in zip(prompt_list, params_list)]
+        priorities = [0] * len(prompt_list) if priority is None else list(priority)
+        if len(priorities) != len(prompt_list) or not all(isinstance(p, int) for p in priorities):
+            raise ValueError(f"priority must be one int per prompt ({len(prompt_list)}), got {priority!r}")
+        requests = [self._make_request(p, sp, priority=pr)
+                    for p, sp, pr in zip(prompt_list, params_list, priorities)]
         handles = self._executor.submit_all(requests)
         outputs = self._wait(handles, use_tqdm=use_tqdm and not single)
         return outputs[0] if single else outputs
 
     def generate_stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
-                        request_id: str | None = None) -> Iterator[RequestOutput]:
+                        request_id: str | None = None, priority: int = 0) -> Iterator[RequestOutput]:
         """Streams one request's outputs as tokens arrive, for scripts and notebooks.
 
         Each output is cumulative (all text so far) or a delta, per
@@ -131,7 +137,7 @@ class Engine:
         validated and submitted before this returns; closing the iterator early aborts it.
         """
         params = sampling_params or SamplingParams()
-        request = self._make_request(prompt, params, request_id)
+        request = self._make_request(prompt, params, request_id, priority)
         handle = self._executor.submit(request, params.output_kind)
         return self._stream(handle)
 
@@ -143,13 +149,14 @@ class Engine:
                 self.abort(handle.request.request_id)
 
     async def generate_async(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
-                             request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                             request_id: str | None = None, priority: int = 0
+                             ) -> AsyncIterator[RequestOutput]:
         """Async iterator of one request's outputs (cumulative by default, as in vLLM's AsyncLLM).
 
         Safe to call from many coroutines at once; cancelling the consumer aborts the request.
         """
         params = sampling_params or SamplingParams()
-        request = self._make_request(prompt, params, request_id)
+        request = self._make_request(prompt, params, request_id, priority)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
@@ -229,7 +236,7 @@ class Engine:
         return {"prompt": text, "prompt_token_ids": token_ids}
 
     def _make_request(self, prompt: PromptType, params: SamplingParams,
-                      request_id: str | None = None) -> Request:
+                      request_id: str | None = None, priority: int = 0) -> Request:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         text, token_ids = self._tokenize(prompt)
@@ -243,7 +250,7 @@ class Engine:
             request_id=str(next(self._request_counter)) if request_id is None else str(request_id),
             prompt=text,
             prompt_token_ids=tuple(token_ids), sampling_params=params, seed=seed,
-            eos_token_ids=self.eos_token_ids, arrival_time=time.monotonic())
+            eos_token_ids=self.eos_token_ids, arrival_time=time.monotonic(), priority=priority)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -80,3 +80,15 @@ def test_engine_prefix_cache_computes_only_new_tokens_and_keeps_tokens(long_cont
     assert after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"] == 256
     assert after["prefix_cache_hit_rate"] > 0
     assert after["kv_blocks_used"] == 0 and after["kv_blocks_cached"] > 0
+
+
+def test_engine_priority_orders_waiting_requests(long_context_model):
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]]
+    options = dict(max_model_len=64, block_size=BLOCK, num_blocks=32, max_num_seqs=1,
+                   max_num_batched_tokens=16)
+    with Engine(long_context_model, **options) as engine:
+        outputs = engine.generate(prompts, _greedy(3), use_tqdm=False, priority=[2, 0, 1, 0])
+        with pytest.raises(ValueError, match="priority"):
+            engine.generate(prompts, _greedy(3), priority=[0])
+    order = sorted(range(4), key=lambda i: outputs[i].metrics.first_scheduled_time)
+    assert order == [1, 3, 2, 0]
