@@ -1,0 +1,107 @@
+"""The executor loop with a fake, hand-calculable model: next token = (last token + 1) % 100.
+
+No jax and no model: this checks the loop's bookkeeping (chunked prefill, preemption, stop
+conditions, streaming order) against answers computed by hand.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from jaxllm.executor import Executor
+from jaxllm.kv_cache_manager import KVCacheManager
+from jaxllm.output_processor import OutputProcessor
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
+from jaxllm.scheduler import Scheduler
+from jaxllm.sequence import Request
+
+
+class FakeRunner:
+    """Stands in for ModelRunner: 'computes' each row's next token from its last token."""
+
+    def __init__(self):
+        self.batches = []
+
+    def prepare_inputs(self, batch):
+        return None
+
+    def dispatch(self, batch, inputs):
+        self.batches.append([(item.seq.request_id, item.num_new_tokens) for item in batch.scheduled])
+        return [(item.seq.token_ids[item.seq.num_computed_tokens + item.num_new_tokens - 1] + 1) % 100
+                for item in batch.scheduled]
+
+    def fetch(self, batch, outputs):
+        return outputs, [-0.5] * len(outputs)
+
+
+def _executor(num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=16):
+    runner = FakeRunner()
+    scheduler = Scheduler(KVCacheManager(num_blocks, block_size, enable_prefix_caching=False),
+                          max_num_seqs, max_num_batched_tokens)
+    return Executor(scheduler, runner, OutputProcessor(None), max_model_len=200), runner
+
+
+def _request(request_id, prompt, eos=(), **params):
+    return Request(request_id, None, tuple(prompt), SamplingParams(temperature=0, **params), 0,
+                   frozenset(eos), time.monotonic())
+
+
+def test_executor_chunked_prefill_then_decodes_by_hand():
+    executor, runner = _executor(max_num_batched_tokens=8)
+    try:
+        out = executor.submit(_request("a", range(20), max_tokens=3)).result()
+    finally:
+        executor.shutdown()
+    assert out.outputs[0].token_ids == [20, 21, 22]
+    assert out.outputs[0].cumulative_logprob == pytest.approx(-1.5)
+    assert runner.batches == [[("a", 8)], [("a", 8)], [("a", 4)], [("a", 1)], [("a", 1)]]
+
+
+def test_executor_stop_conditions():
+    executor, _ = _executor()
+    try:
+        handles = executor.submit_all([
+            _request("eos", [5], eos={8}, max_tokens=10),
+            _request("ignore", [5], eos={8}, ignore_eos=True, max_tokens=5),
+            _request("stop-id", [5], stop_token_ids=[7], max_tokens=10),
+            _request("length", [95], max_tokens=6),
+        ])
+        outs = {h.request.request_id: h.result() for h in handles}
+    finally:
+        executor.shutdown()
+    assert outs["eos"].outputs[0].token_ids == [6, 7, 8]
+    assert (outs["eos"].outputs[0].finish_reason, outs["eos"].outputs[0].stop_reason) == ("stop", None)
+    assert outs["ignore"].outputs[0].token_ids == [6, 7, 8, 9, 10]
+    assert outs["ignore"].outputs[0].finish_reason == "length"
+    assert outs["stop-id"].outputs[0].token_ids == [6, 7]
+    assert outs["stop-id"].outputs[0].stop_reason == 7
+    assert outs["length"].outputs[0].token_ids == [96, 97, 98, 99, 0, 1]
+
+
+def test_executor_preemption_keeps_every_answer():
+    # 6 usable blocks of 4 tokens; four requests each growing to 12 tokens need 12 blocks.
+    executor, runner = _executor(num_blocks=7, block_size=4)
+    try:
+        handles = executor.submit_all([_request(str(i), [10 * i], max_tokens=11) for i in range(4)])
+        outs = [h.result() for h in handles]
+        num_preemptions = executor.scheduler.num_preemptions
+        free = executor.scheduler.kv_cache_manager.num_free_blocks
+    finally:
+        executor.shutdown()
+    for i, out in enumerate(outs):
+        assert out.outputs[0].token_ids == [(10 * i + k) % 100 for k in range(1, 12)]
+    assert num_preemptions > 0
+    assert free == 6
+
+
+def test_executor_streams_cumulative_outputs_in_order():
+    executor, _ = _executor()
+    try:
+        handle = executor.submit(_request("s", [1, 2], max_tokens=4), RequestOutputKind.CUMULATIVE)
+        outputs = list(handle)
+    finally:
+        executor.shutdown()
+    assert [o.outputs[0].token_ids for o in outputs] == [[3], [3, 4], [3, 4, 5], [3, 4, 5, 6]]
+    assert [o.finished for o in outputs] == [False, False, False, True]
