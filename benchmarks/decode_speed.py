@@ -15,8 +15,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 PROMPT = "The history of computing stretches from mechanical calculators to modern processors."
 
 

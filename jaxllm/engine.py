@@ -31,7 +31,7 @@ from jaxllm.models.llama import unstack_layers
 from jaxllm.models.registry import get_model_class
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
-from jaxllm.sampling_params import RequestOutputKind, SamplingParams
+from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import Scheduler
 from jaxllm.sequence import Request
 from jaxllm.step import CompiledStep
@@ -300,7 +300,7 @@ class Engine:
         except BaseException:
             # An interrupted caller (Ctrl-C in a notebook) must not leave its requests running.
             for handle in handles[len(outputs):]:
-                self._executor.abort(handle.request.request_id)
+                self.abort(handle.request.request_id)
             raise
         return outputs
 
