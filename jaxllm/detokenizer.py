@@ -6,11 +6,13 @@ prefix gives U+FFFD. Each step decodes a small window twice, the text it already
 difference only once it no longer ends in U+FFFD. A few prompt tokens seed the window so
 tokenizers that drop a leading space when decoding a sequence start (SentencePiece) still get
 the spacing of the first output token right. Cost per token: two decodes of a few tokens.
+The caller keeps the text: it may cut it (stop strings) without the window noticing.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 _REPLACEMENT = "\ufffd"
 _PROMPT_CONTEXT = 5
@@ -24,7 +26,6 @@ class IncrementalDetokenizer:
         self._ids = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
-        self.text = ""
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
@@ -36,7 +37,6 @@ class IncrementalDetokenizer:
             return ""
         delta = new_text[len(prefix_text):]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        self.text += delta
         return delta
 
     def add(self, token_id: int) -> str:

@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+LOGIT_BIAS_LIMIT = 100.0  # logit_bias values are clamped to [-100, 100], as vLLM does
 
 
 class RequestOutputKind(enum.Enum):
@@ -15,57 +20,216 @@ class RequestOutputKind(enum.Enum):
     FINAL_ONLY = 2  # a single output when the request finishes
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A finite number (ints included, bools and NaN/inf excluded)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# field: (is it an int (else a finite real), the allowed range, its description in errors).
+_NUMBERS: dict[str, tuple[bool, Callable[[Any], bool], str]] = {
+    "n": (True, lambda v: v >= 1, ">= 1"),
+    "temperature": (False, lambda v: v >= 0, ">= 0"),
+    "top_p": (False, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (True, lambda v: v >= -1, ">= 1, or 0 / -1 to disable"),
+    "min_p": (False, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "repetition_penalty": (False, lambda v: v > 0, "> 0"),
+    "presence_penalty": (False, lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    "frequency_penalty": (False, lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    "max_tokens": (True, lambda v: v >= 1, ">= 1"),
+    "min_tokens": (True, lambda v: v >= 0, ">= 0"),
+    "beam_width": (True, lambda v: v >= 1, ">= 1"),
+    "length_penalty": (False, lambda v: True, "a finite number"),
+}
+_OPTIONAL_INTS = {"seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
+                  "logprobs": (lambda v: v >= 0, ">= 0"),
+                  "prompt_logprobs": (lambda v: v >= 0, ">= 0")}
+
+
+def _token_ids(name: str, value: Any, allow_empty: bool) -> list[int]:
+    ids = list(value) if isinstance(value, (list, tuple)) else None
+    if ids is None or not all(_is_int(t) and t >= 0 for t in ids) or (not ids and not allow_empty):
+        empty = "" if allow_empty else "a non-empty "
+        raise ValueError(f"{name} must be {empty}list of non-negative integer token ids, got {value!r}")
+    return [int(t) for t in ids]
+
+
 @dataclasses.dataclass
 class SamplingParams:
-    """Per-request sampling settings, validated on construction.
+    """Per-request sampling settings, validated on construction (each error names its field).
+
+    Token ids are checked against the vocabulary by the engine when the request is submitted.
 
     Attributes:
-        n: completions per prompt (only 1 today).
+        n: completions per prompt, >= 1.
         temperature: 0 means greedy; otherwise logits are divided by it before sampling.
-        top_k: keep the k most likely tokens; 0 or -1 disables.
         top_p: keep the smallest set of tokens whose probability reaches top_p; 1 disables.
+        top_k: keep the k most likely tokens; 0 or -1 disables (-1 is stored as 0).
+        min_p: drop tokens less likely than min_p times the most likely one; 0 disables.
+        repetition_penalty: > 0; divides positive (multiplies negative) logits of tokens in the
+            prompt or output so far; 1 disables.
+        presence_penalty: in [-2, 2]; subtracted once from the logit of every token already
+            generated; 0 disables.
+        frequency_penalty: in [-2, 2]; subtracted from a token's logit once per time it was
+            generated; 0 disables.
         seed: per-request seed; the same seed gives the same tokens alone or in any batch.
-        max_tokens: most tokens to generate.
+        stop: strings that end generation when the output text contains one (a str or a list,
+            stored as a list; empty strings are refused). Matching spans token boundaries.
+        stop_token_ids: extra token ids that end generation (the token is kept in token_ids).
+        include_stop_str_in_output: keep the matched stop string at the end of the text.
         ignore_eos: keep generating past the model's EOS token(s).
-        stop_token_ids: extra token ids that end generation (the token is kept in the output).
+        max_tokens: most tokens to generate, >= 1.
+        min_tokens: EOS, stop_token_ids and stop strings do not end generation before this
+            many tokens; 0 <= min_tokens <= max_tokens.
+        logprobs: return the log-probabilities of this many most likely alternatives per
+            generated token (the sampled token's is always included); None for none.
+        prompt_logprobs: as logprobs, for every prompt token; None for none.
         skip_special_tokens: drop special tokens from the output text.
+        logit_bias: {token id: bias} added to the logits before sampling; biases must be finite
+            and are clamped to [-100, 100] as in vLLM.
+        allowed_token_ids: if given (non-empty), only these tokens can be sampled.
+        use_beam_search: beam search instead of sampling. It is deterministic, so it requires
+            temperature 0 and no top_p / top_k / min_p truncation (as vLLM's beam search did),
+            and it returns the n <= beam_width best beams.
+        beam_width: beams kept per step; > 1 only with use_beam_search.
+        length_penalty: beam scores are cumulative logprob / length ** length_penalty (beam
+            search only).
+        early_stopping: beam search stopping rule, as in transformers: True stops when
+            beam_width beams have finished; False stops when no running beam can beat them
+            (under the length penalty); "never" runs until no beam can improve at all.
+        strategy: the name of a registered sampling strategy to use instead of the built-in
+            one (the registry checks the name); None for the built-in sampler.
+        strategy_args: keyword arguments for that strategy (string keys); needs strategy.
+        logits_processors: Python callables, each called on the host as
+            ``fn(output_token_ids: list[int], logits: np.ndarray) -> np.ndarray`` and applied
+            in order before sampling; slow (one host round trip per step), an escape hatch.
         output_kind: for streaming calls, whether each output is cumulative or a delta.
     """
 
     n: int = 1
     temperature: float = 1.0
-    top_k: int = 0
     top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
-    max_tokens: int = 16
-    ignore_eos: bool = False
+    stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    use_beam_search: bool = False
+    beam_width: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    strategy: str | None = None
+    strategy_args: dict[str, Any] | None = None
+    logits_processors: list[Callable[[list[int], Any], Any]] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
-        if self.n != 1:
-            raise ValueError(f"n must be 1 (several completions per prompt are not supported yet), got {self.n}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(f"top_k must be an integer >= 1, or 0 / -1 to disable, got {self.top_k!r}")
-        if self.top_k == -1:
-            self.top_k = 0
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        stop_ids = list(self.stop_token_ids or [])
-        if any(not isinstance(t, int) or t < 0 for t in stop_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        self.stop_token_ids = stop_ids
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
+                     "use_beam_search"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        self._check_numbers()
+        self._check_stopping()
+        self._check_token_controls()
+        self._check_beam_search()
+        self._check_strategy()
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+
+    def _check_numbers(self) -> None:
+        for name, (integer, in_range, allowed) in _NUMBERS.items():
+            value = getattr(self, name)
+            if not (_is_int(value) if integer else _is_real(value)) or not in_range(value):
+                kind = "an integer" if integer else "a finite number"
+                raise ValueError(f"{name} must be {kind} {allowed}, got {value!r}")
+            setattr(self, name, int(value) if integer else float(value))
+        for name, (in_range, allowed) in _OPTIONAL_INTS.items():
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not in_range(value)):
+                raise ValueError(f"{name} must be None or an integer {allowed}, got {value!r}")
+            setattr(self, name, None if value is None else int(value))
+        if self.top_k == -1:
+            self.top_k = 0
+
+    def _check_stopping(self) -> None:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if stop is None:
+            stop = []
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        self.stop = list(stop)
+        self.stop_token_ids = _token_ids("stop_token_ids", self.stop_token_ids or [], allow_empty=True)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), "
+                             f"got {self.min_tokens}")
+
+    def _check_token_controls(self) -> None:
+        if self.logit_bias is not None:
+            bias = self.logit_bias
+            if not isinstance(bias, dict) or not all(_is_int(t) and t >= 0 and _is_real(b)
+                                                     for t, b in bias.items()):
+                raise ValueError("logit_bias must map non-negative integer token ids to finite "
+                                 f"numbers, got {bias!r}")
+            limit = LOGIT_BIAS_LIMIT
+            self.logit_bias = {int(t): min(limit, max(-limit, float(b))) for t, b in bias.items()}
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = _token_ids("allowed_token_ids", self.allowed_token_ids,
+                                                allow_empty=False)
+
+    def _check_beam_search(self) -> None:
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if not self.use_beam_search:
+            for name, neutral in (("beam_width", 1), ("length_penalty", 1.0), ("early_stopping", False)):
+                if getattr(self, name) != neutral:
+                    raise ValueError(f"{name} is only used by beam search: set use_beam_search=True "
+                                     f"or leave {name}={neutral!r}")
+            return
+        if self.n > self.beam_width:
+            raise ValueError(f"n must be <= beam_width ({self.beam_width}) with beam search, got {self.n}")
+        for name, neutral in (("temperature", 0.0), ("top_p", 1.0), ("top_k", 0), ("min_p", 0.0)):
+            if getattr(self, name) != neutral:
+                raise ValueError(f"{name} must be {neutral} with beam search (it is deterministic), "
+                                 f"got {getattr(self, name)!r}")
+        if self.strategy is not None:
+            raise ValueError(f"strategy must be None with beam search, got {self.strategy!r}")
+
+    def _check_strategy(self) -> None:
+        if self.strategy is not None and (not isinstance(self.strategy, str) or not self.strategy):
+            raise ValueError(f"strategy must be None or a strategy's name, got {self.strategy!r}")
+        args = self.strategy_args
+        if args is not None:
+            if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+                raise ValueError(f"strategy_args must be a dict with string keys, got {args!r}")
+            if self.strategy is None:
+                raise ValueError("strategy_args needs a strategy: name one with strategy=...")
+        processors = self.logits_processors
+        if processors is not None:
+            if not isinstance(processors, (list, tuple)) or not all(callable(f) for f in processors):
+                raise ValueError(f"logits_processors must be a list of callables, got {processors!r}")
+            self.logits_processors = list(processors)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def needs_penalties(self) -> bool:
+        """Whether any of the repetition, presence or frequency penalties is active."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
