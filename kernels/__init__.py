@@ -1,23 +1,39 @@
 """Attention implementations behind one interface, chosen by name.
 
 Every implementation has the signature of ``paged_attention.reference.paged_attention``.
+Kernels are imported on first use, so the CPU path never loads Pallas.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+from collections.abc import Callable
 
-from jaxllm.kernels.paged_attention import reference
-
-ATTENTION_IMPLEMENTATIONS: dict[str, Callable] = {
-    "reference": reference.paged_attention,
+# name -> (module under jaxllm.kernels, function in it)
+ATTENTION_IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
+    "reference": ("paged_attention.reference", "paged_attention"),
+    "pallas_gpu": ("paged_attention.pallas_gpu", "paged_attention"),
 }
 
 
 def get_attention(name: str) -> Callable:
     """Returns the attention implementation registered as ``name``."""
     try:
-        return ATTENTION_IMPLEMENTATIONS[name]
+        module, function = ATTENTION_IMPLEMENTATIONS[name]
     except KeyError:
         raise ValueError(f"unknown attention implementation {name!r}; "
                          f"available: {sorted(ATTENTION_IMPLEMENTATIONS)}") from None
+    return getattr(importlib.import_module(f"{__name__}.{module}"), function)
+
+
+def default_attention(platform: str) -> str:
+    """The attention implementation to use on a JAX platform.
+
+    Args:
+        platform: a JAX backend name, e.g. ``jax.default_backend()``: "cpu", "gpu", "cuda", "tpu".
+
+    Returns:
+        "pallas_gpu" on NVIDIA GPUs (the Triton kernel), "reference" elsewhere (the pure-JAX
+        implementation, which is also the CPU path).
+    """
+    return "pallas_gpu" if platform.lower() in ("gpu", "cuda") else "reference"
