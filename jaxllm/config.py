@@ -114,6 +114,8 @@ class EngineConfig:
             None picks the best one for the platform.
         seed: base seed for requests that do not set one.
         enable_prefix_caching: reuse the KV blocks of identical prompt prefixes across requests.
+        max_logprobs: the most alternatives a request may ask for through ``logprobs`` or
+            ``prompt_logprobs`` (the width of the compiled top-k, as vLLM's max_logprobs).
     """
 
     dtype: str | None = None
@@ -127,6 +129,7 @@ class EngineConfig:
     attention: str | None = None
     seed: int = 0
     enable_prefix_caching: bool = True
+    max_logprobs: int = 20
 
     def __post_init__(self) -> None:
         if self.dtype not in (None, "float32", "bfloat16"):
@@ -137,6 +140,8 @@ class EngineConfig:
             raise ValueError(f"num_blocks must be at least 2 (block 0 is reserved), got {self.num_blocks}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.max_logprobs < 1:
+            raise ValueError(f"max_logprobs must be at least 1, got {self.max_logprobs}")
         if self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -15,7 +15,8 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Sequence as SequenceT
+from typing import Any, AsyncIterator, Iterator
+from typing import Sequence as SequenceT
 
 import jax
 import numpy as np
@@ -31,10 +32,12 @@ from jaxllm.models.llama import unstack_layers
 from jaxllm.models.registry import get_model_class
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
+from jaxllm.sampler import Sampler
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import Scheduler
 from jaxllm.sequence import Request
 from jaxllm.step import CompiledStep
+from jaxllm.strategies import registered_strategies
 
 PromptType = str | list[int] | dict[str, Any]
 
@@ -79,9 +82,13 @@ class Engine:
         kv_cache = allocate_kv_cache(mc, c.num_blocks, c.block_size, c.dtype)
         self.kv_cache_manager = KVCacheManager(c.num_blocks, c.block_size, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, c.max_num_seqs, c.max_num_batched_tokens)
+        self.strategies = {s.name: s for s in registered_strategies()}
+        sampler = Sampler(tuple(self.strategies.values()), c.max_logprobs,
+                          lambda logits, use: self.model_runner.host_logits_processor(logits, use))
         self.model_runner = ModelRunner(
-            CompiledStep(self.model), params, kv_cache, c.block_size,
-            c.max_num_batched_tokens, c.max_num_seqs, -(-c.max_model_len // c.block_size))
+            CompiledStep(self.model, sampler), params, kv_cache, c.block_size,
+            c.max_num_batched_tokens, c.max_num_seqs, -(-c.max_model_len // c.block_size),
+            c.max_model_len, mc.vocab_size, tuple(self.strategies.values()))
         self._executor = Executor(self.scheduler, self.model_runner,
                                   OutputProcessor(self.tokenizer), c.max_model_len)
         self._request_counter = itertools.count()
@@ -241,6 +248,7 @@ class Engine:
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         text, token_ids = self._tokenize(prompt)
         self._validate_prompt(token_ids, params)
+        self._validate_sampling(params)
         if params.seed is None:
             with self._seed_lock:
                 seed = int(self._seed_rng.integers(0, 2**63 - 1))
@@ -284,6 +292,32 @@ class Engine:
         if needed > self.kv_cache_manager.num_usable_blocks:
             raise ValueError(f"prompt + max_tokens needs {needed} KV blocks but the whole pool has "
                              f"{self.kv_cache_manager.num_usable_blocks}; raise num_blocks")
+
+    def _validate_sampling(self, params: SamplingParams) -> None:
+        """The checks SamplingParams cannot do alone: vocabulary, engine limits, strategies."""
+        vocab = self.model_config.vocab_size
+        for name, ids in (("stop_token_ids", params.stop_token_ids),
+                          ("allowed_token_ids", params.allowed_token_ids),
+                          ("logit_bias", list(params.logit_bias or {}))):
+            bad = [t for t in ids or () if t >= vocab]
+            if bad:
+                raise ValueError(f"{name} must be token ids in [0, {vocab}); got {bad[:5]}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.config.max_logprobs:
+                raise ValueError(f"{name}={value} exceeds the engine's max_logprobs "
+                                 f"({self.config.max_logprobs}); raise Engine(max_logprobs=...)")
+        if params.strategy is not None:
+            strategy = self.strategies.get(params.strategy)
+            if strategy is None:
+                raise ValueError(f"strategy {params.strategy!r} is not registered in this engine; "
+                                 f"registered: {sorted(self.strategies)} (register before creating the Engine)")
+            strategy.validate_args(params.strategy_args)
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop strings need a tokenizer, and {self.model_dir} has none; "
+                             "use stop_token_ids")
+        if params.n > 1 or params.use_beam_search:
+            raise ValueError("n > 1 and use_beam_search are not supported yet")
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:

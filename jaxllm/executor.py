@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Callable, Iterator
 
-from jaxllm.model_runner import ModelRunner
+from jaxllm.model_runner import ModelRunner, RowResults
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import RequestOutputKind
@@ -159,9 +159,9 @@ class Executor:
                 dispatched = time.perf_counter()
                 pending = self._deliver_all(pending)
                 overlapped = time.perf_counter()
-                token_ids, logprobs = self.model_runner.fetch(batch, step_outputs)
+                results = self.model_runner.fetch(batch, step_outputs)
                 returned = time.perf_counter()
-                pending = self._postprocess(batch, token_ids, logprobs)
+                pending = self._postprocess(batch, results)
                 self.stats.device_time_s += returned - dispatched
                 self.stats.overlapped_host_time_s += overlapped - dispatched
                 self.stats.host_time_s += ((dispatched - start) + (overlapped - dispatched)
@@ -212,8 +212,7 @@ class Executor:
             if item.seq.metrics.first_scheduled_time is None:
                 item.seq.metrics.first_scheduled_time = now
 
-    def _postprocess(self, batch: ScheduledBatch, token_ids: list[int],
-                     logprobs: list[float]) -> list[Sequence]:
+    def _postprocess(self, batch: ScheduledBatch, results: RowResults) -> list[Sequence]:
         """Appends sampled tokens, finishes sequences that stop; returns those with news."""
         now = time.monotonic()
         self.stats.num_steps += 1
@@ -222,11 +221,16 @@ class Executor:
         for row, item in enumerate(batch.scheduled):
             seq = item.seq
             completes = item.completes_prefill
+            for position, entry in results.prompt_logprobs.get(row, ()):
+                if position == len(seq.prompt_logprobs) + 1:   # not yet seen (recompute after preemption)
+                    seq.prompt_logprobs.append(entry)
             seq.num_computed_tokens += item.num_new_tokens
             self.scheduler.kv_cache_manager.cache_full_blocks(seq)
             if not completes:
                 continue
-            self._append_token(seq, token_ids[row], logprobs[row], now)
+            if row in results.top_logprobs:
+                seq.output_top_logprobs.append(results.top_logprobs[row])
+            self._append_token(seq, results.token_ids[row], results.logprobs[row], now)
             finish_reason = self._finish_reason(seq)
             if finish_reason is not None:
                 self.scheduler.finish(seq, finish_reason)
@@ -250,10 +254,16 @@ class Executor:
     def _finish_reason(self, seq: Sequence) -> str | None:
         params = seq.request.sampling_params
         last = seq.token_ids[-1]
-        if not params.ignore_eos and last in seq.request.eos_token_ids:
-            return "stop"
-        if last in params.stop_token_ids:
-            seq.stop_reason = last
+        if seq.num_output_tokens > params.min_tokens:
+            if not params.ignore_eos and last in seq.request.eos_token_ids:
+                return "stop"
+            if last in params.stop_token_ids:
+                seq.stop_reason = last
+                return "stop"
+        # Stop strings need this token's text now (the only detokenizing off the overlap).
+        stop_str = self.output_processor.check_stop(seq)
+        if stop_str is not None:
+            seq.stop_reason = stop_str
             return "stop"
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"

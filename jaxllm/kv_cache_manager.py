@@ -105,9 +105,10 @@ class KVCacheManager:
         """Block ids of the longest cached run of ``seq``'s leading full blocks.
 
         Never the whole sequence: at least its last token is left to compute, so the step that
-        admits it produces logits.
+        admits it produces logits. None at all while it still needs its prompt logprobs, which
+        only computing every prompt token gives.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
             return []
         self._update_block_hashes(seq)
         hashes = seq.block_hashes

@@ -13,9 +13,17 @@ import jax
 import numpy as np
 
 from jaxllm.kv_cache import KVCache
+from jaxllm.outputs import Logprob, PositionLogprobs
 from jaxllm.scheduler import ScheduledBatch
+from jaxllm.sequence import Sequence
 from jaxllm.step import CompiledStep
-from jaxllm.step_inputs import SamplingTensors, StepInputs, StepOutputs
+from jaxllm.step_inputs import (
+    SAMPLING_ROW_FIELDS,
+    SamplingTensors,
+    StepInputs,
+    StepOutputs,
+)
+from jaxllm.strategies import SamplingStrategy
 
 
 def power_of_two_buckets(limit: int) -> tuple[int, ...]:
@@ -40,101 +48,177 @@ def _seed32(seed: int) -> int:
     return (seed ^ (seed >> 32)) & 0xFFFFFFFF
 
 
-@dataclasses.dataclass
-class _HostBuffers:
-    token_ids_np: np.ndarray
-    positions_np: np.ndarray
-    slot_mapping_np: np.ndarray
-    token_rows_np: np.ndarray
-    block_tables_np: np.ndarray
-    context_lens_np: np.ndarray
-    logits_indices_np: np.ndarray
-    temperature_np: np.ndarray
-    top_k_np: np.ndarray
-    top_p_np: np.ndarray
-    seeds_np: np.ndarray
-    output_index_np: np.ndarray
+_TOKEN_FIELDS = ("token_ids", "positions", "slot_mapping", "token_rows")
+_ROW_INPUT_FIELDS = ("context_lens", "logits_indices")
 
-    @classmethod
-    def allocate(cls, max_tokens: int, max_rows: int, max_blocks: int) -> "_HostBuffers":
-        i32, f32 = np.int32, np.float32
-        return cls(
-            token_ids_np=np.zeros(max_tokens, i32), positions_np=np.zeros(max_tokens, i32),
-            slot_mapping_np=np.zeros(max_tokens, i32), token_rows_np=np.zeros(max_tokens, i32),
-            block_tables_np=np.zeros((max_rows, max_blocks), i32),
-            context_lens_np=np.zeros(max_rows, i32), logits_indices_np=np.zeros(max_rows, i32),
-            temperature_np=np.zeros(max_rows, f32), top_k_np=np.zeros(max_rows, i32),
-            top_p_np=np.ones(max_rows, f32), seeds_np=np.zeros(max_rows, np.uint32),
-            output_index_np=np.zeros(max_rows, i32))
+
+@dataclasses.dataclass
+class RowResults:
+    """What one step gave each scheduled row, on the host."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    # Only for rows that asked: {row: {token id: Logprob}} and {row: [(position, entry)]}.
+    top_logprobs: dict[int, PositionLogprobs]
+    prompt_logprobs: dict[int, list[tuple[int, PositionLogprobs]]]
+
+
+class _HostBuffers:
+    """Preallocated numpy arrays for the largest bucket, refilled in place every step."""
+
+    def __init__(self, max_tokens: int, max_rows: int, max_blocks: int, num_strategy_args: int) -> None:
+        self.tokens = {name: np.zeros(max_tokens, np.int32) for name in _TOKEN_FIELDS}
+        self.row_inputs = {name: np.zeros(max_rows, np.int32) for name in _ROW_INPUT_FIELDS}
+        self.block_tables = np.zeros((max_rows, max_blocks), np.int32)
+        self.rows = {name: np.full(max_rows, pad, dtype) for name, (dtype, pad) in SAMPLING_ROW_FIELDS.items()}
+        self.strategy_args = np.zeros((max_rows, num_strategy_args), np.float32)
 
 
 class ModelRunner:
+    """Packs batches into step inputs, runs the compiled step, and unpacks its outputs.
+
+    Args:
+        strategies: the registered strategies the compiled sampler serves, in its order.
+        max_model_len: the width of the token history shipped for penalties.
+        vocab_size: the width of the bias rows.
+    """
+
     def __init__(self, step: CompiledStep, params: Any, kv_cache: KVCache, block_size: int,
-                 max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int) -> None:
+                 max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
+                 max_model_len: int, vocab_size: int,
+                 strategies: tuple[SamplingStrategy, ...] = ()) -> None:
         self.step = step
         self.params = params
         self.kv_cache = kv_cache
         self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.strategy_index = {s.name: i for i, s in enumerate(strategies, start=1)}
+        self.strategies = strategies
         self.token_buckets = power_of_two_buckets(max_num_batched_tokens)
         self.row_buckets = power_of_two_buckets(max_num_seqs)
         self.block_buckets = power_of_two_buckets(max_blocks_per_seq)
-        self._buf = _HostBuffers.allocate(max_num_batched_tokens, max_num_seqs, max_blocks_per_seq)
+        num_args = max([len(s.defaults) for s in strategies] + [1])
+        self._buf = _HostBuffers(max_num_batched_tokens, max_num_seqs, max_blocks_per_seq, num_args)
+        # The rows of the step in flight that have Python logits processors (one step at a
+        # time is in flight: the executor fetches a step before preparing the next).
+        self._processor_rows: dict[int, Sequence] = {}
 
     def prepare_inputs(self, batch: ScheduledBatch) -> tuple[StepInputs, SamplingTensors]:
         """Packs the batch into bucketed host arrays and moves them to the device in one call."""
         b, bs = self._buf, self.block_size
-        num_rows = len(batch.scheduled)
+        scheduled = batch.scheduled
         num_tokens = pick_bucket(batch.num_tokens, self.token_buckets)
-        rows = pick_bucket(num_rows, self.row_buckets)
-        max_ctx = max(item.seq.num_computed_tokens for item in batch.scheduled)
+        rows = pick_bucket(len(scheduled), self.row_buckets)
+        max_ctx = max(item.seq.num_computed_tokens for item in scheduled)
         blocks = pick_bucket(max(1, -(-max_ctx // bs)), self.block_buckets)
 
-        b.block_tables_np[:rows, :blocks] = 0
-        b.context_lens_np[:rows] = 0
-        b.logits_indices_np[:rows] = 0
-        b.temperature_np[:rows] = 0
-        b.top_k_np[:rows] = 0
-        b.top_p_np[:rows] = 1
-        b.seeds_np[:rows] = 0
-        b.output_index_np[:rows] = 0
+        b.block_tables[:rows, :blocks] = 0
+        for name in _ROW_INPUT_FIELDS:
+            b.row_inputs[name][:rows] = 0
+        for name, (_, pad) in SAMPLING_ROW_FIELDS.items():
+            b.rows[name][:rows] = pad
+        b.strategy_args[:rows] = 0
+        self._processor_rows = {}
         t = 0
-        for r, item in enumerate(batch.scheduled):
+        for r, item in enumerate(scheduled):
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
             block_ids = np.asarray(seq.block_ids, np.int32)
             positions = np.arange(start, start + n, dtype=np.int32)
-            b.token_ids_np[t:t + n] = seq.token_ids[start:start + n]
-            b.positions_np[t:t + n] = positions
-            b.slot_mapping_np[t:t + n] = block_ids[positions // bs] * bs + positions % bs
-            b.token_rows_np[t:t + n] = r
+            b.tokens["token_ids"][t:t + n] = seq.token_ids[start:start + n]
+            b.tokens["positions"][t:t + n] = positions
+            b.tokens["slot_mapping"][t:t + n] = block_ids[positions // bs] * bs + positions % bs
+            b.tokens["token_rows"][t:t + n] = r
             num_ctx_blocks = -(-start // bs)
-            b.block_tables_np[r, :num_ctx_blocks] = block_ids[:num_ctx_blocks]
-            b.context_lens_np[r] = start
-            b.logits_indices_np[r] = t + n - 1
-            params = seq.request.sampling_params
-            b.temperature_np[r] = params.temperature
-            b.top_k_np[r] = params.top_k
-            b.top_p_np[r] = params.top_p
-            b.seeds_np[r] = _seed32(seq.request.seed)
-            b.output_index_np[r] = seq.num_output_tokens
+            b.block_tables[r, :num_ctx_blocks] = block_ids[:num_ctx_blocks]
+            b.row_inputs["context_lens"][r] = start
+            b.row_inputs["logits_indices"][r] = t + n - 1
+            self._fill_sampling_row(r, seq)
             t += n
         # Padding tokens write into the reserved block 0 and belong to no row.
-        b.token_ids_np[t:num_tokens] = 0
-        b.positions_np[t:num_tokens] = 0
-        b.slot_mapping_np[t:num_tokens] = np.arange(num_tokens - t) % bs
-        b.token_rows_np[t:num_tokens] = -1
+        b.tokens["token_ids"][t:num_tokens] = 0
+        b.tokens["positions"][t:num_tokens] = 0
+        b.tokens["slot_mapping"][t:num_tokens] = np.arange(num_tokens - t) % bs
+        b.tokens["token_rows"][t:num_tokens] = -1
 
-        inputs = StepInputs(
-            token_ids=b.token_ids_np[:num_tokens], positions=b.positions_np[:num_tokens],
-            slot_mapping=b.slot_mapping_np[:num_tokens], token_rows=b.token_rows_np[:num_tokens],
-            block_tables=b.block_tables_np[:rows, :blocks], context_lens=b.context_lens_np[:rows],
-            logits_indices=b.logits_indices_np[:rows])
+        tokens = {name: b.tokens[name][:num_tokens] for name in _TOKEN_FIELDS}
+        inputs = StepInputs(**tokens, block_tables=b.block_tables[:rows, :blocks],
+                            **{name: b.row_inputs[name][:rows] for name in _ROW_INPUT_FIELDS})
         sampling = SamplingTensors(
-            temperature=b.temperature_np[:rows], top_k=b.top_k_np[:rows], top_p=b.top_p_np[:rows],
-            seeds=b.seeds_np[:rows], output_index=b.output_index_np[:rows])
+            **{name: b.rows[name][:rows] for name in SAMPLING_ROW_FIELDS},
+            strategy_args=b.strategy_args[:rows], history=self._history(scheduled, rows),
+            logit_bias=self._logit_bias(scheduled, rows),
+            prompt_next_ids=self._prompt_next_ids(scheduled, num_tokens))
         # Copy out of the reused buffers: on CPU device_put may alias an aligned numpy array,
         # and the next step rewrites these buffers while this one may still be in flight.
         return jax.device_put(jax.tree_util.tree_map(np.copy, (inputs, sampling)))
+
+    def _fill_sampling_row(self, r: int, seq: Sequence) -> None:
+        rows, params = self._buf.rows, seq.request.sampling_params
+        for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                     "frequency_penalty", "presence_penalty"):
+            rows[name][r] = getattr(params, name)
+        rows["seeds"][r] = _seed32(seq.request.seed)
+        rows["output_index"][r] = seq.num_output_tokens
+        rows["num_logprobs"][r] = -1 if params.logprobs is None else params.logprobs
+        rows["prompt_lens"][r] = seq.num_prompt_tokens
+        if params.strategy is not None:
+            index = self.strategy_index[params.strategy]
+            rows["strategy_ids"][r] = index
+            values = self.strategies[index - 1].arg_values(params.strategy_args)
+            self._buf.strategy_args[r, :len(values)] = values
+        if params.logits_processors:
+            rows["use_processors"][r] = True
+            self._processor_rows[r] = seq
+
+    def _history(self, scheduled: list, rows: int) -> np.ndarray:
+        """[S, max_model_len] prompt + output ids for penalties; [S, 0] if no row has any."""
+        if not any(_needs_penalties(item.seq) for item in scheduled):
+            return np.zeros((rows, 0), np.int32)
+        history = np.full((rows, self.max_model_len), -1, np.int32)
+        for r, item in enumerate(scheduled):
+            if _needs_penalties(item.seq):
+                history[r, :item.seq.num_tokens] = item.seq.token_ids
+        return history
+
+    def _logit_bias(self, scheduled: list, rows: int) -> np.ndarray:
+        """[S, V] bias rows for logit_bias / allowed_token_ids / min_tokens; [S, 0] if unused."""
+        rows_bias = [(r, _bias_entries(item.seq)) for r, item in enumerate(scheduled)]
+        if not any(entries for _, entries in rows_bias):
+            return np.zeros((rows, 0), np.float32)
+        bias = np.zeros((rows, self.vocab_size), np.float32)
+        for r, (allowed, additive, banned) in ((r, e) for r, e in rows_bias if e):
+            if allowed is not None:
+                bias[r] = -np.inf
+                bias[r, allowed] = 0
+            if additive:
+                bias[r, list(additive)] += np.asarray(list(additive.values()), np.float32)
+            bias[r, banned] = -np.inf
+        return bias
+
+    def _prompt_next_ids(self, scheduled: list, num_tokens: int) -> np.ndarray:
+        """[T] the prompt token after each token, where prompt logprobs are wanted; else [0]."""
+        if not any(item.seq.needs_prompt_logprobs for item in scheduled):
+            return np.zeros(0, np.int32)
+        next_ids = np.full(num_tokens, -1, np.int32)
+        t = 0
+        for item in scheduled:
+            seq, n = item.seq, item.num_new_tokens
+            if seq.needs_prompt_logprobs:
+                start = seq.num_computed_tokens
+                stop = min(start + n, seq.num_prompt_tokens - 1)
+                next_ids[t:t + max(0, stop - start)] = seq.token_ids[start + 1:stop + 1]
+            t += n
+        return next_ids
+
+    def host_logits_processor(self, logits: np.ndarray, use: np.ndarray) -> np.ndarray:
+        """Runs the Python logits processors of the rows in flight (called from the step)."""
+        logits = np.array(logits, np.float32)
+        for r, seq in self._processor_rows.items():
+            for processor in seq.request.sampling_params.logits_processors:
+                logits[r] = processor(seq.output_token_ids, logits[r])
+        return logits
 
     def dispatch(self, batch: ScheduledBatch, inputs: tuple[StepInputs, SamplingTensors]) -> StepOutputs:
         """Launches one step on prepared inputs and returns at once (JAX dispatch is async)."""
@@ -145,8 +229,65 @@ class ModelRunner:
         self.kv_cache, outputs = self.step(self.params, self.kv_cache, inputs, sampling)
         return outputs
 
-    def fetch(self, batch: ScheduledBatch, outputs: StepOutputs) -> tuple[list[int], list[float]]:
-        """Waits for a dispatched step; one transfer brings the rows' tokens and logprobs."""
-        token_ids, logprobs = jax.device_get((outputs.token_ids, outputs.logprobs))
-        num_rows = len(batch.scheduled)
-        return token_ids[:num_rows].tolist(), logprobs[:num_rows].tolist()
+    def fetch(self, batch: ScheduledBatch, outputs: StepOutputs) -> RowResults:
+        """Waits for a dispatched step; brings back the rows' tokens and what they asked for."""
+        scheduled = batch.scheduled
+        want_top = [r for r, item in enumerate(scheduled)
+                    if item.seq.request.sampling_params.logprobs is not None]
+        want_prompt = outputs.prompt_logprobs.shape[0] > 0
+        arrays = [outputs.token_ids, outputs.logprobs]
+        if want_top:
+            arrays += [outputs.ranks, outputs.top_token_ids, outputs.top_logprobs]
+        if want_prompt:
+            arrays += [outputs.prompt_logprobs, outputs.prompt_ranks,
+                       outputs.prompt_top_token_ids, outputs.prompt_top_logprobs]
+        host = jax.device_get(arrays)
+        num_rows = len(scheduled)
+        token_ids, logprobs = host[0][:num_rows].tolist(), host[1][:num_rows].tolist()
+        results = RowResults(token_ids, logprobs, {}, {})
+        if want_top:
+            ranks, top_ids, top_lps = host[2:5]
+            for r in want_top:
+                num = scheduled[r].seq.request.sampling_params.logprobs
+                results.top_logprobs[r] = _position_logprobs(
+                    token_ids[r], logprobs[r], ranks[r], top_ids[r, :num], top_lps[r, :num])
+        if want_prompt:
+            lps, ranks, top_ids, top_lps = host[-4:]
+            t = 0
+            for r, item in enumerate(scheduled):
+                seq, n = item.seq, item.num_new_tokens
+                if seq.needs_prompt_logprobs:
+                    num = seq.request.sampling_params.prompt_logprobs
+                    start = seq.num_computed_tokens
+                    results.prompt_logprobs[r] = [
+                        (p + 1, _position_logprobs(seq.token_ids[p + 1], lps[t + i], ranks[t + i],
+                                                   top_ids[t + i, :num], top_lps[t + i, :num]))
+                        for i, p in enumerate(range(start, min(start + n, seq.num_prompt_tokens - 1)))]
+                t += n
+        return results
+
+
+def _position_logprobs(token_id: int, logprob: float, rank: int, top_ids: np.ndarray,
+                       top_logprobs: np.ndarray) -> PositionLogprobs:
+    entry = {int(t): Logprob(float(lp), rank=i + 1) for i, (t, lp) in enumerate(zip(top_ids, top_logprobs))}
+    entry.setdefault(int(token_id), Logprob(float(logprob), rank=int(rank)))
+    return entry
+
+
+def _needs_penalties(seq: Sequence) -> bool:
+    p = seq.request.sampling_params
+    return p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
+
+
+def _bias_entries(seq: Sequence) -> tuple[list[int] | None, dict[int, float], list[int]] | None:
+    """(allowed ids or None, additive biases, banned ids) of one row, or None if it has none.
+
+    min_tokens bans the stop token ids (and EOS, unless ignore_eos) until reached.
+    """
+    p = seq.request.sampling_params
+    banned: list[int] = []
+    if seq.num_output_tokens < p.min_tokens:
+        banned = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(seq.request.eos_token_ids))
+    if p.allowed_token_ids is None and not p.logit_bias and not banned:
+        return None
+    return p.allowed_token_ids, dict(p.logit_bias or {}), banned

@@ -38,15 +38,28 @@ class RequestMetrics:
         return (self.last_token_time - self.first_token_time) / (self.num_generated_tokens - 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class Logprob:
+    """One token's log-probability (log-softmax of the raw logits) and rank (1 = most likely)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per position: {token id: Logprob} holding the chosen token and the requested top alternatives.
+PositionLogprobs = dict[int, Logprob]
+
+
 @dataclasses.dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None
-    logprobs: list[float] | None
+    logprobs: list[PositionLogprobs] | None  # when SamplingParams.logprobs is set
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
-    stop_reason: int | str | None = None  # the stop token id that ended it, None for EOS
+    stop_reason: int | str | None = None  # stop token id or stop string; None for EOS
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -60,4 +73,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
-    prompt_logprobs: list | None = None
+    # when SamplingParams.prompt_logprobs is set: None for the first prompt token, then one
+    # dict per prompt token (vLLM's layout).
+    prompt_logprobs: list[PositionLogprobs | None] | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from jaxllm.outputs import RequestMetrics
+from jaxllm.outputs import PositionLogprobs, RequestMetrics
 from jaxllm.sampling_params import SamplingParams
 
 
@@ -41,8 +41,11 @@ class Sequence:
     num_computed_tokens: int = 0
     block_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
+    # Filled only when the request asks (SamplingParams.logprobs / prompt_logprobs).
+    output_top_logprobs: list[PositionLogprobs] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[PositionLogprobs | None] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
-    stop_reason: int | None = None
+    stop_reason: int | str | None = None  # stop token id or stop string; None for EOS
     num_preemptions: int = 0
     # Prefix caching (owned by the KVCacheManager): the chained hashes of the full blocks of
     # token_ids, and how many leading block_ids have already been offered to the cache.
@@ -74,6 +77,12 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Asked for prompt logprobs that are not all collected yet (so no prefix-cache hits)."""
+        return (self.request.sampling_params.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < self.num_prompt_tokens - 1)
 
     @property
     def num_uncomputed_tokens(self) -> int:

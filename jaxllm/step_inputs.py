@@ -1,15 +1,34 @@
 """The pytrees that cross the host/device boundary once per step.
 
 Shape legend: T tokens in the step (bucketed), S sequences (rows, bucketed), P blocks per row
-(bucketed), V vocabulary. Padding: padded tokens have row -1 and write to slots of the reserved
-block 0; padded rows have an all-zero block table and context length 0.
+(bucketed), V vocabulary, L max_model_len, A strategy arguments, K max logprobs. Padding: padded
+tokens have row -1 and write to slots of the reserved block 0; padded rows have an all-zero
+block table and context length 0.
+
+Optional sampling features travel in arrays whose width is 0 unless some row of the step uses
+them (history: penalties; logit_bias: logit_bias / allowed_token_ids / min_tokens;
+prompt_next_ids: prompt logprobs). Those widths join the compile key, so each such variant of a
+bucket is compiled once, and per-request values never change a shape.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
+import numpy as np
+
+# The [S] fields of SamplingTensors: (dtype, the neutral value a padding row holds).
+SAMPLING_ROW_FIELDS: dict[str, tuple[type, Any]] = {
+    "temperature": (np.float32, 0.0), "top_k": (np.int32, 0), "top_p": (np.float32, 1.0),
+    "min_p": (np.float32, 0.0), "repetition_penalty": (np.float32, 1.0),
+    "frequency_penalty": (np.float32, 0.0), "presence_penalty": (np.float32, 0.0),
+    "seeds": (np.uint32, 0), "output_index": (np.int32, 0), "num_logprobs": (np.int32, -1),
+    "strategy_ids": (np.int32, 0), "use_processors": (np.bool_, False),
+    "prompt_lens": (np.int32, 0),
+}
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -26,15 +45,52 @@ class StepInputs:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingTensors:
-    temperature: jax.Array     # [S] float32  0 = greedy
-    top_k: jax.Array           # [S] int32    0 = disabled
-    top_p: jax.Array           # [S] float32  1 = disabled
-    seeds: jax.Array           # [S] uint32   per-request seed (low 32 bits)
-    output_index: jax.Array    # [S] int32    index of the token being sampled in the output
+    temperature: jax.Array         # [S] float32  0 = greedy
+    top_k: jax.Array               # [S] int32    0 = disabled
+    top_p: jax.Array               # [S] float32  1 = disabled
+    min_p: jax.Array               # [S] float32  0 = disabled
+    repetition_penalty: jax.Array  # [S] float32  1 = disabled
+    frequency_penalty: jax.Array   # [S] float32  0 = disabled
+    presence_penalty: jax.Array    # [S] float32  0 = disabled
+    seeds: jax.Array               # [S] uint32   per-request seed (low 32 bits)
+    output_index: jax.Array        # [S] int32    index of the token being sampled in the output
+    num_logprobs: jax.Array        # [S] int32    top alternatives wanted, -1 = no logprobs
+    strategy_ids: jax.Array        # [S] int32    registered strategy (1-based), 0 = none
+    strategy_args: jax.Array       # [S, A] float32 that strategy's arguments, in declared order
+    use_processors: jax.Array      # [S] bool     row has Python logits processors
+    prompt_lens: jax.Array         # [S] int32    prompt part of each history row
+    history: jax.Array             # [S, L or 0] int32 prompt + output token ids, -1 padded
+    logit_bias: jax.Array          # [S, V or 0] float32 added to the raw logits (-inf = banned)
+    prompt_next_ids: jax.Array     # [T or 0] int32 next prompt token after each token, -1 none
+
+    @classmethod
+    def build(cls, num_rows: int, **values: Any) -> "SamplingTensors":
+        """Host arrays for ``num_rows`` rows: neutral (greedy) settings unless given in ``values``.
+
+        Row fields broadcast a scalar or take an [S] array; the 2-D and prompt fields take
+        arrays (default: one zero strategy argument, no history, bias or prompt logprobs).
+        For tests and for trying a strategy on hand-made logits.
+        """
+        fields = {name: np.broadcast_to(np.asarray(values.pop(name, neutral), dtype), (num_rows,)).copy()
+                  for name, (dtype, neutral) in SAMPLING_ROW_FIELDS.items()}
+        fields["strategy_args"] = np.asarray(values.pop("strategy_args", np.zeros((num_rows, 1))), np.float32)
+        fields["history"] = np.asarray(values.pop("history", np.zeros((num_rows, 0))), np.int32)
+        fields["logit_bias"] = np.asarray(values.pop("logit_bias", np.zeros((num_rows, 0))), np.float32)
+        fields["prompt_next_ids"] = np.asarray(values.pop("prompt_next_ids", np.zeros(0)), np.int32)
+        if values:
+            raise TypeError(f"unknown SamplingTensors fields: {sorted(values)}")
+        return cls(**fields)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepOutputs:
-    token_ids: jax.Array       # [S] int32    sampled token of each row
-    logprobs: jax.Array        # [S] float32  log-softmax of the raw logits at that token
+    token_ids: jax.Array             # [S] int32    sampled token of each row
+    logprobs: jax.Array              # [S] float32  log-softmax of the raw logits at that token
+    ranks: jax.Array                 # [S] int32    its rank (1 = most likely); 0 if not asked
+    top_token_ids: jax.Array         # [S, K] int32   most likely tokens, when asked
+    top_logprobs: jax.Array          # [S, K] float32 and their logprobs
+    prompt_logprobs: jax.Array       # [T or 0] float32 logprob of the next prompt token
+    prompt_ranks: jax.Array          # [T or 0] int32
+    prompt_top_token_ids: jax.Array  # [T or 0, K] int32
+    prompt_top_logprobs: jax.Array   # [T or 0, K] float32

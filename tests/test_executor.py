@@ -12,6 +12,7 @@ import pytest
 
 from jaxllm.executor import Executor
 from jaxllm.kv_cache_manager import KVCacheManager
+from jaxllm.model_runner import RowResults
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.scheduler import Scheduler
@@ -33,7 +34,7 @@ class FakeRunner:
                 for item in batch.scheduled]
 
     def fetch(self, batch, outputs):
-        return outputs, [-0.5] * len(outputs)
+        return RowResults(outputs, [-0.5] * len(outputs), {}, {})
 
 
 def _executor(num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=16):

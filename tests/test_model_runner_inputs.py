@@ -11,12 +11,14 @@ from jaxllm.scheduler import ScheduledBatch, ScheduledSequence
 from jaxllm.sequence import Request, Sequence
 
 BLOCK_SIZE = 4
+VOCAB = 32
 
 
 def make_runner() -> ModelRunner:
     # prepare_inputs never touches the step, the params or the device cache.
     return ModelRunner(step=None, params=None, kv_cache=None, block_size=BLOCK_SIZE,
-                       max_num_batched_tokens=16, max_num_seqs=4, max_blocks_per_seq=8)
+                       max_num_batched_tokens=16, max_num_seqs=4, max_blocks_per_seq=8,
+                       max_model_len=128, vocab_size=VOCAB)
 
 
 def make_seq(request_id, prompt, outputs=(), *, num_computed, block_ids, seed=0, **params) -> Sequence:

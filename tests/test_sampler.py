@@ -7,23 +7,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.sampler import sample, truncation_mask
+from jaxllm.sampler import Sampler, truncation_mask
 from jaxllm.step_inputs import SamplingTensors
 
 # Compiling the sampler costs seconds on CPU, so the tests share few shapes: [ROWS, VOCAB] for
 # small batches and [NUM_DRAWS, 7] for distributions.
-sample_jit = jax.jit(sample)
+_sample_jit = jax.jit(Sampler())
 truncation_mask_jit = jax.jit(truncation_mask)
 ROWS, VOCAB = 32, 48
 NUM_DRAWS = 24_000
 
 
-def tensors(num_rows: int, temperature=1.0, top_k=0, top_p=1.0, seeds=0, output_index=0) -> SamplingTensors:
-    def col(value, dtype):
-        return jnp.asarray(np.broadcast_to(np.asarray(value, dtype), (num_rows,)).copy())
-    return SamplingTensors(temperature=col(temperature, np.float32), top_k=col(top_k, np.int32),
-                           top_p=col(top_p, np.float32), seeds=col(seeds, np.uint32),
-                           output_index=col(output_index, np.int32))
+def sample_jit(logits, params: SamplingTensors):
+    """(token_ids, logprobs) of the default sampler."""
+    out = _sample_jit(logits, params)
+    return out.token_ids, out.logprobs
+
+
+def tensors(num_rows: int, temperature=1.0, top_k=0, top_p=1.0, seeds=0, output_index=0, **more) -> SamplingTensors:
+    return SamplingTensors.build(num_rows, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 seeds=seeds, output_index=output_index, **more)
 
 
 def reference_mask(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
@@ -125,11 +128,7 @@ def test_truncation_mask_matches_numpy_reference():
 
 def draw(logits: np.ndarray, temperature, top_k, top_p, seed: int) -> np.ndarray:
     """NUM_DRAWS samples, row r with its own settings; output_index r makes the draws independent."""
-    def col(value, dtype):
-        return jnp.asarray(np.broadcast_to(np.asarray(value, dtype), (NUM_DRAWS,)))
-    params = SamplingTensors(temperature=col(temperature, np.float32), top_k=col(top_k, np.int32),
-                             top_p=col(top_p, np.float32), seeds=col(seed, np.uint32),
-                             output_index=jnp.arange(NUM_DRAWS, dtype=jnp.int32))
+    params = tensors(NUM_DRAWS, temperature, top_k, top_p, seeds=seed, output_index=np.arange(NUM_DRAWS))
     rows = jnp.broadcast_to(jnp.asarray(logits), (NUM_DRAWS, logits.shape[-1]))
     return np.asarray(sample_jit(rows, params)[0])
 
@@ -180,8 +179,7 @@ def test_sample_same_seed_and_index_gives_same_token_in_any_row_and_batch():
         b_index = rng.integers(0, 1000, size=ROWS).astype(np.int32)
         b_logits[positions], temperature[positions], top_k[positions], top_p[positions] = logits, 0.9, 0, 1.0
         b_seeds[positions], b_index[positions] = seeds, index
-        params = SamplingTensors(jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p),
-                                 jnp.asarray(b_seeds), jnp.asarray(b_index))
+        params = tensors(ROWS, temperature, top_k, top_p, seeds=b_seeds, output_index=b_index)
         tokens, logprobs = sample_jit(jnp.asarray(b_logits), params)
         return np.asarray(tokens)[positions], np.asarray(logprobs)[positions]
 

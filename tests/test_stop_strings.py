@@ -10,8 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from jaxllm.executor import Executor
+from jaxllm.kv_cache_manager import KVCacheManager
+from jaxllm.model_runner import RowResults
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
+from jaxllm.scheduler import Scheduler
 from jaxllm.sequence import Request, Sequence, SequenceStatus
 
 EOS = 0
@@ -205,3 +209,50 @@ def test_stop_strings_match_a_from_scratch_reference(seed):
     expected_text, expected_tokens = _reference(token_ids, stop)
     assert "".join(o.outputs[0].text for o in outputs) == expected_text
     assert [t for o in outputs for t in o.outputs[0].token_ids] == expected_tokens
+
+
+class ScriptedRunner:
+    """Stands in for ModelRunner: each request's n-th output token is SCRIPTS[request id][n]."""
+
+    def __init__(self, scripts):
+        self.scripts = scripts
+
+    def prepare_inputs(self, batch):
+        return None
+
+    def dispatch(self, batch, inputs):
+        return [self.scripts[item.seq.request_id][item.seq.num_output_tokens] for item in batch.scheduled]
+
+    def fetch(self, batch, outputs):
+        return RowResults(outputs, [-0.5] * len(outputs), {}, {})
+
+
+def test_executor_finishes_on_a_stop_string_and_frees_its_blocks():
+    scripts = {"stop": _ids("Hel", "lo", " wor", "ld", "!", "x"),
+               "delta": _ids("x", "ST", "x", "ST", "OP", "x"),
+               "length": _ids("a", "bc", "d")}
+    scheduler = Scheduler(KVCacheManager(16, 4, enable_prefix_caching=False), 4, 16)
+    executor = Executor(scheduler, ScriptedRunner(scripts), OutputProcessor(PieceTokenizer()),
+                        max_model_len=64)
+
+    def request(request_id, **params):
+        params = SamplingParams(temperature=0, **{"max_tokens": 6, **params})
+        return Request(request_id, None, (1, 2, 3), params, 0, frozenset({EOS}), 0.0)
+
+    try:
+        stop = executor.submit(request("stop", stop=["lo w"]))
+        delta = executor.submit(request("delta", stop="STOP"), RequestOutputKind.DELTA)
+        length = executor.submit(request("length", stop="zz", max_tokens=3), RequestOutputKind.CUMULATIVE)
+        deltas, final = list(delta), stop.result()
+        cumulative = list(length)
+        free = scheduler.kv_cache_manager.num_free_blocks
+    finally:
+        executor.shutdown()
+    out = final.outputs[0]
+    assert (out.text, out.finish_reason, out.stop_reason) == ("Hel", "stop", "lo w")
+    assert out.token_ids == scripts["stop"][:3]
+    assert "".join(o.outputs[0].text for o in deltas) == "xSTx"
+    assert [t for o in deltas for t in o.outputs[0].token_ids] == scripts["delta"][:5]
+    assert deltas[-1].outputs[0].stop_reason == "STOP"
+    assert [o.outputs[0].text for o in cumulative] == ["", "ab", "abcd"]
+    assert free == 15
