@@ -24,7 +24,7 @@ import tqdm.auto as tqdm
 
 from jaxllm.config import EngineConfig, ModelConfig
 from jaxllm.executor import Executor, RequestHandle
-from jaxllm.kernels import get_attention
+from jaxllm.kernels import default_attention, get_attention
 from jaxllm.kv_cache import allocate_kv_cache, bytes_per_block
 from jaxllm.kv_cache_manager import KVCacheManager
 from jaxllm.model_runner import ModelRunner
@@ -406,7 +406,7 @@ def _resolve_engine_config(options: EngineConfig, model: ModelConfig, platform: 
     return dataclasses.replace(
         options, dtype=dtype, max_model_len=max_model_len, num_blocks=num_blocks,
         scan_layers=(not on_cpu) if options.scan_layers is None else options.scan_layers,
-        attention=options.attention or "reference")
+        attention=options.attention or default_attention(platform))
 
 
 def _default_kv_budget(on_cpu: bool) -> int:
