@@ -503,8 +503,8 @@ def _bytes(n: int) -> str:
     return f"{n / 1e3:.0f} kB"
 
 
-def _cell(value: Any) -> str:
-    return str(value).replace("|", "/").replace("\n", " ")[:90]
+def _cell(value: Any, width: int = 90) -> str:
+    return str(value).replace("|", "/").replace("\n", " ")[:width]
 
 
 def _part(results: dict, section: str, key: str | None = None) -> tuple[dict | None, str | None]:
@@ -570,7 +570,7 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
                    if "speedup" in part else "")
         rows.append((f"attention {name} ms/call, pallas_gpu vs reference: {label}", show(kernel),
                      f"{show(ref)} (reference)", speedup))
-    return [tuple(_cell(x) for x in row) for row in rows]
+    return [(_cell(metric, 200), *(_cell(x) for x in cells)) for metric, *cells in rows]
 
 
 def print_table(results: dict) -> None:
