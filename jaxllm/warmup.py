@@ -1,0 +1,72 @@
+"""Compiles every step shape of a :class:`~jaxllm.buckets.BucketPolicy` before serving.
+
+Each key is compiled and run once on all-padding inputs: every token has row -1 and writes its
+K/V into the reserved padding block 0, every block table is zeros and every context empty, so
+the KV cache outside block 0 is untouched. Running (not only compiling) also fills JAX's
+persistent compilation cache and any lazy initialisation, so a second start-up only loads.
+(JAX does not write executables with host callbacks to that cache: a step that contains the
+sampler's ``jax.pure_callback`` for Python logits processors is compiled afresh every start-up.)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+import tqdm.auto as tqdm
+
+from jaxllm.buckets import BaseKey, BucketPolicy
+from jaxllm.step_inputs import SamplingTensors, StepInputs
+
+
+def num_strategy_args(model_runner: Any) -> int:
+    """The width A of ``SamplingTensors.strategy_args`` the runner ships (not in the step key,
+    but part of the compiled shapes)."""
+    return max([len(s.defaults) for s in model_runner.strategies] + [1])
+
+
+def padding_step_inputs(key: BaseKey, block_size: int, strategy_args: int = 1
+                        ) -> tuple[StepInputs, SamplingTensors]:
+    """Host inputs of shape ``key`` = (T, S, P) that only write into padding block 0.
+
+    Laid out as ``ModelRunner.prepare_inputs`` lays out padding: token rows -1, slots
+    ``0 .. block_size - 1`` of block 0, zero block tables and context lengths, neutral (greedy)
+    sampling rows, and the plain variant (no history, bias or prompt logprobs).
+    """
+    num_tokens, num_rows, num_blocks = key
+    zeros_t = np.zeros(num_tokens, np.int32)
+    inputs = StepInputs(
+        token_ids=zeros_t, positions=zeros_t.copy(),
+        slot_mapping=(np.arange(num_tokens) % block_size).astype(np.int32),
+        token_rows=np.full(num_tokens, -1, np.int32),
+        block_tables=np.zeros((num_rows, num_blocks), np.int32),
+        context_lens=np.zeros(num_rows, np.int32), logits_indices=np.zeros(num_rows, np.int32))
+    sampling = SamplingTensors.build(num_rows, strategy_args=np.zeros((num_rows, strategy_args)))
+    return inputs, sampling
+
+
+def warmup(model_runner: Any, policy: BucketPolicy, *, progress: bool = True,
+           keys: Iterable[BaseKey] | None = None) -> int:
+    """Compiles and runs the runner's step once for every base key of ``policy``.
+
+    Call it before any request is submitted (it updates ``model_runner.kv_cache`` like a step).
+
+    Args:
+        model_runner: a :class:`jaxllm.model_runner.ModelRunner` (``step``, ``params``,
+            ``kv_cache``, ``block_size``, ``strategies``).
+        policy: the bucket policy whose ``keys()`` the engine's steps use.
+        progress: show a "Compiling steps" tqdm bar.
+        keys: a subset of keys to warm (default: all of ``policy.keys()``).
+
+    Returns:
+        How many executables were newly compiled (keys compiled before are only run).
+    """
+    keys = tuple(policy.keys() if keys is None else keys)
+    step, width = model_runner.step, num_strategy_args(model_runner)
+    before = step.num_compilations
+    for key in tqdm.tqdm(keys, desc="Compiling steps", unit="step", disable=not progress):
+        inputs, sampling = jax.device_put(padding_step_inputs(key, model_runner.block_size, width))
+        model_runner.kv_cache, outputs = step(model_runner.params, model_runner.kv_cache, inputs, sampling)
+        jax.block_until_ready(outputs)
+    return step.num_compilations - before
