@@ -316,8 +316,28 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop strings need a tokenizer, and {self.model_dir} has none; "
                              "use stop_token_ids")
-        if params.n > 1 or params.use_beam_search:
-            raise ValueError("n > 1 and use_beam_search are not supported yet")
+        group_size = params.beam_width if params.use_beam_search else params.n
+        if group_size > self.config.max_num_seqs:
+            name = "beam_width" if params.use_beam_search else "n"
+            raise ValueError(f"{name}={group_size} exceeds max_num_seqs ({self.config.max_num_seqs})")
+        if params.use_beam_search:
+            self._validate_beam_search(params)
+
+    def _validate_beam_search(self, params: SamplingParams) -> None:
+        """Beam search ranks raw log-probabilities, so logits-changing options do not apply."""
+        unsupported = [name for name, used in (
+            ("stop", bool(params.stop)), ("min_tokens", params.min_tokens > 0),
+            ("logit_bias", bool(params.logit_bias)), ("allowed_token_ids", params.allowed_token_ids is not None),
+            ("penalties", params.needs_penalties), ("logits_processors", bool(params.logits_processors)),
+            ("logprobs", params.logprobs is not None)) if used]
+        if unsupported:
+            raise ValueError(f"use_beam_search does not support {', '.join(unsupported)}")
+        num_eos = len(set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids)))
+        needed = max(2, 1 + num_eos) * params.beam_width
+        if needed > self.config.max_logprobs:
+            raise ValueError(f"beam_width={params.beam_width} with {num_eos} EOS / stop token ids needs "
+                             f"{needed} candidates per beam, over max_logprobs ({self.config.max_logprobs}); "
+                             "raise Engine(max_logprobs=...)")
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:

@@ -24,12 +24,13 @@ import threading
 import time
 from typing import Callable, Iterator
 
+from jaxllm.beam_search import BeamSearchState
 from jaxllm.model_runner import ModelRunner, RowResults
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import RequestOutputKind
 from jaxllm.scheduler import ScheduledBatch, Scheduler
-from jaxllm.sequence import Request, Sequence
+from jaxllm.sequence import Request, Sequence, SequenceGroup, SequenceStatus, child_seed
 
 
 class EngineDeadError(RuntimeError):
@@ -197,12 +198,16 @@ class Executor:
                     handle = self._handles.get(request.request_id)
                     self.output_processor.add(request, handle.output_kind if handle else
                                               RequestOutputKind.FINAL_ONLY)
-                    self.scheduler.add(Sequence.from_request(request))
+                    self.scheduler.add(_new_sequence(request))
             elif kind == "abort":
-                seq = self.scheduler.find(payload)
-                if seq is not None:
+                seqs = self.scheduler.find(payload)
+                for seq in seqs:
                     self.scheduler.finish(seq, "abort")
-                    self._deliver(seq)
+                if seqs:
+                    group = seqs[0].group
+                    if group is not None and group.beam is not None:
+                        group.final = group.seqs
+                    self._deliver(seqs[0])
             if not self.scheduler.has_unfinished:
                 block = True
 
@@ -228,18 +233,84 @@ class Executor:
             self.scheduler.kv_cache_manager.cache_full_blocks(seq)
             if not completes:
                 continue
+            group = seq.group
+            if group is not None and group.beam is not None:
+                top = results.top_logprobs[row]
+                ranked = sorted(top, key=lambda t: top[t].rank)
+                group.pending[seq] = (ranked, [top[t].logprob for t in ranked])
+                if len(group.pending) == len(group.seqs):
+                    self._beam_step(group, now)
+                    updated.append(seq)
+                continue
             if row in results.top_logprobs:
                 seq.output_top_logprobs.append(results.top_logprobs[row])
             self._append_token(seq, results.token_ids[row], results.logprobs[row], now)
+            if group is not None and len(group.seqs) < seq.request.sampling_params.n:
+                self._fork_parallel_samples(seq)
             finish_reason = self._finish_reason(seq)
             if finish_reason is not None:
                 self.scheduler.finish(seq, finish_reason)
             updated.append(seq)
         return updated
 
+    def _fork_parallel_samples(self, first: Sequence) -> None:
+        """n > 1: once the prompt is computed, completions 1..n-1 fork off the first.
+
+        Each child shares every prompt block and recomputes only the last prompt token (its
+        write lands in a copy-on-write copy of the last block) to sample its own first token
+        with its own seed.
+        """
+        group, kv = first.group, self.scheduler.kv_cache_manager
+        prompt = list(first.request.prompt_token_ids)
+        for index in range(1, first.request.sampling_params.n):
+            request = dataclasses.replace(first.request, seed=child_seed(first.request.seed, index))
+            child = first.fork(index, list(prompt), request)
+            child.output_logprobs, child.output_top_logprobs = [], []
+            kv.fork(first, child)
+            child.num_computed_tokens = len(prompt) - 1
+            group.seqs.append(child)
+            self.scheduler.add_running(child)
+
+    def _beam_step(self, group: SequenceGroup, now: float) -> None:
+        """All running beams have their candidates: pick the next beams, fork and prune."""
+        beams, kv = group.seqs, self.scheduler.kv_cache_manager
+        scores_before = list(group.beam.running_scores)
+        chosen = group.beam.step([(b.output_token_ids, b.output_logprobs) for b in beams],
+                                 [group.pending[b] for b in beams])
+        group.pending.clear()
+        if group.beam.done:
+            for beam in beams:
+                if not beam.is_finished:
+                    self.scheduler.finish(beam, "stop")
+            group.final = [_hypothesis_sequence(beams[0], h)
+                           for h in group.beam.best(beams[0].request.sampling_params.n)]
+            return
+        used: set[int] = set()
+        next_beams = []
+        for index, candidate in enumerate(chosen):
+            parent = beams[candidate.parent]
+            if candidate.parent in used:   # a second continuation of one beam: fork it
+                beam = parent.fork(index, list(parent.token_ids))
+                kv.fork(parent, beam)
+                self.scheduler.add_running(beam)
+            else:
+                used.add(candidate.parent)
+                beam = parent
+            beam.index = index
+            next_beams.append((beam, candidate.token_id, candidate.score - scores_before[candidate.parent]))
+        for parent_index, parent in enumerate(beams):
+            if parent_index not in used:
+                self.scheduler.finish(parent, "stop")
+        for beam, token_id, logprob in next_beams:
+            self._append_token(beam, token_id, logprob, now)
+        group.seqs = [beam for beam, _, _ in next_beams]
+
     def _deliver_all(self, seqs: list[Sequence]) -> list[Sequence]:
+        delivered: set[str] = set()
         for seq in seqs:
-            self._deliver(seq)
+            if seq.group is None or seq.request_id not in delivered:
+                delivered.add(seq.request_id)
+                self._deliver(seq)
         return []
 
     def _append_token(self, seq: Sequence, token_id: int, logprob: float, now: float) -> None:
@@ -271,13 +342,47 @@ class Executor:
 
     def _deliver(self, seq: Sequence) -> None:
         """Sends the caller what its output kind asks for; the final output ends the handle."""
-        if seq.is_finished and seq.metrics.finished_time is None:
-            seq.metrics.finished_time = time.monotonic()
-        output = self.output_processor.make_output(seq)
+        group = seq.group
+        if group is None:
+            seqs, finished = [seq], seq.is_finished
+        elif group.beam is not None:
+            if group.final is None:
+                return   # beam search reports its best hypotheses once, at the end
+            seqs, finished = group.final, True
+        else:
+            seqs, finished = sorted(group.seqs, key=lambda s: s.index), group.is_finished
+        if finished and seqs[0].metrics.finished_time is None:
+            seqs[0].metrics.finished_time = time.monotonic()
+        output = self.output_processor.make_output(seqs, finished)
         if output is None:
             return
         with self._lock:
-            handle = (self._handles.pop(seq.request_id, None) if seq.is_finished
+            handle = (self._handles.pop(seq.request_id, None) if finished
                       else self._handles.get(seq.request_id))
         if handle is not None:
             handle.put(output)
+
+
+def _new_sequence(request: Request) -> Sequence:
+    """A request's first sequence; with n > 1 or beam search, the first of its group."""
+    seq = Sequence.from_request(request)
+    params = request.sampling_params
+    if params.use_beam_search:
+        eos = set(params.stop_token_ids) | (set() if params.ignore_eos else set(request.eos_token_ids))
+        seq.group = SequenceGroup([seq], beam=BeamSearchState(
+            params.beam_width, params.max_tokens, frozenset(eos), params.length_penalty,
+            params.early_stopping))
+    elif params.n > 1:
+        seq.group = SequenceGroup([seq])
+    return seq
+
+
+def _hypothesis_sequence(beam: Sequence, hypothesis) -> Sequence:
+    """A finished beam-search hypothesis as a Sequence the OutputProcessor can report."""
+    request = beam.request
+    last = hypothesis.output_token_ids[-1] if hypothesis.output_token_ids else None
+    eos = set(request.sampling_params.stop_token_ids) | set(request.eos_token_ids)
+    return Sequence(request=request, token_ids=[*request.prompt_token_ids, *hypothesis.output_token_ids],
+                    metrics=beam.metrics, status=SequenceStatus.FINISHED,
+                    output_logprobs=list(hypothesis.output_logprobs), prompt_logprobs=beam.prompt_logprobs,
+                    finish_reason="stop" if last in eos else "length")

@@ -7,6 +7,7 @@ step, ships them with one ``device_put`` and reads the outputs back with one tra
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -161,7 +162,8 @@ class ModelRunner:
             rows[name][r] = getattr(params, name)
         rows["seeds"][r] = _seed32(seq.request.seed)
         rows["output_index"][r] = seq.num_output_tokens
-        rows["num_logprobs"][r] = -1 if params.logprobs is None else params.logprobs
+        num_top = _num_top_logprobs(seq)
+        rows["num_logprobs"][r] = -1 if num_top is None else num_top
         rows["prompt_lens"][r] = seq.num_prompt_tokens
         if params.strategy is not None:
             index = self.strategy_index[params.strategy]
@@ -174,11 +176,11 @@ class ModelRunner:
 
     def _history(self, scheduled: list, rows: int) -> np.ndarray:
         """[S, max_model_len] prompt + output ids for penalties; [S, 0] if no row has any."""
-        if not any(_needs_penalties(item.seq) for item in scheduled):
+        if not any(item.seq.request.sampling_params.needs_penalties for item in scheduled):
             return np.zeros((rows, 0), np.int32)
         history = np.full((rows, self.max_model_len), -1, np.int32)
         for r, item in enumerate(scheduled):
-            if _needs_penalties(item.seq):
+            if item.seq.request.sampling_params.needs_penalties:
                 history[r, :item.seq.num_tokens] = item.seq.token_ids
         return history
 
@@ -221,10 +223,15 @@ class ModelRunner:
         return logits
 
     def dispatch(self, batch: ScheduledBatch, inputs: tuple[StepInputs, SamplingTensors]) -> StepOutputs:
-        """Launches one step on prepared inputs and returns at once (JAX dispatch is async)."""
-        # Copy-on-write block copies only arise from forked sequences (n > 1, beam search),
-        # which the engine does not create yet.
-        assert not batch.block_copies, "block copies are not supported yet"
+        """Launches one step on prepared inputs and returns at once (JAX dispatch is async).
+
+        Copy-on-write block copies of forked sequences (n > 1, beam search) run first.
+        """
+        if batch.block_copies:
+            num = 1 << (len(batch.block_copies) - 1).bit_length()   # few shapes: powers of two
+            pairs = np.zeros((num, 2), np.int32)                    # padding copies block 0 onto itself
+            pairs[:len(batch.block_copies)] = batch.block_copies
+            self.kv_cache = _copy_blocks(self.kv_cache, jax.device_put(pairs[:, 0]), jax.device_put(pairs[:, 1]))
         inputs, sampling = inputs
         self.kv_cache, outputs = self.step(self.params, self.kv_cache, inputs, sampling)
         return outputs
@@ -232,8 +239,7 @@ class ModelRunner:
     def fetch(self, batch: ScheduledBatch, outputs: StepOutputs) -> RowResults:
         """Waits for a dispatched step; brings back the rows' tokens and what they asked for."""
         scheduled = batch.scheduled
-        want_top = [r for r, item in enumerate(scheduled)
-                    if item.seq.request.sampling_params.logprobs is not None]
+        want_top = [r for r, item in enumerate(scheduled) if _num_top_logprobs(item.seq) is not None]
         want_prompt = outputs.prompt_logprobs.shape[0] > 0
         arrays = [outputs.token_ids, outputs.logprobs]
         if want_top:
@@ -248,7 +254,7 @@ class ModelRunner:
         if want_top:
             ranks, top_ids, top_lps = host[2:5]
             for r in want_top:
-                num = scheduled[r].seq.request.sampling_params.logprobs
+                num = _num_top_logprobs(scheduled[r].seq)
                 results.top_logprobs[r] = _position_logprobs(
                     token_ids[r], logprobs[r], ranks[r], top_ids[r, :num], top_lps[r, :num])
         if want_prompt:
@@ -267,6 +273,13 @@ class ModelRunner:
         return results
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _copy_blocks(kv_cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
+    """Copies KV blocks src[i] -> dst[i] in every layer (no dst is also a src)."""
+    return KVCache(k=kv_cache.k.at[:, dst].set(kv_cache.k[:, src]),
+                   v=kv_cache.v.at[:, dst].set(kv_cache.v[:, src]))
+
+
 def _position_logprobs(token_id: int, logprob: float, rank: int, top_ids: np.ndarray,
                        top_logprobs: np.ndarray) -> PositionLogprobs:
     entry = {int(t): Logprob(float(lp), rank=i + 1) for i, (t, lp) in enumerate(zip(top_ids, top_logprobs))}
@@ -274,9 +287,11 @@ def _position_logprobs(token_id: int, logprob: float, rank: int, top_ids: np.nda
     return entry
 
 
-def _needs_penalties(seq: Sequence) -> bool:
-    p = seq.request.sampling_params
-    return p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
+def _num_top_logprobs(seq: Sequence) -> int | None:
+    """How many top alternatives the row needs: beam search's candidates, or ``logprobs``."""
+    if seq.group is not None and seq.group.beam is not None:
+        return seq.group.beam.num_candidates
+    return seq.request.sampling_params.logprobs
 
 
 def _bias_entries(seq: Sequence) -> tuple[list[int] | None, dict[int, float], list[int]] | None:

@@ -21,8 +21,9 @@ from jaxllm.sequence import Request, Sequence
 
 
 @dataclasses.dataclass
-class _RequestState:
-    output_kind: RequestOutputKind
+class _CompletionState:
+    """One completion's text and what its caller has been sent."""
+
     detokenizer: IncrementalDetokenizer | None
     stop: list[str]
     include_stop_str: bool
@@ -37,24 +38,39 @@ class _RequestState:
     cumulative_logprob: float = 0.0
 
 
+@dataclasses.dataclass
+class _RequestState:
+    request: Request
+    output_kind: RequestOutputKind
+    completions: dict[int, _CompletionState] = dataclasses.field(default_factory=dict)
+    prompt_logprobs_sent: bool = False
+
+
 class OutputProcessor:
-    """Tracks each live request's text and what its caller has already been sent."""
+    """Tracks each live request's completions' text and what its caller has been sent."""
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
         self._states: dict[str, _RequestState] = {}
 
     def add(self, request: Request, output_kind: RequestOutputKind) -> None:
-        params = request.sampling_params
-        detokenizer = None
-        if self._tokenizer is not None:
-            detokenizer = IncrementalDetokenizer(self._tokenizer, request.prompt_token_ids,
-                                                 params.skip_special_tokens)
-        stop = list(params.stop or [])
-        include = params.include_stop_str_in_output
-        hold_back = max(map(len, stop)) - 1 if stop and not include else 0
-        self._states[request.request_id] = _RequestState(
-            output_kind, detokenizer, stop, include, params.min_tokens, hold_back)
+        self._states[request.request_id] = _RequestState(request, output_kind)
+
+    def _completion(self, state: _RequestState, index: int) -> _CompletionState:
+        completion = state.completions.get(index)
+        if completion is None:
+            request = state.request
+            params = request.sampling_params
+            detokenizer = None
+            if self._tokenizer is not None:
+                detokenizer = IncrementalDetokenizer(self._tokenizer, request.prompt_token_ids,
+                                                     params.skip_special_tokens)
+            stop = list(params.stop or [])
+            include = params.include_stop_str_in_output
+            hold_back = max(map(len, stop)) - 1 if stop and not include else 0
+            completion = state.completions[index] = _CompletionState(
+                detokenizer, stop, include, params.min_tokens, hold_back)
+        return completion
 
     def check_stop(self, seq: Sequence) -> str | None:
         """Detokenizes ``seq``'s new tokens now; returns the stop string they completed, if any.
@@ -65,63 +81,71 @@ class OutputProcessor:
         off the critical path.
         """
         state = self._states.get(seq.request_id)
-        if state is None or not state.stop:
+        if state is None or not state.request.sampling_params.stop:
             return None
-        self._detokenize(state, seq.output_token_ids)
-        return state.stop_str
+        completion = self._completion(state, seq.index)
+        self._detokenize(completion, seq.output_token_ids)
+        return completion.stop_str
 
-    def make_output(self, seq: Sequence) -> RequestOutput | None:
-        """The output to send now, or None when there is nothing to send.
+    def make_output(self, seqs: list[Sequence], finished: bool) -> RequestOutput | None:
+        """The output to send now for one request's completions, or None if nothing to send.
 
-        Text catches up with every token generated since the last call. A finished sequence
-        is dropped from tracking after its final output, and later calls for it return None.
+        ``seqs`` are the request's sequences in completion-index order (one unless n > 1; the
+        best hypotheses, best first, for a finished beam search); ``finished`` means the whole
+        request is done. Text catches up with every token generated since the last call. A
+        finished request is dropped from tracking, and later calls for it return None.
         """
-        state = self._states.get(seq.request_id)
+        request = seqs[0].request
+        state = self._states.get(request.request_id)
         if state is None:
             return None
-        finished = seq.is_finished
         if not finished and state.output_kind is RequestOutputKind.FINAL_ONLY:
             return None
-        token_ids = self._catch_up(state, seq)
-        text = state.text
-        if not finished and state.hold_back:
-            text = text[:max(0, len(text) - state.hold_back)]
-        new_logprobs = seq.output_logprobs[state.num_summed_logprobs:len(token_ids)]
-        state.cumulative_logprob += float(sum(new_logprobs))
-        state.num_summed_logprobs += len(new_logprobs)
-        if finished:
-            del self._states[seq.request_id]
         is_delta = state.output_kind is RequestOutputKind.DELTA
-        if is_delta:
-            if len(token_ids) == state.num_sent_tokens and not finished:
-                return None
-            first_sent = state.num_sent_tokens
-            new_tokens, new_text = token_ids[first_sent:], text[state.num_sent_chars:]
-        else:
-            first_sent = 0
-            new_tokens, new_text = list(token_ids), text
-        state.num_sent_tokens, state.num_sent_chars = len(token_ids), len(text)
-        params = seq.request.sampling_params
-        logprobs = None
-        if params.logprobs is not None:
-            logprobs = seq.output_top_logprobs[first_sent:len(token_ids)]
+        completions = [c for c in (self._completion_output(state, seq, i, is_delta)
+                                   for i, seq in enumerate(seqs)) if c is not None]
+        if not completions and not finished:
+            return None
+        if finished:
+            del self._states[request.request_id]
+        params = request.sampling_params
         prompt_logprobs = None
         # Sent with every output, except DELTA's: with its first only (vLLM).
-        if params.prompt_logprobs is not None and (first_sent == 0 or not is_delta):
-            prompt_logprobs = [None, *seq.prompt_logprobs]
-        completion = CompletionOutput(
-            index=0, text=new_text, token_ids=new_tokens,
-            cumulative_logprob=state.cumulative_logprob, logprobs=logprobs,
-            finish_reason=seq.finish_reason,
-            stop_reason=state.stop_str if state.stop_str is not None else seq.stop_reason)
-        request = seq.request
+        if params.prompt_logprobs is not None and not (is_delta and state.prompt_logprobs_sent):
+            prompt_logprobs = [None, *seqs[0].prompt_logprobs]
+            state.prompt_logprobs_sent = True
         return RequestOutput(
             request_id=request.request_id, prompt=request.prompt,
-            prompt_token_ids=list(request.prompt_token_ids), outputs=[completion],
-            finished=finished, metrics=dataclasses.replace(seq.metrics),
+            prompt_token_ids=list(request.prompt_token_ids), outputs=completions,
+            finished=finished, metrics=dataclasses.replace(seqs[0].metrics),
             prompt_logprobs=prompt_logprobs)
 
-    def _catch_up(self, state: _RequestState, seq: Sequence) -> list[int]:
+    def _completion_output(self, state: _RequestState, seq: Sequence, index: int,
+                           is_delta: bool) -> CompletionOutput | None:
+        """The completion's news (DELTA: None when there is none) or its whole output so far."""
+        completion = self._completion(state, index)
+        token_ids = self._catch_up(completion, seq)
+        text = completion.text
+        if not seq.is_finished and completion.hold_back:
+            text = text[:max(0, len(text) - completion.hold_back)]
+        new_logprobs = seq.output_logprobs[completion.num_summed_logprobs:len(token_ids)]
+        completion.cumulative_logprob += float(sum(new_logprobs))
+        completion.num_summed_logprobs += len(new_logprobs)
+        first_sent = completion.num_sent_tokens if is_delta else 0
+        if is_delta and len(token_ids) == first_sent and not seq.is_finished:
+            return None
+        new_text = text[completion.num_sent_chars:] if is_delta else text
+        completion.num_sent_tokens, completion.num_sent_chars = len(token_ids), len(text)
+        logprobs = None
+        if seq.request.sampling_params.logprobs is not None:
+            logprobs = seq.output_top_logprobs[first_sent:len(token_ids)]
+        return CompletionOutput(
+            index=index, text=new_text, token_ids=token_ids[first_sent:],
+            cumulative_logprob=completion.cumulative_logprob, logprobs=logprobs,
+            finish_reason=seq.finish_reason,
+            stop_reason=completion.stop_str if completion.stop_str is not None else seq.stop_reason)
+
+    def _catch_up(self, state: _CompletionState, seq: Sequence) -> list[int]:
         """Detokenizes what make_output needs; returns the output token ids to report."""
         token_ids = seq.output_token_ids
         if state.stop_str is None and seq.is_finished and state.detokenizer is not None:
@@ -135,7 +159,7 @@ class OutputProcessor:
         return token_ids if state.stop_str is None else token_ids[:state.num_detokenized]
 
     @staticmethod
-    def _detokenize(state: _RequestState, token_ids: list[int]) -> None:
+    def _detokenize(state: _CompletionState, token_ids: list[int]) -> None:
         """Appends the text of token_ids[num_detokenized:], stopping at a stop string."""
         if state.detokenizer is None or state.stop_str is not None:
             return
@@ -147,7 +171,7 @@ class OutputProcessor:
                 return
 
 
-def _match_stop(state: _RequestState, num_old_chars: int) -> bool:
+def _match_stop(state: _CompletionState, num_old_chars: int) -> bool:
     """Finds the earliest stop string ending after text[:num_old_chars]; cuts the text there."""
     best: tuple[int, int, str] | None = None
     for stop in state.stop:

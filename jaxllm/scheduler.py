@@ -88,11 +88,14 @@ class Scheduler:
             self._dequeue(self.waiting.index(seq))
         self.kv_cache_manager.free(seq)
 
-    def find(self, request_id: str) -> Sequence | None:
-        for seq in (*self.running, *self.waiting):
-            if seq.request_id == request_id:
-                return seq
-        return None
+    def find(self, request_id: str) -> list[Sequence]:
+        """The live sequences of a request (several with n > 1 or beam search)."""
+        return [seq for seq in (*self.running, *self.waiting) if seq.request_id == request_id]
+
+    def add_running(self, seq: Sequence) -> None:
+        """Adds a sequence forked off a running one (it shares its blocks)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
 
     def schedule(self) -> ScheduledBatch:
         kv = self.kv_cache_manager
@@ -103,11 +106,14 @@ class Scheduler:
         # Decodes first so a long prefill never starves running generations.
         candidates = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
         for seq in candidates:
-            if budget == 0 or seq in preempted:
+            # A beam waiting for its siblings' candidates has nothing to compute.
+            if (budget == 0 or seq in preempted or seq.num_uncomputed_tokens == 0
+                    or len(scheduled) == self.max_num_seqs):
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             while not kv.can_allocate(seq, num_new):
-                victim = self.running[-1]
+                parked = [s for s in self.running if _is_parked(s)]
+                victim = parked[-1] if parked else self.running[-1]
                 for i, item in enumerate(scheduled):
                     if item.seq is victim:
                         budget += scheduled.pop(i).num_new_tokens
@@ -122,14 +128,22 @@ class Scheduler:
                 budget -= num_new
 
         # Admit waiting sequences only when nothing had to be preempted this step.
-        while (not preempted and self.waiting and budget > 0
-               and len(self.running) < self.max_num_seqs):
-            seq = self.waiting[0]
+        while (not preempted and budget > 0 and len(self.running) < self.max_num_seqs):
+            index = next((i for i, w in enumerate(self.waiting) if not _is_parked(w)), None)
+            if index is None:
+                break
+            seq = self.waiting[index]
             cached_block_ids = kv.get_cached_prefix(seq)
             num_new = min(seq.num_tokens - len(cached_block_ids) * kv.block_size, budget)
             if not kv.can_allocate(seq, num_new, cached_block_ids):
-                break
-            self._dequeue(0)
+                # Parked beams hold blocks but cannot move: when they are what blocks
+                # admission, they step aside (else beam groups could wait on each other).
+                parked = [s for s in self.running if _is_parked(s)]
+                if not parked:
+                    break
+                self._preempt(parked[-1])
+                continue
+            self._dequeue(index)
             kv.allocate(seq, num_new, cached_block_ids)
             if seq.num_preemptions == 0:
                 seq.metrics.num_cached_tokens = seq.num_computed_tokens
@@ -161,3 +175,8 @@ class Scheduler:
     def _dequeue(self, index: int) -> Sequence:
         del self._waiting_keys[index]
         return self.waiting.pop(index)
+
+
+def _is_parked(seq: Sequence) -> bool:
+    """A beam whose next-token candidates are in, waiting for its siblings': nothing to run."""
+    return seq.group is not None and seq in seq.group.pending

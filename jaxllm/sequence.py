@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import TYPE_CHECKING
 
 from jaxllm.outputs import PositionLogprobs, RequestMetrics
 from jaxllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from jaxllm.beam_search import BeamSearchState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +55,27 @@ class Sequence:
     # token_ids, and how many leading block_ids have already been offered to the cache.
     block_hashes: list[bytes] = dataclasses.field(default_factory=list)
     num_registered_blocks: int = 0
+    # n > 1 and beam search: the completion index and the group of the request's sequences.
+    index: int = 0
+    group: SequenceGroup | None = None
 
     @classmethod
     def from_request(cls, request: Request) -> "Sequence":
         metrics = RequestMetrics(arrival_time=request.arrival_time,
                                  num_prompt_tokens=len(request.prompt_token_ids))
         return cls(request=request, token_ids=list(request.prompt_token_ids), metrics=metrics)
+
+    def fork(self, index: int, token_ids: list[int], request: Request | None = None) -> Sequence:
+        """A sibling in the same group (its KV blocks are shared by the KVCacheManager)."""
+        metrics = RequestMetrics(arrival_time=self.metrics.arrival_time,
+                                 first_scheduled_time=self.metrics.first_scheduled_time,
+                                 num_prompt_tokens=self.num_prompt_tokens,
+                                 num_cached_tokens=self.metrics.num_cached_tokens)
+        return Sequence(request=request or self.request, token_ids=token_ids, metrics=metrics,
+                        status=SequenceStatus.RUNNING, index=index, group=self.group,
+                        output_logprobs=list(self.output_logprobs),
+                        output_top_logprobs=list(self.output_top_logprobs),
+                        prompt_logprobs=self.prompt_logprobs)
 
     @property
     def request_id(self) -> str:
@@ -91,3 +110,30 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+
+@dataclasses.dataclass(eq=False)
+class SequenceGroup:
+    """The live sequences of one request that has several (n > 1, or beam search).
+
+    Parallel sampling forks n - 1 children off the first sequence once its prompt is computed;
+    beam search replaces its running beams every step (``beam`` holds the search state) and
+    reports its best hypotheses as ``final`` when done.
+    """
+
+    seqs: list[Sequence]
+    beam: BeamSearchState | None = None
+    # Beam search: each running beam's top-K next-token candidates from the last step.
+    pending: dict[Sequence, tuple[list[int], list[float]]] = dataclasses.field(default_factory=dict)
+    final: list[Sequence] | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        if self.beam is not None:
+            return self.final is not None
+        return all(seq.is_finished for seq in self.seqs)
+
+
+def child_seed(seed: int, index: int) -> int:
+    """Completion ``index``'s seed: the request's own for index 0, then decorrelated ones."""
+    return (seed + index * 0x9E3779B97F4A7C15) % 2**63

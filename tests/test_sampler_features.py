@@ -81,7 +81,7 @@ DISTRIBUTION_LOGITS = np.array([2.0, 1.5, 1.0, 0.4, 0.0, -0.7, -1.5], np.float32
     (1.0, 4, 1.0, 0.2),
 ])
 def test_distribution_after_min_p_truncation_matches_softmax(temperature, top_k, top_p, min_p):
-    scipy_stats = pytest.importorskip("scipy.stats")
+    import scipy.stats as scipy_stats
     params = SamplingTensors.build(NUM_DRAWS, temperature=temperature, top_k=top_k, top_p=top_p,
                                    min_p=min_p, seeds=77, output_index=np.arange(NUM_DRAWS))
     rows = jnp.broadcast_to(jnp.asarray(DISTRIBUTION_LOGITS), (NUM_DRAWS, len(DISTRIBUTION_LOGITS)))
@@ -181,7 +181,7 @@ def test_prompt_logprobs_score_the_next_prompt_token():
     ("eta", "EtaLogitsWarper", {"epsilon": 0.02}),
 ])
 def test_example_strategies_match_transformers_warpers(name, warper, arg):
-    torch = pytest.importorskip("torch")
+    import torch
     import transformers.generation.logits_process as lp
 
     strategy = {s.name: s for s in registered_strategies()}[name]

@@ -274,8 +274,8 @@ def test_scheduler_finish_frees_blocks_of_running_and_waiting_sequences():
     assert running.block_ids == [] and engine.kv.num_free_blocks == 7
     assert running.is_finished and running.finish_reason == "abort"
     assert engine.scheduler.running == []
-    assert engine.scheduler.find("running") is None
-    assert engine.scheduler.find("waiting") is waiting
+    assert engine.scheduler.find("running") == []
+    assert engine.scheduler.find("waiting") == [waiting]
     engine.scheduler.finish(waiting, "abort")
     assert not engine.scheduler.has_unfinished
     assert engine.kv.num_free_blocks == engine.kv.num_usable_blocks

@@ -59,12 +59,12 @@ def _generate(token_ids, kind=RequestOutputKind.CUMULATIVE, **params):
             reason = "length"
         if reason is not None:
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
-        output = processor.make_output(seq)
+        output = processor.make_output([seq], seq.is_finished)
         if output is not None:
             outputs.append(output)
         if reason is not None:
             break
-    assert outputs[-1].finished and processor.make_output(seq) is None
+    assert outputs[-1].finished and processor.make_output([seq], seq.is_finished) is None
     return outputs
 
 

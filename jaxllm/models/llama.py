@@ -37,11 +37,16 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(inputs.positions, rope_inv_freq(c))
         layer_args = (c, self.dtype, self.attention_fn)
         if self.scan_layers:
-            layers = nn.scan(LlamaDecoderLayer, variable_axes={"params": 0},
-                             split_rngs={"params": False},
-                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                             length=c.num_hidden_layers)(*layer_args, name="layers")
-            carry, _ = layers((x, kv_cache.k, kv_cache.v, jnp.int32(0)), cos, sin, inputs)
+            # A plain lax.scan of the unbound layer over the stacked params. (flax's nn.scan
+            # re-traces the body with partial evaluation to check broadcast inputs, which
+            # rejected the Pallas attention kernel on jax 0.11.)
+            layer = LlamaDecoderLayer(*layer_args, parent=None)
+
+            def body(carry, layer_params):
+                return layer.apply({"params": layer_params}, carry, cos, sin, inputs)
+
+            carry, _ = jax.lax.scan(body, (x, kv_cache.k, kv_cache.v, jnp.int32(0)),
+                                    self.variables["params"]["layers"])
         else:
             carry = (x, kv_cache.k, kv_cache.v, 0)
             for i in range(c.num_hidden_layers):
