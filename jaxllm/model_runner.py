@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxllm.buckets import BucketPolicy
 from jaxllm.kv_cache import KVCache
 from jaxllm.outputs import Logprob, PositionLogprobs
 from jaxllm.scheduler import ScheduledBatch
@@ -25,24 +26,6 @@ from jaxllm.step_inputs import (
     StepOutputs,
 )
 from jaxllm.strategies import SamplingStrategy
-
-
-def power_of_two_buckets(limit: int) -> tuple[int, ...]:
-    """1, 2, 4, ... up to and including ``limit`` (added as the last bucket if not a power)."""
-    buckets = []
-    size = 1
-    while size < limit:
-        buckets.append(size)
-        size *= 2
-    buckets.append(limit)
-    return tuple(buckets)
-
-
-def pick_bucket(n: int, buckets: tuple[int, ...]) -> int:
-    for size in buckets:
-        if size >= n:
-            return size
-    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
 def _seed32(seed: int) -> int:
@@ -87,7 +70,8 @@ class ModelRunner:
     def __init__(self, step: CompiledStep, params: Any, kv_cache: KVCache, block_size: int,
                  max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
                  max_model_len: int, vocab_size: int,
-                 strategies: tuple[SamplingStrategy, ...] = ()) -> None:
+                 strategies: tuple[SamplingStrategy, ...] = (),
+                 bucket_policy: BucketPolicy | None = None) -> None:
         self.step = step
         self.params = params
         self.kv_cache = kv_cache
@@ -96,11 +80,11 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.strategy_index = {s.name: i for i, s in enumerate(strategies, start=1)}
         self.strategies = strategies
-        self.token_buckets = power_of_two_buckets(max_num_batched_tokens)
-        self.row_buckets = power_of_two_buckets(max_num_seqs)
-        self.block_buckets = power_of_two_buckets(max_blocks_per_seq)
-        num_args = max([len(s.defaults) for s in strategies] + [1])
-        self._buf = _HostBuffers(max_num_batched_tokens, max_num_seqs, max_blocks_per_seq, num_args)
+        self.bucket_policy = bucket_policy or BucketPolicy(
+            max_num_batched_tokens, max_num_seqs, max_blocks_per_seq, block_size)
+        self.num_strategy_args = max([len(s.defaults) for s in strategies] + [1])
+        self._buf = _HostBuffers(max_num_batched_tokens, max_num_seqs, max_blocks_per_seq,
+                                 self.num_strategy_args)
         # The rows of the step in flight that have Python logits processors (one step at a
         # time is in flight: the executor fetches a step before preparing the next).
         self._processor_rows: dict[int, Sequence] = {}
@@ -109,10 +93,9 @@ class ModelRunner:
         """Packs the batch into bucketed host arrays and moves them to the device in one call."""
         b, bs = self._buf, self.block_size
         scheduled = batch.scheduled
-        num_tokens = pick_bucket(batch.num_tokens, self.token_buckets)
-        rows = pick_bucket(len(scheduled), self.row_buckets)
         max_ctx = max(item.seq.num_computed_tokens for item in scheduled)
-        blocks = pick_bucket(max(1, -(-max_ctx // bs)), self.block_buckets)
+        num_tokens, rows, blocks = self.bucket_policy.pick(
+            batch.num_tokens, len(scheduled), -(-max_ctx // bs))
 
         b.block_tables[:rows, :blocks] = 0
         for name in _ROW_INPUT_FIELDS:
@@ -149,6 +132,7 @@ class ModelRunner:
         sampling = SamplingTensors(
             **{name: b.rows[name][:rows] for name in SAMPLING_ROW_FIELDS},
             strategy_args=b.strategy_args[:rows], history=self._history(scheduled, rows),
+            use_processors=self._use_processors(rows),
             logit_bias=self._logit_bias(scheduled, rows),
             prompt_next_ids=self._prompt_next_ids(scheduled, num_tokens))
         # Copy out of the reused buffers: on CPU device_put may alias an aligned numpy array,
@@ -171,8 +155,15 @@ class ModelRunner:
             values = self.strategies[index - 1].arg_values(params.strategy_args)
             self._buf.strategy_args[r, :len(values)] = values
         if params.logits_processors:
-            rows["use_processors"][r] = True
             self._processor_rows[r] = seq
+
+    def _use_processors(self, rows: int) -> np.ndarray:
+        """[S] rows with Python logits processors; [0] if none (no host callback is compiled)."""
+        if not self._processor_rows:
+            return np.zeros(0, np.bool_)
+        use = np.zeros(rows, np.bool_)
+        use[list(self._processor_rows)] = True
+        return use
 
     def _history(self, scheduled: list, rows: int) -> np.ndarray:
         """[S, max_model_len] prompt + output ids for penalties; [S, 0] if no row has any."""

@@ -11,7 +11,7 @@ Order of operations (vLLM's):
      present only in the "bias" variant of the step;
   3. repetition (prompt + output tokens), frequency and presence (output tokens) penalties,
      from the row's token history, present only in the "penalties" variant;
-  4. Python logits processors (the slow escape hatch: a host callback);
+  4. Python logits processors (the slow escape hatch: a host callback, in its own variant);
   5. temperature-0 rows take the argmax; the others divide by temperature, truncate by min-p,
      top-k then top-p, apply their registered strategy, and draw by Gumbel-max (no host sync).
 Each optional part runs under ``lax.cond`` on whether any row needs it, so a plain batch pays
@@ -167,13 +167,10 @@ class Sampler:
             needs = jnp.any((params.repetition_penalty != 1) | (params.frequency_penalty != 0)
                             | (params.presence_penalty != 0))
             logits = jax.lax.cond(needs, lambda x: apply_penalties(x, params), lambda x: x, logits)
-        if self.host_logits_processor is not None:
+        if self.host_logits_processor is not None and params.use_processors.shape[0]:
             hook = self.host_logits_processor
             result = jax.ShapeDtypeStruct(logits.shape, jnp.float32)
-            logits = jax.lax.cond(
-                jnp.any(params.use_processors),
-                lambda x: jax.pure_callback(hook, result, x, params.use_processors),
-                lambda x: x, logits)
+            logits = jax.pure_callback(hook, result, logits, params.use_processors)
         return logits
 
     def _sample_rows(self, logits: jax.Array, params: SamplingTensors) -> jax.Array:

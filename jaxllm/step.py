@@ -23,10 +23,12 @@ StepKey = tuple[int, ...]
 
 
 def bucket_key(inputs: StepInputs, sampling: SamplingTensors) -> StepKey:
-    """(T, S, P, history width, bias width, prompt-logprob width): selects an executable."""
+    """(T, S, P, history width, bias width, prompt-logprob width, processors): selects an
+    executable."""
     num_rows, blocks_per_row = inputs.block_tables.shape
     return (inputs.token_ids.shape[0], num_rows, blocks_per_row, sampling.history.shape[1],
-            sampling.logit_bias.shape[1], sampling.prompt_next_ids.shape[0])
+            sampling.logit_bias.shape[1], sampling.prompt_next_ids.shape[0],
+            sampling.use_processors.shape[0])
 
 
 class CompiledStep:

@@ -7,7 +7,8 @@ block table and context length 0.
 
 Optional sampling features travel in arrays whose width is 0 unless some row of the step uses
 them (history: penalties; logit_bias: logit_bias / allowed_token_ids / min_tokens;
-prompt_next_ids: prompt logprobs). Those widths join the compile key, so each such variant of a
+prompt_next_ids: prompt logprobs; use_processors: Python logits processors, whose host callback
+would also keep the step out of JAX's persistent compilation cache). Those widths join the compile key, so each such variant of a
 bucket is compiled once, and per-request values never change a shape.
 """
 
@@ -25,8 +26,7 @@ SAMPLING_ROW_FIELDS: dict[str, tuple[type, Any]] = {
     "min_p": (np.float32, 0.0), "repetition_penalty": (np.float32, 1.0),
     "frequency_penalty": (np.float32, 0.0), "presence_penalty": (np.float32, 0.0),
     "seeds": (np.uint32, 0), "output_index": (np.int32, 0), "num_logprobs": (np.int32, -1),
-    "strategy_ids": (np.int32, 0), "use_processors": (np.bool_, False),
-    "prompt_lens": (np.int32, 0),
+    "strategy_ids": (np.int32, 0), "prompt_lens": (np.int32, 0),
 }
 
 
@@ -57,10 +57,10 @@ class SamplingTensors:
     num_logprobs: jax.Array        # [S] int32    top alternatives wanted, -1 = no logprobs
     strategy_ids: jax.Array        # [S] int32    registered strategy (1-based), 0 = none
     strategy_args: jax.Array       # [S, A] float32 that strategy's arguments, in declared order
-    use_processors: jax.Array      # [S] bool     row has Python logits processors
     prompt_lens: jax.Array         # [S] int32    prompt part of each history row
     history: jax.Array             # [S, L or 0] int32 prompt + output token ids, -1 padded
     logit_bias: jax.Array          # [S, V or 0] float32 added to the raw logits (-inf = banned)
+    use_processors: jax.Array      # [S or 0] bool row has Python logits processors
     prompt_next_ids: jax.Array     # [T or 0] int32 next prompt token after each token, -1 none
 
     @classmethod
@@ -76,6 +76,7 @@ class SamplingTensors:
         fields["strategy_args"] = np.asarray(values.pop("strategy_args", np.zeros((num_rows, 1))), np.float32)
         fields["history"] = np.asarray(values.pop("history", np.zeros((num_rows, 0))), np.int32)
         fields["logit_bias"] = np.asarray(values.pop("logit_bias", np.zeros((num_rows, 0))), np.float32)
+        fields["use_processors"] = np.asarray(values.pop("use_processors", np.zeros(0)), np.bool_)
         fields["prompt_next_ids"] = np.asarray(values.pop("prompt_next_ids", np.zeros(0)), np.int32)
         if values:
             raise TypeError(f"unknown SamplingTensors fields: {sorted(values)}")

@@ -4,8 +4,8 @@ Each key is compiled and run once on all-padding inputs: every token has row -1 
 K/V into the reserved padding block 0, every block table is zeros and every context empty, so
 the KV cache outside block 0 is untouched. Running (not only compiling) also fills JAX's
 persistent compilation cache and any lazy initialisation, so a second start-up only loads.
-(JAX does not write executables with host callbacks to that cache: a step that contains the
-sampler's ``jax.pure_callback`` for Python logits processors is compiled afresh every start-up.)
+(JAX does not write executables with host callbacks to that cache, so the variant for Python
+logits processors, compiled on first use, is compiled afresh every start-up.)
 """
 
 from __future__ import annotations
@@ -18,12 +18,6 @@ import tqdm.auto as tqdm
 
 from jaxllm.buckets import BaseKey, BucketPolicy
 from jaxllm.step_inputs import SamplingTensors, StepInputs
-
-
-def num_strategy_args(model_runner: Any) -> int:
-    """The width A of ``SamplingTensors.strategy_args`` the runner ships (not in the step key,
-    but part of the compiled shapes)."""
-    return max([len(s.defaults) for s in model_runner.strategies] + [1])
 
 
 def padding_step_inputs(key: BaseKey, block_size: int, strategy_args: int = 1
@@ -63,7 +57,7 @@ def warmup(model_runner: Any, policy: BucketPolicy, *, progress: bool = True,
         How many executables were newly compiled (keys compiled before are only run).
     """
     keys = tuple(policy.keys() if keys is None else keys)
-    step, width = model_runner.step, num_strategy_args(model_runner)
+    step, width = model_runner.step, model_runner.num_strategy_args
     before = step.num_compilations
     for key in tqdm.tqdm(keys, desc="Compiling steps", unit="step", disable=not progress):
         inputs, sampling = jax.device_put(padding_step_inputs(key, model_runner.block_size, width))

@@ -146,20 +146,6 @@ def test_rejects_impossible_steps_and_bad_settings():
 
 # ---- on a tiny engine ----
 
-def route_through_policy(runner, policy: BucketPolicy) -> None:
-    """Makes ``runner.prepare_inputs`` use ``policy`` (stands in for the engine integration):
-    before each step, its three bucket ladders become the one bucket the policy picks."""
-    prepare = runner.prepare_inputs
-
-    def prepare_with_policy(batch):
-        max_ctx = max(item.seq.num_computed_tokens for item in batch.scheduled)
-        t, s, p = policy.pick(batch.num_tokens, len(batch.scheduled), -(-max_ctx // runner.block_size))
-        runner.token_buckets, runner.row_buckets, runner.block_buckets = (t,), (s,), (p,)
-        return prepare(batch)
-
-    runner.prepare_inputs = prepare_with_policy
-
-
 def _mixed_params(rng, index: int) -> SamplingParams:
     """Every shape-neutral sampling feature (penalties, biases and prompt logprobs have their
     own step variants and are not part of the base keys)."""
@@ -179,9 +165,7 @@ def _mixed_params(rng, index: int) -> SamplingParams:
 def warmed(tiny_llama_dir):
     path, _ = tiny_llama_dir
     with Engine(str(path), **OPTIONS) as engine:
-        # attention_slack=4096 gives the 64-token steps two block buckets (3, 12): 11 keys.
-        policy = BucketPolicy.from_config(engine.config, attention_slack=4096)
-        yield engine, policy
+        yield engine, engine.bucket_policy
 
 
 def test_warmup_compiles_every_key_and_only_touches_block_0(warmed, tiny_llama_dir):
@@ -203,7 +187,6 @@ def test_warmup_compiles_every_key_and_only_touches_block_0(warmed, tiny_llama_d
     # Generation afterwards, through the policy's shapes, gives what a fresh engine gives:
     # transformers' greedy tokens (test_llama_vs_hf holds a fresh engine to those; comparing
     # with transformers here saves compiling a second engine's steps).
-    route_through_policy(runner, policy)
     _, hf_model = tiny_llama_dir
     prompts = [np.random.default_rng(i).integers(0, 256, n).tolist() for i, n in enumerate((3, 17, 40))]
     lengths = (12, 9, 20)
@@ -214,14 +197,11 @@ def test_warmup_compiles_every_key_and_only_touches_block_0(warmed, tiny_llama_d
 
 
 def test_steady_state_200_mixed_requests_compile_nothing_after_warmup(warmed):
-    """Needs the engine to pick shapes through the policy (route_through_policy stands in)."""
     engine, policy = warmed
-    runner = engine.model_runner
-    if runner.step.num_compilations < len(policy):
-        warmup(runner, policy, progress=False)
-        route_through_policy(runner, policy)
+    if engine.stats()["num_compilations"] < len(policy):
+        warmup(engine.model_runner, policy, progress=False)
     compiled = engine.stats()["num_compilations"]
-    assert compiled == len(policy)
+    assert compiled == len(policy) == engine.stats()["num_step_shapes"]
     rng = np.random.default_rng(1)
     counter = itertools.count()
     for wave_size in (80, 50, 70):  # waves: ramp up, drain, ramp up again
@@ -231,3 +211,11 @@ def test_steady_state_200_mixed_requests_compile_nothing_after_warmup(warmed):
         assert all(o.finished for o in outputs)
         assert engine.stats()["num_compilations"] == compiled
     assert next(counter) == 200
+
+
+def test_engine_warmup_option_compiles_every_shape_at_start_up(tiny_llama_dir):
+    path, _ = tiny_llama_dir
+    with Engine(str(path), warmup=True, **{**OPTIONS, "max_num_seqs": 2, "max_num_batched_tokens": 8}) as engine:
+        assert engine.stats()["num_compilations"] == len(engine.bucket_policy)
+        engine.generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=4))
+        assert engine.stats()["num_compilations"] == len(engine.bucket_policy)

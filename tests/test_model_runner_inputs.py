@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxllm.model_runner import ModelRunner, pick_bucket, power_of_two_buckets
+from jaxllm.model_runner import ModelRunner
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import ScheduledBatch, ScheduledSequence
 from jaxllm.sequence import Request, Sequence
@@ -32,23 +32,6 @@ def make_seq(request_id, prompt, outputs=(), *, num_computed, block_ids, seed=0,
     return seq
 
 
-@pytest.mark.parametrize("limit, expected", [
-    (1, (1,)), (2, (1, 2)), (3, (1, 2, 3)), (16, (1, 2, 4, 8, 16)), (12, (1, 2, 4, 8, 12)),
-])
-def test_power_of_two_buckets(limit, expected):
-    assert power_of_two_buckets(limit) == expected
-
-
-@pytest.mark.parametrize("n, expected", [(0, 1), (1, 1), (3, 4), (8, 8), (9, 12), (12, 12)])
-def test_pick_bucket_takes_the_smallest_that_fits(n, expected):
-    assert pick_bucket(n, (1, 2, 4, 8, 12)) == expected
-
-
-def test_pick_bucket_too_large_raises():
-    with pytest.raises(ValueError, match="13"):
-        pick_bucket(13, (1, 2, 4, 8, 12))
-
-
 def three_row_batch() -> ScheduledBatch:
     # a: prefill chunk, tokens 4..5 of a 6-token prompt (4 cached in block 7).
     a = make_seq("a", range(10, 16), num_computed=4, block_ids=[7, 3], seed=5,
@@ -65,14 +48,14 @@ def three_row_batch() -> ScheduledBatch:
 def test_model_runner_prepare_inputs_layout():
     inputs, sampling = make_runner().prepare_inputs(three_row_batch())
     get = lambda x: np.asarray(x).tolist()                              # noqa: E731
-    # 6 tokens -> bucket 8; 3 rows -> bucket 4; 3 context blocks at most -> bucket 4.
+    # The policy of a 16-token, 4-row, 8-block runner: 6 tokens in 3 rows -> (8, 4, 8).
     assert get(inputs.token_ids) == [14, 15, 29, 40, 41, 42, 0, 0]
     assert get(inputs.positions) == [4, 5, 9, 0, 1, 2, 0, 0]
     # slot = block_ids[pos // 4] * 4 + pos % 4; padding tokens write to block 0.
     assert get(inputs.slot_mapping) == [3 * 4 + 0, 3 * 4 + 1, 9 * 4 + 1, 24, 25, 26, 0, 1]
     assert get(inputs.token_rows) == [0, 0, 1, 2, 2, 2, -1, -1]
     # Tables hold the blocks of the cached context only; padding rows are all block 0.
-    assert get(inputs.block_tables) == [[7, 0, 0, 0], [5, 2, 9, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert get(inputs.block_tables) == [[7] + [0] * 7, [5, 2, 9] + [0] * 5, [0] * 8, [0] * 8]
     assert get(inputs.context_lens) == [4, 9, 0, 0]
     assert get(inputs.logits_indices) == [1, 2, 5, 0]
     assert all(np.asarray(x).dtype == np.int32 for x in (
@@ -101,7 +84,7 @@ def test_model_runner_prepare_inputs_leaves_no_stale_values_from_a_bigger_step()
     assert np.asarray(inputs.positions).tolist() == [5]
     assert np.asarray(inputs.slot_mapping).tolist() == [4 * 4 + 1]
     assert np.asarray(inputs.token_rows).tolist() == [0]
-    assert np.asarray(inputs.block_tables).tolist() == [[8, 4]]
+    assert np.asarray(inputs.block_tables).tolist() == [[8, 4] + [0] * 6]
     assert np.asarray(inputs.context_lens).tolist() == [5]
     assert np.asarray(inputs.logits_indices).tolist() == [0]
     np.testing.assert_allclose(sampling.temperature, [1.0])
@@ -138,6 +121,6 @@ def test_model_runner_prepare_inputs_fills_the_largest_buckets():
         ScheduledBatch([ScheduledSequence(s, 4) for s in seqs], preempted=[]))
     assert np.asarray(inputs.token_ids).shape == (16,)
     assert np.asarray(inputs.token_rows).tolist() == [r for r in range(4) for _ in range(4)]
-    assert np.asarray(inputs.block_tables).shape == (4, 1)
+    assert np.asarray(inputs.block_tables).shape == (4, 8)
     assert np.asarray(sampling.temperature).shape == (4,)
     assert np.asarray(inputs.logits_indices).tolist() == [3, 7, 11, 15]

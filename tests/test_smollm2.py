@@ -145,3 +145,20 @@ def test_smollm2_streamed_deltas_concatenate_to_final_text(engine, prompt):
     assert final.outputs[0].text == engine.tokenizer.decode(final.outputs[0].token_ids)
     assert not any("\ufffd" in d for d in deltas)
     assert len([d for d in deltas if d]) > 5
+
+
+def test_smollm2_beam_search_matches_transformers(engine, hf_model):
+    """Beam search with the model's own EOS on a chat prompt, as transformers' num_beams search."""
+    chat_text = engine.tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    prompt = engine.tokenizer.encode(chat_text, add_special_tokens=False)
+    out = engine.generate(prompt, SamplingParams(use_beam_search=True, beam_width=3, n=2, temperature=0,
+                                                 max_tokens=20, length_penalty=1.0))
+    eos = sorted(engine.eos_token_ids)
+    with torch.no_grad():
+        hf = hf_model.generate(torch.tensor([prompt]), num_beams=3, num_return_sequences=2, do_sample=False,
+                               max_new_tokens=20, eos_token_id=eos, pad_token_id=eos[0])
+    expected = []
+    for row in hf[:, len(prompt):].tolist():
+        ends = [i for i, t in enumerate(row) if t in eos]
+        expected.append(row[:ends[0] + 1] if ends else row)
+    assert [c.token_ids for c in out.outputs] == expected
