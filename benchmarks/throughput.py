@@ -182,6 +182,8 @@ def make_engine(args, max_num_seqs: int):
     from jaxllm import Engine
 
     options = {"max_model_len": args.max_model_len} if args.max_model_len else {}
+    if args.prefill_first is not None:
+        options["prefill_first"] = args.prefill_first == "on"
     start = time.perf_counter()
     engine = Engine(args.model, dtype=args.dtype, max_num_seqs=max_num_seqs,
                     max_num_batched_tokens=max(args.max_num_batched_tokens, max_num_seqs), **options)
@@ -424,6 +426,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workload", help="JSON list of {prompt_token_ids, max_tokens}")
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--prefill-first", choices=("on", "off"), default=None,
+                        help="EngineConfig.prefill_first (default: the platform's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--warmup", choices=["replay", "short"], default="replay")

@@ -116,6 +116,9 @@ class EngineConfig:
         enable_prefix_caching: reuse the KV blocks of identical prompt prefixes across requests.
         max_logprobs: the most alternatives a request may ask for through ``logprobs`` or
             ``prompt_logprobs`` (the width of the compiled top-k, as vLLM's max_logprobs).
+        prefill_first: steps that can admit waiting requests run prefills only, instead of
+            mixing prefill chunks with running decodes. None picks per platform: on CPU, where
+            the reference attention gathers the widest context of the step for every token.
         warmup: compile every step shape of the bucket policy (``jaxllm.buckets``) at start-up,
             with a progress bar, so serving never stops to compile the plain sampling path.
     """
@@ -133,6 +136,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_logprobs: int = 20
     warmup: bool = False
+    prefill_first: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in (None, "float32", "bfloat16"):

@@ -83,7 +83,8 @@ class Engine:
             scan_layers=c.scan_layers)
         kv_cache = allocate_kv_cache(mc, c.num_blocks, c.block_size, c.dtype)
         self.kv_cache_manager = KVCacheManager(c.num_blocks, c.block_size, c.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_cache_manager, c.max_num_seqs, c.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv_cache_manager, c.max_num_seqs, c.max_num_batched_tokens,
+                                   c.prefill_first)
         self.strategies = {s.name: s for s in registered_strategies()}
         sampler = Sampler(tuple(self.strategies.values()), c.max_logprobs,
                           lambda logits, use: self.model_runner.host_logits_processor(logits, use))
@@ -432,6 +433,7 @@ def _resolve_engine_config(options: EngineConfig, model: ModelConfig, platform: 
     return dataclasses.replace(
         options, dtype=dtype, max_model_len=max_model_len, num_blocks=num_blocks,
         scan_layers=(not on_cpu) if options.scan_layers is None else options.scan_layers,
+        prefill_first=on_cpu if options.prefill_first is None else options.prefill_first,
         attention=options.attention or default_attention(platform))
 
 

@@ -58,10 +58,11 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, prefill_first: bool = False) -> None:
         self.kv_cache_manager = kv_cache_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_first = prefill_first
         self.waiting: list[Sequence] = []  # sorted by _waiting_keys
         self._waiting_keys: list[tuple[int, int]] = []  # (priority, order), ascending
         self.running: list[Sequence] = []  # in admission order: the last one is the newest
@@ -103,8 +104,13 @@ class Scheduler:
         scheduled: list[ScheduledSequence] = []
         preempted: list[Sequence] = []
 
-        # Decodes first so a long prefill never starves running generations.
+        # Decodes first so a long prefill never starves running generations. With
+        # prefill_first, a step that can admit a waiting sequence runs prefills only: fresh
+        # prompts have no cached context to gather, where beside long decodes every prefill
+        # token would gather the step's widest context (costly for the CPU reference attention).
         candidates = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
+        if self.prefill_first and self._can_admit():
+            candidates = [s for s in candidates if s.num_uncomputed_tokens > 1]
         for seq in candidates:
             # A beam waiting for its siblings' candidates has nothing to compute.
             if (budget == 0 or seq in preempted or seq.num_uncomputed_tokens == 0
@@ -153,6 +159,18 @@ class Scheduler:
             budget -= num_new
         return ScheduledBatch(scheduled=scheduled, preempted=preempted,
                               block_copies=kv.take_block_copies())
+
+    def _can_admit(self) -> bool:
+        """Whether the first admissible waiting sequence fits now (as the admission loop asks)."""
+        if len(self.running) >= self.max_num_seqs:
+            return False
+        seq = next((w for w in self.waiting if not _is_parked(w)), None)
+        if seq is None:
+            return False
+        kv = self.kv_cache_manager
+        cached_block_ids = kv.get_cached_prefix(seq)
+        num_new = min(seq.num_tokens - len(cached_block_ids) * kv.block_size, self.max_num_batched_tokens)
+        return kv.can_allocate(seq, num_new, cached_block_ids)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -35,9 +35,10 @@ class FakeEngine:
     """A scheduler plus a fake step and the executor's postprocess, checking invariants."""
 
     def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, enable_prefix_caching: bool = True) -> None:
+                 max_num_batched_tokens: int, enable_prefix_caching: bool = True,
+                 prefill_first: bool = False) -> None:
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, prefill_first)
         self.cache: dict[int, tuple[int, ...]] = {}  # slot -> the K/V stand-in written there
         self.finished: list[Sequence] = []
         self.batches: list[list[tuple[str, int]]] = []
@@ -197,6 +198,23 @@ def test_scheduler_decodes_are_never_starved_by_a_long_prefill():
     # a's 2 tokens then b's chunk; a decodes first on every later step, b takes the rest.
     assert engine.batches == [[("a", 2), ("b", 6)], [("a", 1), ("b", 7)],
                               [("a", 1), ("b", 7)], [("a", 1), ("b", 1)]]
+
+
+def test_scheduler_prefill_first_runs_admissions_without_decodes():
+    engine = FakeEngine(num_blocks=32, block_size=4, max_num_seqs=2, max_num_batched_tokens=8,
+                        prefill_first=True)
+    engine.add(make_seq("a", [1, 2], max_tokens=3))
+    engine.step()
+    engine.add(make_seq("b", list(range(10)), max_tokens=2))
+    engine.add(make_seq("c", [7, 8], max_tokens=2))
+    engine.run()
+    # b is admitted alone (a's decode waits); then the seats are full, so a decodes beside
+    # b's last chunk; c gets a seat when one frees. Everyone finishes with the expected tokens.
+    assert engine.batches[:3] == [[("a", 2)], [("b", 8)], [("a", 1), ("b", 2)]]
+    assert ("c", 2) in [item for batch in engine.batches for item in batch]
+    assert all(seq.token_ids == expected_tokens(seq.token_ids[:len(seq.token_ids) - n], n)
+               for seq, n in ((s, s.request.sampling_params.max_tokens) for s in engine.finished))
+    assert len(engine.finished) == 3
 
 
 def test_scheduler_puts_running_decodes_before_running_prefill_chunks():
