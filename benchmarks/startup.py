@@ -5,7 +5,7 @@ cache at a new empty folder; "warm" is a second process on the same folder, so i
 compiled steps the first one wrote. The converted model stays in the jaxllm cache
 (``$JAXLLM_CACHE`` / ``jaxllm.model_source.cache_dir()``) and is reused, so GGUF conversion is
 not counted. With ``--modes warmup`` every step shape of the bucket policy is compiled at start
-(``Engine(warmup=True)`` when the engine has that option, else ``jaxllm.warmup.warmup``).
+(``Engine(warmup=True)``; with ``--max-keys N`` only the first N, through ``jaxllm.warmup.warmup``).
 
     python benchmarks/startup.py                      # SmolLM2-135M, plain and warmup modes
     python benchmarks/startup.py --model DIR --modes plain --out startup.json
@@ -14,8 +14,6 @@ not counted. With ``--modes warmup`` every step shape of the bucket policy is co
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
 import json
 import os
 import subprocess
@@ -25,14 +23,6 @@ import time
 from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "startup.json"
-
-
-def engine_supports_warmup() -> bool:
-    from jaxllm import Engine
-    from jaxllm.config import EngineConfig
-
-    return ("warmup" in inspect.signature(Engine.__init__).parameters
-            or "warmup" in {f.name for f in dataclasses.fields(EngineConfig)})
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -47,14 +37,14 @@ def child(args: argparse.Namespace) -> dict:
 
     imported = time.perf_counter()
     options = json.loads(args.engine_options)
-    builtin = args.warmup and engine_supports_warmup()
+    # The whole policy through Engine(warmup=True); a first few keys (--max-keys) by hand.
+    builtin = args.warmup and not args.max_keys
     engine = Engine(args.model, **options, **({"warmup": True} if builtin else {}))
     created = time.perf_counter()
     policy = BucketPolicy.from_config(engine.config)
     num_warmed = 0
     if args.warmup and not builtin:
-        keys = policy.keys()[:args.max_keys] if args.max_keys else None
-        num_warmed = warmup(engine.model_runner, policy, progress=False, keys=keys)
+        num_warmed = warmup(engine.model_runner, policy, progress=False, keys=policy.keys()[:args.max_keys])
     warmed = time.perf_counter()
     prompt = {"prompt_token_ids": list(range(1, 9))}
     output = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
