@@ -19,7 +19,9 @@ search (``GenerationMixin._beam_search``) step for step, so results equal
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from collections.abc import Sequence as SequenceT
+from typing import Any
 
 _NEG = -1.0e9  # transformers' "impossible" score, kept identical so ties resolve the same way
 
@@ -63,6 +65,14 @@ class BeamSearchState:
         self.hypotheses = [Hypothesis((), (), _NEG, False)] * beam_width
         self.improvement_possible = True
         self.done = False
+
+    @classmethod
+    def for_request(cls, params: Any, eos_token_ids: Iterable[int]) -> BeamSearchState:
+        """The search a request's SamplingParams ask for; stop_token_ids end beams like EOS,
+        and the model's EOS does too unless ``ignore_eos``."""
+        eos = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+        return cls(params.beam_width, params.max_tokens, frozenset(eos), params.length_penalty,
+                   params.early_stopping)
 
     def step(self, beams: SequenceT[tuple[SequenceT[int], SequenceT[float]]],
              top_candidates: SequenceT[tuple[SequenceT[int], SequenceT[float]]]) -> list[BeamCandidate]:

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import tqdm.auto as tqdm
 
+from jaxllm.beam_search import BeamSearchState
 from jaxllm.buckets import BucketPolicy
 from jaxllm.config import EngineConfig, ModelConfig
 from jaxllm.executor import Executor, RequestHandle
@@ -339,8 +340,8 @@ class Engine:
             ("logprobs", params.logprobs is not None)) if used]
         if unsupported:
             raise ValueError(f"use_beam_search does not support {', '.join(unsupported)}")
-        num_eos = len(set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids)))
-        needed = max(2, 1 + num_eos) * params.beam_width
+        search = BeamSearchState.for_request(params, self.eos_token_ids)
+        num_eos, needed = len(search.eos_token_ids), search.num_candidates
         if needed > self.config.max_logprobs:
             raise ValueError(f"beam_width={params.beam_width} with {num_eos} EOS / stop token ids needs "
                              f"{needed} candidates per beam, over max_logprobs ({self.config.max_logprobs}); "

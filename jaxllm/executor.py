@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Callable, Iterator
 
-from jaxllm.beam_search import BeamSearchState
+from jaxllm.beam_search import BeamSearchState, Hypothesis
 from jaxllm.model_runner import ModelRunner, RowResults
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
@@ -282,7 +282,7 @@ class Executor:
             for beam in beams:
                 if not beam.is_finished:
                     self.scheduler.finish(beam, "stop")
-            group.final = [_hypothesis_sequence(beams[0], h)
+            group.final = [_hypothesis_sequence(beams[0], h, group.beam.eos_token_ids)
                            for h in group.beam.best(beams[0].request.sampling_params.n)]
             return
         used: set[int] = set()
@@ -368,21 +368,17 @@ def _new_sequence(request: Request) -> Sequence:
     seq = Sequence.from_request(request)
     params = request.sampling_params
     if params.use_beam_search:
-        eos = set(params.stop_token_ids) | (set() if params.ignore_eos else set(request.eos_token_ids))
-        seq.group = SequenceGroup([seq], beam=BeamSearchState(
-            params.beam_width, params.max_tokens, frozenset(eos), params.length_penalty,
-            params.early_stopping))
+        seq.group = SequenceGroup([seq], beam=BeamSearchState.for_request(params, request.eos_token_ids))
     elif params.n > 1:
         seq.group = SequenceGroup([seq])
     return seq
 
 
-def _hypothesis_sequence(beam: Sequence, hypothesis) -> Sequence:
+def _hypothesis_sequence(beam: Sequence, hypothesis: Hypothesis, eos_token_ids: frozenset[int]) -> Sequence:
     """A finished beam-search hypothesis as a Sequence the OutputProcessor can report."""
     request = beam.request
     last = hypothesis.output_token_ids[-1] if hypothesis.output_token_ids else None
-    eos = set(request.sampling_params.stop_token_ids) | set(request.eos_token_ids)
     return Sequence(request=request, token_ids=[*request.prompt_token_ids, *hypothesis.output_token_ids],
                     metrics=beam.metrics, status=SequenceStatus.FINISHED,
                     output_logprobs=list(hypothesis.output_logprobs), prompt_logprobs=beam.prompt_logprobs,
-                    finish_reason="stop" if last in eos else "length")
+                    finish_reason="stop" if last in eos_token_ids else "length")

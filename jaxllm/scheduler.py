@@ -118,8 +118,7 @@ class Scheduler:
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             while not kv.can_allocate(seq, num_new):
-                parked = [s for s in self.running if _is_parked(s)]
-                victim = parked[-1] if parked else self.running[-1]
+                victim = self._newest_parked() or self.running[-1]
                 for i, item in enumerate(scheduled):
                     if item.seq is victim:
                         budget += scheduled.pop(i).num_new_tokens
@@ -134,20 +133,18 @@ class Scheduler:
                 budget -= num_new
 
         # Admit waiting sequences only when nothing had to be preempted this step.
-        while (not preempted and budget > 0 and len(self.running) < self.max_num_seqs):
-            index = next((i for i, w in enumerate(self.waiting) if not _is_parked(w)), None)
-            if index is None:
+        while not preempted and budget > 0:
+            head = self._admission_head(budget)
+            if head is None:
                 break
-            seq = self.waiting[index]
-            cached_block_ids = kv.get_cached_prefix(seq)
-            num_new = min(seq.num_tokens - len(cached_block_ids) * kv.block_size, budget)
-            if not kv.can_allocate(seq, num_new, cached_block_ids):
+            index, seq, cached_block_ids, num_new, fits = head
+            if not fits:
                 # Parked beams hold blocks but cannot move: when they are what blocks
                 # admission, they step aside (else beam groups could wait on each other).
-                parked = [s for s in self.running if _is_parked(s)]
-                if not parked:
+                parked = self._newest_parked()
+                if parked is None:
                     break
-                self._preempt(parked[-1])
+                self._preempt(parked)
                 continue
             self._dequeue(index)
             kv.allocate(seq, num_new, cached_block_ids)
@@ -160,17 +157,28 @@ class Scheduler:
         return ScheduledBatch(scheduled=scheduled, preempted=preempted,
                               block_copies=kv.take_block_copies())
 
-    def _can_admit(self) -> bool:
-        """Whether the first admissible waiting sequence fits now (as the admission loop asks)."""
+    def _admission_head(self, budget: int) -> tuple[int, Sequence, list[int], int, bool] | None:
+        """The next waiting sequence to admit, if a seat is free and one is not parked: its
+        queue index, itself, its cached prefix blocks, its first chunk within ``budget``, and
+        whether the blocks for that chunk are free."""
         if len(self.running) >= self.max_num_seqs:
-            return False
-        seq = next((w for w in self.waiting if not _is_parked(w)), None)
-        if seq is None:
-            return False
-        kv = self.kv_cache_manager
+            return None
+        index = next((i for i, w in enumerate(self.waiting) if not _is_parked(w)), None)
+        if index is None:
+            return None
+        seq, kv = self.waiting[index], self.kv_cache_manager
         cached_block_ids = kv.get_cached_prefix(seq)
-        num_new = min(seq.num_tokens - len(cached_block_ids) * kv.block_size, self.max_num_batched_tokens)
-        return kv.can_allocate(seq, num_new, cached_block_ids)
+        num_new = min(seq.num_tokens - len(cached_block_ids) * kv.block_size, budget)
+        return index, seq, cached_block_ids, num_new, kv.can_allocate(seq, num_new, cached_block_ids)
+
+    def _can_admit(self) -> bool:
+        """Whether the admission loop would admit a waiting sequence on a fresh budget."""
+        head = self._admission_head(self.max_num_batched_tokens)
+        return head is not None and head[-1]
+
+    def _newest_parked(self) -> Sequence | None:
+        parked = [s for s in self.running if _is_parked(s)]
+        return parked[-1] if parked else None
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

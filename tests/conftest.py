@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # Keep tests hermetic: never reach a hub, keep converted models and XLA caches per session.
@@ -29,6 +30,12 @@ def make_tiny_llama(path: Path, seed: int = 0, **overrides):
                 param.normal_(0, 0.5)
     model.save_pretrained(path)
     return model
+
+
+def random_prompts(lengths, seed: int = 0, vocab: int = 256) -> list[list[int]]:
+    """Prompts of the given lengths, random token ids below ``vocab`` (the tiny models')."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
 
 
 @pytest.fixture(scope="session")

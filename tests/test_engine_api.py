@@ -6,8 +6,8 @@ import json
 import shutil
 import threading
 
-import numpy as np
 import pytest
+from conftest import random_prompts
 
 from jaxllm import Engine, EngineDeadError, SamplingParams
 from jaxllm.models.registry import UnsupportedArchitectureError
@@ -24,13 +24,8 @@ def engine(tiny_llama_dir):
         yield eng
 
 
-def _prompts(lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, n).tolist() for n in lengths]
-
-
 def test_engine_generate_accepts_every_prompt_form(engine):
-    prompt = _prompts([6])[0]
+    prompt = random_prompts([6])[0]
     single = engine.generate(prompt, GREEDY)
     as_dict = engine.generate({"prompt_token_ids": prompt}, GREEDY)
     batch = engine.generate([prompt, {"prompt_token_ids": prompt}], [GREEDY, GREEDY], use_tqdm=False)
@@ -45,7 +40,7 @@ def test_engine_generate_accepts_every_prompt_form(engine):
 
 def test_engine_batch_independence_greedy_and_seeded(engine):
     """8 prompts of different lengths together give exactly what each gives alone."""
-    prompts = _prompts([1, 3, 7, 12, 20, 33, 50, 64], seed=1)
+    prompts = random_prompts([1, 3, 7, 12, 20, 33, 50, 64], seed=1)
     params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True) if i % 2 else
               SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=i, max_tokens=12,
                              ignore_eos=True) for i in range(8)]
@@ -57,7 +52,7 @@ def test_engine_batch_independence_greedy_and_seeded(engine):
 
 
 def test_engine_seed_reproducible_and_seeds_differ(engine):
-    prompt = _prompts([5], seed=2)[0]
+    prompt = random_prompts([5], seed=2)[0]
     make = lambda seed: SamplingParams(temperature=1.5, seed=seed, max_tokens=16, ignore_eos=True)
     a = engine.generate(prompt, make(7)).outputs[0].token_ids
     b = engine.generate(prompt, make(7)).outputs[0].token_ids
@@ -67,7 +62,7 @@ def test_engine_seed_reproducible_and_seeds_differ(engine):
 
 
 def test_engine_stop_token_ids_end_generation(engine):
-    prompt = _prompts([9], seed=3)[0]
+    prompt = random_prompts([9], seed=3)[0]
     full = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     tokens = full.outputs[0].token_ids
     stop = tokens[4]
@@ -82,7 +77,7 @@ def test_engine_eos_list_from_generation_config_and_ignore_eos(tiny_llama_dir, t
     src, _ = tiny_llama_dir
     path = tmp_path / "model"
     shutil.copytree(src, path)
-    prompt = _prompts([9], seed=3)[0]
+    prompt = random_prompts([9], seed=3)[0]
     with Engine(str(path), **OPTIONS) as eng:
         tokens = eng.generate(prompt, GREEDY).outputs[0].token_ids
     eos = tokens[3]
@@ -186,10 +181,10 @@ def test_engine_shutdown_stops_thread_and_refuses_work(tiny_llama_dir):
 
 def test_engine_steady_state_does_not_recompile(engine):
     lengths = [4, 9, 17, 30]
-    engine.generate(_prompts(lengths, seed=5), GREEDY, use_tqdm=False)
+    engine.generate(random_prompts(lengths, seed=5), GREEDY, use_tqdm=False)
     before = engine.stats()["num_compilations"]
     # Same shapes, new content (and no prefix-cache hits, which would change the shapes).
-    engine.generate(_prompts(lengths, seed=6), GREEDY, use_tqdm=False)
+    engine.generate(random_prompts(lengths, seed=6), GREEDY, use_tqdm=False)
     stats = engine.stats()
     assert stats["num_compilations"] == before
     assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0
@@ -225,7 +220,7 @@ def test_engine_interrupted_generate_aborts_its_requests(engine):
     executor_module.RequestHandle.result = interrupted
     try:
         with pytest.raises(KeyboardInterrupt):
-            engine.generate(_prompts([5, 6, 7], seed=9),
+            engine.generate(random_prompts([5, 6, 7], seed=9),
                             SamplingParams(temperature=0, max_tokens=60, ignore_eos=True),
                             use_tqdm=False)
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_prompts
 
 from jaxllm import Engine, SamplingParams, register_strategy
 
@@ -27,11 +28,6 @@ def tiny(tiny_llama_dir):
         yield engine, hf_model
 
 
-def _prompts(lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, n).tolist() for n in lengths]
-
-
 def _hf_log_softmax(hf_model, token_ids):
     import torch
 
@@ -42,7 +38,7 @@ def _hf_log_softmax(hf_model, token_ids):
 
 def test_changing_sampling_values_never_recompiles(tiny):
     engine, _ = tiny
-    prompts = _prompts([5, 9, 12, 7, 3, 10, 6, 8], seed=1)
+    prompts = random_prompts([5, 9, 12, 7, 3, 10, 6, 8], seed=1)
 
     def batch(shift):
         return [SamplingParams(temperature=0.3 + shift + 0.1 * i, top_k=i + int(shift * 6), top_p=0.5 + 0.05 * i,
@@ -60,29 +56,29 @@ def test_changing_sampling_values_never_recompiles(tiny):
 
 def test_seeded_request_same_tokens_alone_in_a_batch_chunked_and_preempted(tiny_llama_dir):
     path, _ = tiny_llama_dir
-    prompt = _prompts([40], seed=2)[0]
+    prompt = random_prompts([40], seed=2)[0]
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=24,
                             ignore_eos=True, repetition_penalty=1.1)
     others = [SamplingParams(temperature=t, seed=s, max_tokens=24, ignore_eos=True)
               for t, s in ((0.0, 1), (1.5, 2), (0.7, 3))]
     with Engine(str(path), **OPTIONS) as engine:
         alone = engine.generate(prompt, params).outputs[0].token_ids
-        mixed = engine.generate(_prompts([7, 30, 11], seed=3) + [prompt], others + [params], use_tqdm=False)
+        mixed = engine.generate(random_prompts([7, 30, 11], seed=3) + [prompt], others + [params], use_tqdm=False)
         assert mixed[-1].outputs[0].token_ids == alone
     # 16-token budget: the 40-token prompt is prefilled in chunks beside the others' decodes.
     with Engine(str(path), **{**OPTIONS, "max_num_batched_tokens": 16}) as chunked:
-        out = chunked.generate([prompt] + _prompts([20, 25], seed=4), [params] + others[:2], use_tqdm=False)
+        out = chunked.generate([prompt] + random_prompts([20, 25], seed=4), [params] + others[:2], use_tqdm=False)
         assert out[0].outputs[0].token_ids == alone
     # A pool too small for all at once: someone is preempted and recomputed.
     with Engine(str(path), **{**OPTIONS, "num_blocks": 13, "enable_prefix_caching": False}) as tight:
-        out = tight.generate(_prompts([30, 30], seed=5) + [prompt], others[1:] + [params], use_tqdm=False)
+        out = tight.generate(random_prompts([30, 30], seed=5) + [prompt], others[1:] + [params], use_tqdm=False)
         assert tight.stats()["num_preemptions"] > 0
         assert out[-1].outputs[0].token_ids == alone
 
 
 def test_logprobs_and_prompt_logprobs_equal_transformers(tiny):
     engine, hf_model = tiny
-    prompt = _prompts([11], seed=6)[0]
+    prompt = random_prompts([11], seed=6)[0]
     out = engine.generate(prompt, SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True,
                                                  logprobs=3, prompt_logprobs=2))
     completion = out.outputs[0]
@@ -107,7 +103,7 @@ def test_logprobs_and_prompt_logprobs_equal_transformers(tiny):
 
 def test_prompt_logprobs_across_chunks_and_with_a_cached_prefix(tiny_llama_dir):
     path, hf_model = tiny_llama_dir
-    prompt = _prompts([45], seed=7)[0]
+    prompt = random_prompts([45], seed=7)[0]
     expected = _hf_log_softmax(hf_model, prompt)
     with Engine(str(path), **{**OPTIONS, "max_num_batched_tokens": 16}) as engine:
         engine.generate(prompt, SamplingParams(temperature=0, max_tokens=2))     # fills the prefix cache
@@ -120,7 +116,7 @@ def test_repetition_penalty_greedy_equals_transformers(tiny):
     import torch
 
     engine, hf_model = tiny
-    prompts = _prompts([6, 13], seed=8)
+    prompts = random_prompts([6, 13], seed=8)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.8)
     outputs = engine.generate(prompts, params, use_tqdm=False)
     for prompt, out in zip(prompts, outputs):
@@ -131,7 +127,7 @@ def test_repetition_penalty_greedy_equals_transformers(tiny):
 
 def test_frequency_and_presence_penalties_stop_a_repeating_greedy_loop(tiny):
     engine, _ = tiny
-    prompt = _prompts([8], seed=9)[0]
+    prompt = random_prompts([8], seed=9)[0]
     plain = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
     penalised = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
                                                        frequency_penalty=2.0, presence_penalty=2.0))
@@ -142,7 +138,7 @@ def test_frequency_and_presence_penalties_stop_a_repeating_greedy_loop(tiny):
 
 def test_logit_bias_allowed_token_ids_and_min_tokens(tiny):
     engine, _ = tiny
-    prompt = _prompts([9], seed=10)[0]
+    prompt = random_prompts([9], seed=10)[0]
     allowed = engine.generate(prompt, SamplingParams(temperature=1.0, seed=0, max_tokens=20, ignore_eos=True,
                                                      allowed_token_ids=[3, 70, 200]))
     assert set(allowed.outputs[0].token_ids) <= {3, 70, 200}
@@ -159,7 +155,7 @@ def test_logit_bias_allowed_token_ids_and_min_tokens(tiny):
 
 def test_registered_strategy_runs_beside_builtins_in_one_engine(tiny_llama_dir):
     path, _ = tiny_llama_dir
-    prompts = _prompts([5, 8, 6], seed=11)
+    prompts = random_prompts([5, 8, 6], seed=11)
     greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     forced = SamplingParams(temperature=1.0, seed=5, max_tokens=10, ignore_eos=True,
                             strategy="test_force_token", strategy_args={"token": 99})
@@ -184,7 +180,7 @@ def test_python_logits_processor_is_applied_per_request(tiny):
         logits[(len(output_token_ids) + 10) % 256] = 0.0
         return logits
 
-    prompts = _prompts([7, 7], seed=12)
+    prompts = random_prompts([7, 7], seed=12)
     out = engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
                                                    logits_processors=[ban_all_but_next]),
                                     SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)],

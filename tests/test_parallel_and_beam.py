@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import make_tiny_llama, random_prompts
 
 from jaxllm import Engine, RequestOutputKind, SamplingParams
 from jaxllm.beam_search import BeamSearchState
-
-from conftest import make_tiny_llama
 
 OPTIONS = dict(max_model_len=96, num_blocks=64, block_size=8, max_num_seqs=8,
                max_num_batched_tokens=64, max_logprobs=16)
@@ -23,7 +22,7 @@ def tiny(tiny_llama_dir):
 
 
 def _prompt(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, n).tolist()
+    return random_prompts([n], seed)[0]
 
 
 def test_n_completions_share_the_prompt_blocks_and_differ(tiny):
