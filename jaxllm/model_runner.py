@@ -1,7 +1,8 @@
 """ModelRunner: ScheduledBatch -> bucketed StepInputs -> one compiled step -> host tokens.
 
 It owns preallocated numpy buffers sized for the largest bucket, fills them in place each
-step, ships them with one ``device_put`` and reads the outputs back with one transfer.
+step, hands copies to the compiled step (whose call transfers them) and reads the outputs back
+with one transfer.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class ModelRunner:
         self._processor_rows: dict[int, Sequence] = {}
 
     def prepare_inputs(self, batch: ScheduledBatch) -> tuple[StepInputs, SamplingTensors]:
-        """Packs the batch into bucketed host arrays and moves them to the device in one call."""
+        """Packs the batch into bucketed host arrays for the step."""
         b, bs = self._buf, self.block_size
         scheduled = batch.scheduled
         max_ctx = max(item.seq.num_computed_tokens for item in scheduled)
@@ -135,9 +136,9 @@ class ModelRunner:
             use_processors=self._use_processors(rows),
             logit_bias=self._logit_bias(scheduled, rows),
             prompt_next_ids=self._prompt_next_ids(scheduled, num_tokens))
-        # Copy out of the reused buffers: on CPU device_put may alias an aligned numpy array,
+        # Copy out of the reused buffers: on CPU a transfer may alias an aligned numpy array,
         # and the next step rewrites these buffers while this one may still be in flight.
-        return jax.device_put(jax.tree_util.tree_map(np.copy, (inputs, sampling)))
+        return jax.tree_util.tree_map(np.copy, (inputs, sampling))
 
     def _fill_sampling_row(self, r: int, seq: Sequence) -> None:
         rows, params = self._buf.rows, seq.request.sampling_params

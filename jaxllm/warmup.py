@@ -60,7 +60,7 @@ def warmup(model_runner: Any, policy: BucketPolicy, *, progress: bool = True,
     step, width = model_runner.step, model_runner.num_strategy_args
     before = step.num_compilations
     for key in tqdm.tqdm(keys, desc="Compiling steps", unit="step", disable=not progress):
-        inputs, sampling = jax.device_put(padding_step_inputs(key, model_runner.block_size, width))
+        inputs, sampling = padding_step_inputs(key, model_runner.block_size, width)
         model_runner.kv_cache, outputs = step(model_runner.params, model_runner.kv_cache, inputs, sampling)
         jax.block_until_ready(outputs)
     return step.num_compilations - before
