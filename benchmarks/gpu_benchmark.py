@@ -488,6 +488,9 @@ def jaxllm_section(plan: Plan, model_dir: Path, attention: str, seed: int) -> Ca
             for key in workloads:
                 print(f"jaxllm[{attention}]: {key} ...", flush=True)
                 part(key, lambda key=key: measure(key))
+            print(f"jaxllm[{attention}]: batch1 with async_scheduling off ...", flush=True)
+            engine._executor.async_scheduling = False   # the same engine, one step at a time
+            part("batch1_sync", lambda: measure("batch1"))
             if all("error" in entry[key] for key in workloads):
                 raise RuntimeError(f"every run failed; first: {entry['batch1']['error']}")
         finally:
@@ -544,6 +547,12 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
         rows.append((f"batch-1 decode ms/step ({attention})", f"{ms:.2f}" if ms else why or "?",
                      f"{floor:.3f} (HBM floor)" if floor else f"HBM floor: {hbm_why}",
                      f"{ms / floor:.1f}x floor" if ms and floor else ""))
+        sync, sync_why = _part(results, section, "batch1_sync")
+        sync_ms = sync and sync.get("ms_per_step")
+        rows.append((f"batch-1 decode ms/step ({attention}), async scheduling vs one step at a time",
+                     f"{ms:.2f}" if ms else why or "?",
+                     f"{sync_ms:.2f} (sync)" if sync_ms else sync_why or "?",
+                     f"{sync_ms / ms:.2f}x faster" if ms and sync_ms else ""))
         rows.append((f"batch-1 decode ms/step ({attention}) vs HF", f"{ms:.2f}" if ms else why or "?",
                      f"{hf_b1['ms_per_step']:.2f} (HF)" if hf_b1 else f"HF: {hf_b1_why}",
                      f"{hf_b1['ms_per_step'] / ms:.2f}x faster" if ms and hf_b1 else ""))

@@ -121,6 +121,10 @@ class EngineConfig:
             the reference attention gathers the widest context of the step for every token.
         warmup: compile every step shape of the bucket policy (``jaxllm.buckets``) at start-up,
             with a progress bar, so serving never stops to compile the plain sampling path.
+        async_scheduling: schedule and dispatch each step before the previous step's tokens
+            reach the host (the device feeds them to the next step), so host work hides behind
+            the device (vLLM's ``async_scheduling``). False runs one step at a time: for
+            debugging, and to measure what the overlap buys.
     """
 
     dtype: str | None = None
@@ -137,6 +141,7 @@ class EngineConfig:
     max_logprobs: int = 20
     warmup: bool = False
     prefill_first: bool | None = None
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in (None, "float32", "bfloat16"):

@@ -97,7 +97,8 @@ class Engine:
         if c.warmup:
             warmup(self.model_runner, self.bucket_policy)
         self._executor = Executor(self.scheduler, self.model_runner,
-                                  OutputProcessor(self.tokenizer), c.max_model_len)
+                                  OutputProcessor(self.tokenizer), c.max_model_len,
+                                  async_scheduling=c.async_scheduling)
         self._request_counter = itertools.count()
         self._seed_rng = np.random.default_rng(c.seed)
         self._seed_lock = threading.Lock()
@@ -215,7 +216,7 @@ class Engine:
         """Engine-wide counters: queue sizes, KV usage, steps, compilations, time and tokens/s."""
         s = self._executor.stats
         kv = self.kv_cache_manager
-        busy = s.host_time_s - s.overlapped_host_time_s + s.device_time_s
+        busy = s.host_time_s + s.device_wait_time_s   # wall time with work to do
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
@@ -234,6 +235,7 @@ class Engine:
             "num_step_shapes": len(self.bucket_policy),
             "host_time_s": s.host_time_s,
             "device_time_s": s.device_time_s,
+            "device_wait_time_s": s.device_wait_time_s,
             "overlapped_host_time_s": s.overlapped_host_time_s,
             "generated_tokens_per_s": s.num_generated_tokens / busy if busy else 0.0,
         }

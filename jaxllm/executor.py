@@ -1,16 +1,23 @@
 """The executor: a background thread that turns queued requests into tokens.
 
-One iteration of the loop:
+One iteration of the loop, with step N - 1 still running on the device:
   1. fetch     drain the request queue: new sequences join the scheduler, aborts finish theirs;
                block when there is no work at all.
   2. schedule  the Scheduler picks rows and token counts (decodes first, then prefill chunks)
-               and allocates their KV blocks (prefix-cache hits included).
-  3. prepare   the ModelRunner packs bucketed inputs and dispatches the compiled step, which
-               returns at once: the device runs while the host goes on.
-  4. overlap   meanwhile, the previous step's news goes out: incremental detokenization and
-               RequestOutputs for every caller.
-  5. outputs   wait for this step's tokens (one transfer), append them, check stop conditions,
-               finish and free; the callers hear about them during the next step.
+               for step N and allocates their KV blocks (prefix-cache hits included). A decode
+               row may compute the token step N - 1 is still sampling: the sequence counts it
+               as pending, and the device feeds it from step N - 1's outputs to step N.
+  3. prepare   the ModelRunner packs bucketed inputs and dispatches step N, which returns at
+               once; the sequences advance as if it had run (computed tokens, pending token).
+  4. outputs   wait for step N - 1's tokens (one transfer), append them, check stop
+               conditions, finish and free, and send the callers their news (incremental
+               detokenization, RequestOutputs), all while the device runs step N.
+So the device always has the next step queued and the host's work hides behind it. The price is
+one wasted row per sequence that stops on EOS, a stop token or a stop string: it was already in
+step N when step N - 1's token ended it (its K/V write is harmless, the token is dropped).
+Sequences whose next step needs every token on the host (beam search, penalties, Python logits
+processors) wait for their pending token instead, and a step with Python logits processors is
+finished before the next is prepared (as every step is with ``async_scheduling=False``).
 
 Callers hold a RequestHandle. Any exception in the loop fails every pending handle with
 EngineDeadError (never a hang), and the engine refuses new work from then on.
@@ -31,6 +38,7 @@ from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import RequestOutputKind
 from jaxllm.scheduler import ScheduledBatch, Scheduler
 from jaxllm.sequence import Request, Sequence, SequenceGroup, SequenceStatus, child_seed
+from jaxllm.step_inputs import StepOutputs
 
 
 class EngineDeadError(RuntimeError):
@@ -76,15 +84,29 @@ class ExecutorStats:
     num_steps: int = 0
     num_generated_tokens: int = 0
     num_tokens_computed: int = 0
-    host_time_s: float = 0.0    # schedule, prepare, deliver outputs, postprocess
-    device_time_s: float = 0.0  # from step dispatch until its outputs are on the host
-    overlapped_host_time_s: float = 0.0  # host work done while the device ran a step
+    host_time_s: float = 0.0         # schedule, prepare, dispatch, postprocess, deliver outputs
+    device_wait_time_s: float = 0.0  # the host blocked on a step's outputs
+    # Per step, from when the device could start it (its dispatch, or the previous step's
+    # outputs arriving, whichever is later) until its outputs are on the host.
+    device_time_s: float = 0.0
+    overlapped_host_time_s: float = 0.0  # host work done while a step was on the device
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched step whose outputs the host has not read yet."""
+
+    batch: ScheduledBatch
+    outputs: StepOutputs
+    dispatched: float  # perf_counter time of its dispatch
 
 
 class Executor:
     def __init__(self, scheduler: Scheduler, model_runner: ModelRunner,
-                 output_processor: OutputProcessor, max_model_len: int) -> None:
+                 output_processor: OutputProcessor, max_model_len: int,
+                 async_scheduling: bool = True) -> None:
         self.scheduler = scheduler
+        self.async_scheduling = async_scheduling
         self.model_runner = model_runner
         self.output_processor = output_processor
         self.max_model_len = max_model_len
@@ -141,33 +163,46 @@ class Executor:
     # ---- the loop (executor thread) ----
     def _run(self) -> None:
         try:
-            # Sequences whose new token the caller has not been sent yet. They are sent while
-            # the device runs the next step: detokenizing and building outputs is most of the
-            # host's per-step work, and it needs nothing from that step.
-            pending: list[Sequence] = []
+            in_flight: _InFlight | None = None
+            results_at = 0.0   # when the last step's outputs reached the host
             while True:
-                if not self.scheduler.has_unfinished:
-                    pending = self._deliver_all(pending)
-                if not self._fetch():
+                if not self._fetch(may_block=in_flight is None):
                     break
                 start = time.perf_counter()
                 batch = self.scheduler.schedule()
-                if batch.is_empty:
-                    pending = self._deliver_all(pending)
-                    continue
-                self._mark_scheduled(batch)
-                step_outputs = self.model_runner.dispatch(batch, self.model_runner.prepare_inputs(batch))
-                dispatched = time.perf_counter()
-                pending = self._deliver_all(pending)
-                overlapped = time.perf_counter()
-                results = self.model_runner.fetch(batch, step_outputs)
-                returned = time.perf_counter()
-                pending = self._postprocess(batch, results)
-                self.stats.device_time_s += returned - dispatched
-                self.stats.overlapped_host_time_s += overlapped - dispatched
-                self.stats.host_time_s += ((dispatched - start) + (overlapped - dispatched)
-                                           + (time.perf_counter() - returned))
-            self._deliver_all(pending)
+                dispatched = None
+                if not batch.is_empty:
+                    self._mark_scheduled(batch)
+                    prepared = self.model_runner.prepare_inputs(batch, in_flight and in_flight.batch)
+                    outputs = self.model_runner.dispatch(batch, prepared)
+                    dispatched = time.perf_counter()
+                    self._advance(batch)
+                if in_flight is not None:
+                    waited = time.perf_counter()
+                    results = self.model_runner.fetch(in_flight.batch, in_flight.outputs)
+                    returned = time.perf_counter()
+                    self.stats.device_wait_time_s += returned - waited
+                    self.stats.device_time_s += returned - max(in_flight.dispatched, results_at)
+                    results_at = returned
+                    self._deliver_all(self._postprocess(in_flight.batch, results))
+                    if dispatched is not None:
+                        self.stats.overlapped_host_time_s += time.perf_counter() - returned
+                    self.stats.host_time_s += waited - start + time.perf_counter() - returned
+                else:
+                    self.stats.host_time_s += time.perf_counter() - start
+                in_flight = None if dispatched is None else _InFlight(batch, outputs, dispatched)
+                if in_flight is not None and (self.model_runner.uses_host_callbacks
+                                              or not self.async_scheduling):
+                    # One step at a time; Python logits processors need it: they read the
+                    # rows that the next prepare replaces.
+                    start = time.perf_counter()
+                    results = self.model_runner.fetch(batch, outputs)
+                    results_at = time.perf_counter()
+                    self.stats.device_wait_time_s += results_at - start
+                    self.stats.device_time_s += results_at - dispatched
+                    self._deliver_all(self._postprocess(batch, results))
+                    self.stats.host_time_s += time.perf_counter() - results_at
+                    in_flight = None
         except BaseException as exc:  # noqa: BLE001 - every waiting caller must hear of it
             with self._lock:
                 self._error = exc
@@ -182,15 +217,15 @@ class Executor:
         for handle in handles:
             handle.put(EngineDeadError("the engine was shut down before this request finished"))
 
-    def _fetch(self) -> bool:
-        """Drains the inbox; blocks while there is nothing to run. False means stop."""
-        block = not self.scheduler.has_unfinished
+    def _fetch(self, may_block: bool) -> bool:
+        """Drains the inbox; if ``may_block`` (no step in flight), waits while there is nothing
+        to run. False means stop."""
+        block = may_block and not self.scheduler.has_unfinished
         while True:
             try:
                 kind, payload = self._inbox.get(block=block)
             except queue.Empty:
                 return True
-            block = False
             if kind == "stop":
                 return False
             if kind == "add":
@@ -208,8 +243,7 @@ class Executor:
                     if group is not None and group.beam is not None:
                         group.final = group.seqs
                     self._deliver(seqs[0])
-            if not self.scheduler.has_unfinished:
-                block = True
+            block = may_block and not self.scheduler.has_unfinished
 
     def _mark_scheduled(self, batch: ScheduledBatch) -> None:
         now = time.monotonic()
@@ -217,41 +251,60 @@ class Executor:
             if item.seq.metrics.first_scheduled_time is None:
                 item.seq.metrics.first_scheduled_time = now
 
+    def _advance(self, batch: ScheduledBatch) -> None:
+        """Moves the sequences of a dispatched step on as if it had run: its tokens are
+        computed, and each row that samples owes its sequence a pending token."""
+        for item in batch.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if item.completes_prefill:
+                item.seq.num_pending_tokens += 1
+
     def _postprocess(self, batch: ScheduledBatch, results: RowResults) -> list[Sequence]:
-        """Appends sampled tokens, finishes sequences that stop; returns those with news."""
+        """Appends sampled tokens, finishes sequences that stop; returns those with news.
+
+        Rows of sequences that finished meanwhile (stopped by the step before, or aborted) are
+        dropped.
+        """
         now = time.monotonic()
         self.stats.num_steps += 1
         self.stats.num_tokens_computed += batch.num_tokens
         updated = []
         for row, item in enumerate(batch.scheduled):
             seq = item.seq
-            completes = item.completes_prefill
+            if seq.is_finished:
+                continue
             for position, entry in results.prompt_logprobs.get(row, ()):
                 if position == len(seq.prompt_logprobs) + 1:   # not yet seen (recompute after preemption)
                     seq.prompt_logprobs.append(entry)
-            seq.num_computed_tokens += item.num_new_tokens
-            self.scheduler.kv_cache_manager.cache_full_blocks(seq)
-            if not completes:
-                continue
-            group = seq.group
-            if group is not None and group.beam is not None:
-                top = results.top_logprobs[row]
-                ranked = sorted(top, key=lambda t: top[t].rank)
-                group.pending[seq] = (ranked, [top[t].logprob for t in ranked])
-                if len(group.pending) == len(group.seqs):
-                    self._beam_step(group, now)
-                    updated.append(seq)
-                continue
-            if row in results.top_logprobs:
-                seq.output_top_logprobs.append(results.top_logprobs[row])
-            self._append_token(seq, results.token_ids[row], results.logprobs[row], now)
-            if group is not None and len(group.seqs) < seq.request.sampling_params.n:
-                self._fork_parallel_samples(seq)
-            finish_reason = self._finish_reason(seq)
-            if finish_reason is not None:
-                self.scheduler.finish(seq, finish_reason)
-            updated.append(seq)
+            if item.completes_prefill and self._take_sample(seq, row, results, now):
+                updated.append(seq)
+            if not seq.is_finished:
+                # Its computed tokens (the next step's included) are all known by now.
+                self.scheduler.kv_cache_manager.cache_full_blocks(seq)
         return updated
+
+    def _take_sample(self, seq: Sequence, row: int, results: RowResults, now: float) -> bool:
+        """Takes a row's sampled token (a beam's candidates); True when the caller has news."""
+        seq.num_pending_tokens -= 1
+        group = seq.group
+        if group is not None and group.beam is not None:
+            top = results.top_logprobs[row]
+            ranked = sorted(top, key=lambda t: top[t].rank)
+            group.pending[seq] = (ranked, [top[t].logprob for t in ranked])
+            if len(group.pending) < len(group.seqs):
+                return False
+            self._beam_step(group, now)
+            return True
+        if row in results.top_logprobs:
+            seq.output_top_logprobs.append(results.top_logprobs[row])
+        self._append_token(seq, results.token_ids[row], results.logprobs[row], now)
+        if group is not None and len(group.seqs) < seq.request.sampling_params.n:
+            self._fork_parallel_samples(seq)
+        finish_reason = self._finish_reason(seq)
+        if finish_reason is not None:
+            seq.num_pending_tokens = 0   # a step in flight may be sampling one more
+            self.scheduler.finish(seq, finish_reason)
+        return True
 
     def _fork_parallel_samples(self, first: Sequence) -> None:
         """n > 1: once the prompt is computed, completions 1..n-1 fork off the first.
@@ -266,8 +319,8 @@ class Executor:
             request = dataclasses.replace(first.request, seed=child_seed(first.request.seed, index))
             child = first.fork(index, list(prompt), request)
             child.output_logprobs, child.output_top_logprobs = [], []
-            kv.fork(first, child)
-            child.num_computed_tokens = len(prompt) - 1
+            kv.fork(first, child)   # nothing to share if the first was preempted meanwhile
+            child.num_computed_tokens = min(child.num_computed_tokens, len(prompt) - 1)
             group.seqs.append(child)
             self.scheduler.add_running(child)
 

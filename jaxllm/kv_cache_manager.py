@@ -184,21 +184,22 @@ class KVCacheManager:
         seq.num_registered_blocks = num_full
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Makes ``child`` share all of ``parent``'s blocks and computed tokens (copy-on-write).
-
-        ``child.token_ids`` must start with the parent's computed tokens.
+        """Makes ``child`` share ``parent``'s blocks of the computed tokens they have in common
+        (copy-on-write): the first ``min(parent.num_computed_tokens, child.num_tokens)``, which
+        must be equal.
         """
         if child.block_ids:
             raise ValueError(f"fork: child {child.request_id} already holds blocks")
-        num_computed = parent.num_computed_tokens
-        if child.token_ids[:num_computed] != parent.token_ids[:num_computed]:
+        num_shared = min(parent.num_computed_tokens, child.num_tokens)
+        if child.token_ids[:num_shared] != parent.token_ids[:num_shared]:
             raise ValueError("fork: the child's tokens differ from the parent's computed tokens")
-        for block_id in parent.block_ids:
+        shared = parent.block_ids[:self.num_blocks_for(num_shared)]
+        for block_id in shared:
             self._ref_counts[block_id] += 1
-        child.block_ids.extend(parent.block_ids)
-        child.num_computed_tokens = num_computed
-        child.num_registered_blocks = parent.num_registered_blocks
-        child.block_hashes = parent.block_hashes[:num_computed // self.block_size]
+        child.block_ids.extend(shared)
+        child.num_computed_tokens = num_shared
+        child.num_registered_blocks = min(parent.num_registered_blocks, num_shared // self.block_size)
+        child.block_hashes = parent.block_hashes[:num_shared // self.block_size]
 
     def take_block_copies(self) -> list[tuple[int, int]]:
         """The (src, dst) block copies recorded since the last call, in order."""

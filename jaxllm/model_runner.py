@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.buckets import BucketPolicy
@@ -48,11 +49,20 @@ class RowResults:
     prompt_logprobs: dict[int, list[tuple[int, PositionLogprobs]]]
 
 
+class PreparedStep(NamedTuple):
+    """Host arrays of one step: what ``CompiledStep`` takes besides params and device state."""
+
+    inputs: StepInputs
+    sampling: SamplingTensors
+    feedback_rows: np.ndarray  # [T] int32: row of the previous step whose token this is, or -1
+
+
 class _HostBuffers:
     """Preallocated numpy arrays for the largest bucket, refilled in place every step."""
 
     def __init__(self, max_tokens: int, max_rows: int, max_blocks: int, num_strategy_args: int) -> None:
         self.tokens = {name: np.zeros(max_tokens, np.int32) for name in _TOKEN_FIELDS}
+        self.feedback_rows = np.full(max_tokens, -1, np.int32)
         self.row_inputs = {name: np.zeros(max_rows, np.int32) for name in _ROW_INPUT_FIELDS}
         self.block_tables = np.zeros((max_rows, max_blocks), np.int32)
         self.rows = {name: np.full(max_rows, pad, dtype) for name, (dtype, pad) in SAMPLING_ROW_FIELDS.items()}
@@ -86,15 +96,21 @@ class ModelRunner:
         self.num_strategy_args = max([len(s.defaults) for s in strategies] + [1])
         self._buf = _HostBuffers(max_num_batched_tokens, max_num_seqs, max_blocks_per_seq,
                                  self.num_strategy_args)
+        # Each row's last sampled token, kept on the device for the next step (token feedback).
+        self.last_tokens = jnp.zeros(max(s for _, s, _ in self.bucket_policy.keys()), jnp.int32)
         # The rows of the step in flight that have Python logits processors (one step at a
         # time is in flight: the executor fetches a step before preparing the next).
         self._processor_rows: dict[int, Sequence] = {}
 
-    def prepare_inputs(self, batch: ScheduledBatch) -> tuple[StepInputs, SamplingTensors]:
-        """Packs the batch into bucketed host arrays for the step."""
+    def prepare_inputs(self, batch: ScheduledBatch, previous: ScheduledBatch | None = None) -> PreparedStep:
+        """Packs the batch into bucketed host arrays for the step.
+
+        ``previous`` is the step still in flight, if any: a row's token that it is sampling
+        (the sequence's pending token) is fed back on the device from that step's row.
+        """
         b, bs = self._buf, self.block_size
         scheduled = batch.scheduled
-        max_ctx = max(item.seq.num_computed_tokens for item in scheduled)
+        max_ctx = max(item.start for item in scheduled)
         num_tokens, rows, blocks = self.bucket_policy.pick(
             batch.num_tokens, len(scheduled), -(-max_ctx // bs))
 
@@ -105,13 +121,18 @@ class ModelRunner:
             b.rows[name][:rows] = pad
         b.strategy_args[:rows] = 0
         self._processor_rows = {}
+        b.feedback_rows[:num_tokens] = -1
+        previous_rows = {id(item.seq): r for r, item in enumerate(previous.scheduled)} if previous else {}
         t = 0
         for r, item in enumerate(scheduled):
-            seq, n = item.seq, item.num_new_tokens
-            start = seq.num_computed_tokens
+            seq, n, start = item.seq, item.num_new_tokens, item.start
             block_ids = np.asarray(seq.block_ids, np.int32)
             positions = np.arange(start, start + n, dtype=np.int32)
-            b.tokens["token_ids"][t:t + n] = seq.token_ids[start:start + n]
+            known = min(n, seq.num_tokens - start)
+            b.tokens["token_ids"][t:t + known] = seq.token_ids[start:start + known]
+            if known < n:   # the pending token: the previous step's sample for this sequence
+                b.tokens["token_ids"][t + known] = 0
+                b.feedback_rows[t + known] = previous_rows[id(seq)]
             b.tokens["positions"][t:t + n] = positions
             b.tokens["slot_mapping"][t:t + n] = block_ids[positions // bs] * bs + positions % bs
             b.tokens["token_rows"][t:t + n] = r
@@ -138,7 +159,7 @@ class ModelRunner:
             prompt_next_ids=self._prompt_next_ids(scheduled, num_tokens))
         # Copy out of the reused buffers: on CPU a transfer may alias an aligned numpy array,
         # and the next step rewrites these buffers while this one may still be in flight.
-        return jax.tree_util.tree_map(np.copy, (inputs, sampling))
+        return PreparedStep(*jax.tree_util.tree_map(np.copy, (inputs, sampling, b.feedback_rows[:num_tokens])))
 
     def _fill_sampling_row(self, r: int, seq: Sequence) -> None:
         rows, params = self._buf.rows, seq.request.sampling_params
@@ -146,7 +167,7 @@ class ModelRunner:
                      "frequency_penalty", "presence_penalty"):
             rows[name][r] = getattr(params, name)
         rows["seeds"][r] = _seed32(seq.request.seed)
-        rows["output_index"][r] = seq.num_output_tokens
+        rows["output_index"][r] = seq.num_output_tokens + seq.num_pending_tokens
         num_top = _num_top_logprobs(seq)
         rows["num_logprobs"][r] = -1 if num_top is None else num_top
         rows["prompt_lens"][r] = seq.num_prompt_tokens
@@ -214,7 +235,19 @@ class ModelRunner:
                 logits[r] = processor(seq.output_token_ids, logits[r])
         return logits
 
-    def dispatch(self, batch: ScheduledBatch, inputs: tuple[StepInputs, SamplingTensors]) -> StepOutputs:
+    @property
+    def uses_host_callbacks(self) -> bool:
+        """Whether the last prepared step calls Python logits processors while it runs (it must
+        finish before the next step is prepared, which would replace their rows)."""
+        return bool(self._processor_rows)
+
+    def run_step(self, prepared: PreparedStep) -> StepOutputs:
+        """Dispatches the compiled step on the runner's params, KV cache and token feedback."""
+        self.kv_cache, self.last_tokens, outputs = self.step(
+            self.params, self.kv_cache, self.last_tokens, *prepared)
+        return outputs
+
+    def dispatch(self, batch: ScheduledBatch, prepared: PreparedStep) -> StepOutputs:
         """Launches one step on prepared inputs and returns at once (JAX dispatch is async).
 
         Copy-on-write block copies of forked sequences (n > 1, beam search) run first.
@@ -224,9 +257,7 @@ class ModelRunner:
             pairs = np.zeros((num, 2), np.int32)                    # padding copies block 0 onto itself
             pairs[:len(batch.block_copies)] = batch.block_copies
             self.kv_cache = _copy_blocks(self.kv_cache, jax.device_put(pairs[:, 0]), jax.device_put(pairs[:, 1]))
-        inputs, sampling = inputs
-        self.kv_cache, outputs = self.step(self.params, self.kv_cache, inputs, sampling)
-        return outputs
+        return self.run_step(prepared)
 
     def fetch(self, batch: ScheduledBatch, outputs: StepOutputs) -> RowResults:
         """Waits for a dispatched step; brings back the rows' tokens and what they asked for."""
@@ -256,7 +287,7 @@ class ModelRunner:
                 seq, n = item.seq, item.num_new_tokens
                 if seq.needs_prompt_logprobs:
                     num = seq.request.sampling_params.prompt_logprobs
-                    start = seq.num_computed_tokens
+                    start = item.start
                     results.prompt_logprobs[r] = [
                         (p + 1, _position_logprobs(seq.token_ids[p + 1], lps[t + i], ranks[t + i],
                                                    top_ids[t + i, :num], top_lps[t + i, :num]))
@@ -293,7 +324,7 @@ def _bias_entries(seq: Sequence) -> tuple[list[int] | None, dict[int, float], li
     """
     p = seq.request.sampling_params
     banned: list[int] = []
-    if seq.num_output_tokens < p.min_tokens:
+    if seq.num_output_tokens + seq.num_pending_tokens < p.min_tokens:
         banned = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(seq.request.eos_token_ids))
     if p.allowed_token_ids is None and not p.logit_bias and not banned:
         return None

@@ -29,13 +29,23 @@ from jaxllm.sequence import Sequence, SequenceStatus
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ScheduledSequence:
+    """One row of a step: ``num_new_tokens`` tokens of ``seq`` from position ``start``.
+
+    ``start`` and ``completes_prefill`` are read off the sequence when the row is made: the
+    executor advances the sequence as soon as the step is dispatched.
+    """
+
     seq: Sequence
     num_new_tokens: int
+    start: int = dataclasses.field(init=False)
+    # True when the step computes the sequence's last token, so it samples a new one.
+    completes_prefill: bool = dataclasses.field(init=False)
 
-    @property
-    def completes_prefill(self) -> bool:
-        """True when this step computes the sequence's last token, so a new token is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        seq = self.seq
+        object.__setattr__(self, "start", seq.num_computed_tokens)
+        object.__setattr__(self, "completes_prefill", seq.num_computed_tokens + self.num_new_tokens
+                           == seq.num_tokens + seq.num_pending_tokens)
 
 
 @dataclasses.dataclass
@@ -163,7 +173,10 @@ class Scheduler:
         whether the blocks for that chunk are free."""
         if len(self.running) >= self.max_num_seqs:
             return None
-        index = next((i for i, w in enumerate(self.waiting) if not _is_parked(w)), None)
+        # Not a parked beam, nor a sequence preempted while a step in flight samples its next
+        # token (it waits for that token to land).
+        index = next((i for i, w in enumerate(self.waiting)
+                      if not _is_parked(w) and not w.num_pending_tokens), None)
         if index is None:
             return None
         seq, kv = self.waiting[index], self.kv_cache_manager

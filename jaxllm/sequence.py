@@ -36,13 +36,20 @@ class SequenceStatus(enum.Enum):
 
 @dataclasses.dataclass(slots=True, eq=False)
 class Sequence:
-    """One generation's progress. ``num_computed_tokens`` of ``token_ids`` have K/V in the cache."""
+    """One generation's progress. ``num_computed_tokens`` of its tokens have K/V in the cache.
+
+    Its tokens are ``token_ids`` followed by ``num_pending_tokens`` more that dispatched steps
+    are sampling and the host has not seen yet. The executor schedules the next step before the
+    last one's tokens come back, so a step can compute a pending token: the device takes its
+    id straight from the previous step's outputs.
+    """
 
     request: Request
     token_ids: list[int]
     metrics: RequestMetrics
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
+    num_pending_tokens: int = 0
     block_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     # Filled only when the request asks (SamplingParams.logprobs / prompt_logprobs).
@@ -105,7 +112,21 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        """Tokens the next step may compute, the pending one included, except while that one
+        must reach the host first (see ``needs_host_tokens``) or ends the sequence anyway."""
+        if self.num_pending_tokens and (
+                self.needs_host_tokens or self.num_output_tokens + self.num_pending_tokens
+                >= self.request.sampling_params.max_tokens):
+            return 0
+        return self.num_tokens + self.num_pending_tokens - self.num_computed_tokens
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Whether the next step needs the host to know every token so far: beam search picks
+        tokens on the host; penalties and Python logits processors read the token history."""
+        params = self.request.sampling_params
+        return ((self.group is not None and self.group.beam is not None)
+                or params.needs_penalties or bool(params.logits_processors))
 
     @property
     def is_finished(self) -> bool:

@@ -10,13 +10,14 @@ logits processors, compiled on first use, is compiled afresh every start-up.)
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 import jax
 import numpy as np
 import tqdm.auto as tqdm
 
 from jaxllm.buckets import BaseKey, BucketPolicy
+from jaxllm.model_runner import ModelRunner, PreparedStep
 from jaxllm.step_inputs import SamplingTensors, StepInputs
 
 
@@ -40,15 +41,13 @@ def padding_step_inputs(key: BaseKey, block_size: int, strategy_args: int = 1
     return inputs, sampling
 
 
-def warmup(model_runner: Any, policy: BucketPolicy, *, progress: bool = True,
+def warmup(model_runner: ModelRunner, policy: BucketPolicy, *, progress: bool = True,
            keys: Iterable[BaseKey] | None = None) -> int:
     """Compiles and runs the runner's step once for every base key of ``policy``.
 
     Call it before any request is submitted (it updates ``model_runner.kv_cache`` like a step).
 
     Args:
-        model_runner: a :class:`jaxllm.model_runner.ModelRunner` (``step``, ``params``,
-            ``kv_cache``, ``block_size``, ``strategies``).
         policy: the bucket policy whose ``keys()`` the engine's steps use.
         progress: show a "Compiling steps" tqdm bar.
         keys: a subset of keys to warm (default: all of ``policy.keys()``).
@@ -61,6 +60,6 @@ def warmup(model_runner: Any, policy: BucketPolicy, *, progress: bool = True,
     before = step.num_compilations
     for key in tqdm.tqdm(keys, desc="Compiling steps", unit="step", disable=not progress):
         inputs, sampling = padding_step_inputs(key, model_runner.block_size, width)
-        model_runner.kv_cache, outputs = step(model_runner.params, model_runner.kv_cache, inputs, sampling)
-        jax.block_until_ready(outputs)
+        no_feedback = np.full(inputs.token_ids.shape, -1, np.int32)
+        jax.block_until_ready(model_runner.run_step(PreparedStep(inputs, sampling, no_feedback)))
     return step.num_compilations - before

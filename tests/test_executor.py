@@ -20,18 +20,27 @@ from jaxllm.sequence import Request
 
 
 class FakeRunner:
-    """Stands in for ModelRunner: 'computes' each row's next token from its last token."""
+    """Stands in for ModelRunner: 'computes' each row's next token from its last token.
+
+    Like the device, it takes a token the host has not seen yet (the sequence's pending token)
+    from the previous step's outputs.
+    """
+
+    uses_host_callbacks = False
 
     def __init__(self):
         self.batches = []
+        self.last_tokens = []
 
-    def prepare_inputs(self, batch):
-        return None
+    def prepare_inputs(self, batch, previous=None):
+        return {id(item.seq): token for item, token in zip(previous.scheduled, self.last_tokens)} if previous else {}
 
-    def dispatch(self, batch, inputs):
+    def dispatch(self, batch, fed_back):
         self.batches.append([(item.seq.request_id, item.num_new_tokens) for item in batch.scheduled])
-        return [(item.seq.token_ids[item.seq.num_computed_tokens + item.num_new_tokens - 1] + 1) % 100
-                for item in batch.scheduled]
+        lasts = [item.start + item.num_new_tokens - 1 for item in batch.scheduled]
+        self.last_tokens = [((item.seq.token_ids[last] if last < item.seq.num_tokens else fed_back[id(item.seq)]) + 1) % 100
+                            for item, last in zip(batch.scheduled, lasts)]
+        return self.last_tokens
 
     def fetch(self, batch, outputs):
         return RowResults(outputs, [-0.5] * len(outputs), {}, {})
@@ -106,3 +115,22 @@ def test_executor_streams_cumulative_outputs_in_order():
         executor.shutdown()
     assert [o.outputs[0].token_ids for o in outputs] == [[3], [3, 4], [3, 4, 5], [3, 4, 5, 6]]
     assert [o.finished for o in outputs] == [False, False, False, True]
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_executor_dispatches_the_next_step_before_the_last_tokens_are_back(async_scheduling):
+    """Async scheduling: each decode row computes the token that the step before is still
+    sampling (the runner feeds it back); a sequence that stops on EOS costs one wasted row,
+    never a wrong token. One step at a time, that row is not computed."""
+    executor, runner = _executor()
+    executor.async_scheduling = async_scheduling
+    try:
+        eos = executor.submit(_request("eos", [5], eos={8}, max_tokens=10))
+        out = eos.result()
+        free = executor.scheduler.kv_cache_manager.num_free_blocks
+    finally:
+        executor.shutdown()
+    assert out.outputs[0].token_ids == [6, 7, 8] and out.outputs[0].finish_reason == "stop"
+    # Prefill of [5] samples 6, decodes sample 7 and 8 (EOS); in flight meanwhile: a 4th step.
+    assert runner.batches == [[("eos", 1)]] * (4 if async_scheduling else 3)
+    assert free == 63

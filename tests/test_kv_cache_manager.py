@@ -334,6 +334,24 @@ def test_kv_cache_manager_fork_at_a_block_boundary_needs_no_copy():
     assert kv.take_block_copies() == []
 
 
+def test_kv_cache_manager_fork_shares_only_the_blocks_of_the_common_computed_tokens():
+    """n > 1 forks children off a first completion that a step in flight has already moved
+    past its prompt: the children share the prompt's blocks, not the first's newer one."""
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    parent = make_seq([1, 2, 3, 4, 5, 6, 7, 8], "parent")
+    admit(kv, parent)                                 # two full blocks
+    parent.token_ids.append(9)                        # its first sampled token ...
+    compute(kv, parent, 1)                            # ... computed by the next step: a 3rd block
+    child = make_seq([1, 2, 3, 4, 5, 6, 7, 8], "child")
+    kv.fork(parent, child)
+    assert child.block_ids == parent.block_ids[:2] and child.num_computed_tokens == 8
+    assert [kv.ref_count(b) for b in parent.block_ids] == [2, 2, 1]
+    assert child.num_registered_blocks == 2 and len(child.block_hashes) == 2
+    kv.free(parent)
+    kv.free(child)
+    assert kv.num_used_blocks == 0
+
+
 def test_kv_cache_manager_fork_rejects_a_child_with_other_tokens_or_blocks():
     kv = KVCacheManager(num_blocks=8, block_size=2)
     parent = make_seq([1, 2, 3], "parent")

@@ -66,7 +66,7 @@ def test_model_logits_match_hf_at_every_step(tiny, scan_layers):
         num_checked = 0
         while scheduler.has_unfinished:
             batch = scheduler.schedule()
-            inputs, _ = runner.prepare_inputs(batch)
+            inputs, _, _ = runner.prepare_inputs(batch)
             runner.kv_cache, logits = forward(runner.params, runner.kv_cache, inputs)
             logits = np.asarray(logits)
             for row, item in enumerate(batch.scheduled):

@@ -214,14 +214,18 @@ def test_stop_strings_match_a_from_scratch_reference(seed):
 class ScriptedRunner:
     """Stands in for ModelRunner: each request's n-th output token is SCRIPTS[request id][n]."""
 
+    uses_host_callbacks = False
+
     def __init__(self, scripts):
         self.scripts = scripts
 
-    def prepare_inputs(self, batch):
+    def prepare_inputs(self, batch, previous=None):
         return None
 
     def dispatch(self, batch, inputs):
-        return [self.scripts[item.seq.request_id][item.seq.num_output_tokens] for item in batch.scheduled]
+        # The output index of the token each row samples counts the pending ones before it.
+        return [self.scripts[item.seq.request_id][item.seq.num_output_tokens + item.seq.num_pending_tokens]
+                for item in batch.scheduled]
 
     def fetch(self, batch, outputs):
         return RowResults(outputs, [-0.5] * len(outputs), {}, {})

@@ -144,7 +144,8 @@ def test_200_requests_from_8_threads_and_an_event_loop_all_finish(engine):
 
 
 def test_outputs_of_a_step_go_out_while_the_next_step_runs(engine):
-    """Host/device overlap: step N's deliveries happen between step N+1's dispatch and fetch."""
+    """Host/device overlap: step N+1 is dispatched before step N's tokens are fetched (the
+    device feeds the new token back itself), and step N's news goes out while N+1 runs."""
     events = []
     runner, executor = engine.model_runner, engine._executor
     dispatch, fetch, deliver = runner.dispatch, runner.fetch, executor._deliver
@@ -163,7 +164,9 @@ def test_outputs_of_a_step_go_out_while_the_next_step_runs(engine):
         del runner.dispatch, runner.fetch, executor._deliver
     assert len(outputs) == 6 and outputs[-1].finished
     steps = "".join({"dispatch": "D", "fetch": "F", "deliver": "d"}[e] for e in events)
-    # Prefill step, then 5 decode steps each overlapping the previous step's delivery.
-    assert steps == "DF" + "DdF" * 5 + "d"
+    # The prefill step, then 5 decode steps each dispatched before the previous step's fetch
+    # and delivery; 6 tokens in 6 steps (the last token is known to be the last: no 7th step).
+    assert steps == "D" + "DFd" * 5 + "Fd"
     stats = engine.stats()
     assert stats["overlapped_host_time_s"] > 0 and stats["device_time_s"] > 0
+    assert stats["device_wait_time_s"] > 0
