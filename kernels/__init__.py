@@ -1,7 +1,8 @@
 """Attention implementations behind one interface, chosen by name.
 
 Every implementation has the signature of ``paged_attention.reference.paged_attention``.
-Kernels are imported on first use, so the CPU path never loads Pallas.
+Kernels are imported on first use, so the CPU path never loads Pallas, and importing jaxllm
+compiles nothing (the CPU kernel is built by ``default_attention("cpu")`` or its first call).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 ATTENTION_IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     "reference": ("paged_attention.reference", "paged_attention"),
     "pallas_gpu": ("paged_attention.pallas_gpu", "paged_attention"),
+    "cpu": ("paged_attention.cpu_ffi", "paged_attention"),
 }
 
 
@@ -33,7 +35,15 @@ def default_attention(platform: str) -> str:
         platform: a JAX backend name, e.g. ``jax.default_backend()``: "cpu", "gpu", "cuda", "tpu".
 
     Returns:
-        "pallas_gpu" on NVIDIA GPUs (the Triton kernel), "reference" elsewhere (the pure-JAX
-        implementation, which is also the CPU path).
+        "pallas_gpu" on NVIDIA GPUs (the Triton kernel); on CPU "cpu" (the C++ kernel, ~6x the
+        reference's speed) when it builds here, building it on the first call, else
+        "reference" (the pure-JAX implementation), as on every other platform.
     """
-    return "pallas_gpu" if platform.lower() in ("gpu", "cuda") else "reference"
+    platform = platform.lower()
+    if platform in ("gpu", "cuda"):
+        return "pallas_gpu"
+    if platform == "cpu":
+        from jaxllm.kernels.paged_attention import cpu_ffi
+
+        return "cpu" if cpu_ffi.is_available() else "reference"
+    return "reference"

@@ -1,0 +1,666 @@
+// Ragged paged attention for XLA:CPU, called from JAX through the XLA FFI (see cpu_ffi.py).
+//
+// Shape legend: T tokens, N query heads, K kv heads, G = N / K, H head dim, L layers, B blocks in
+// the pool, Z block size, S rows, P blocks per row. Kernel tiles: M = tile tokens x G query rows
+// (Mp: M rounded up to the 16 lanes of a vector), C = 16 keys per online-softmax step.
+//
+// Same semantics as reference.paged_attention (minus the cache write, done in XLA before this
+// call): token t of row r = token_rows[t] (-1 = padding, output zeros) attends, in one softmax,
+// to the row's cached context (positions < context_lens[r], key p at block block_tables[r][p / Z],
+// offset p % Z of layer `layer`) and to the step's tokens of the same row whose position is
+// <= its own. A row's tokens are contiguous in the step and in position order (the model runner
+// lays them out so), so a tile of consecutive tokens only reads in-step keys up to its last one.
+//
+// Why this shape of kernel: XLA:CPU ran every formulation of the gather + einsum reference at
+// ~2 GB/s of K/V, while decode is memory bound and the machine reads ~25 GB/s. Here:
+//   * one work item is (tile of up to kTileRows / G consecutive tokens of a row, kv head): each
+//     K/V row is loaded once and used by the G query heads of the kv head and every token of the
+//     tile (a decode row is a tile of one token; a 512-token prefill chunk is ~25 tiles);
+//   * keys go in chunks of C = 16 through an online softmax in float32 (base 2: the scale and
+//     log2(e) are folded into q). Each chunk's K/V rows are converted to float32 into a small
+//     buffer (bf16 -> f32 is a shift) while the next chunk's rows are prefetched, so the random
+//     block reads overlap the arithmetic;
+//   * tiles of many query rows (prefill) lay scores out [C keys][Mp rows], query rows along the
+//     lanes: scores are outer products (a broadcast K element times a vector of the transposed
+//     q tile) and the softmax is vertical vector work with no horizontal reductions. Tiles of
+//     few rows (decode: M = G) would waste most lanes that way, so they put keys along the
+//     lanes instead: per row, 16 dot products folded into one vector of 16 scores by a
+//     transposing reduction tree, and one exp per row and chunk;
+//   * P @ V broadcasts each probability against V rows into register tiles of 4 rows x 4 vectors;
+//   * work items, biggest first, are shared out over XLA's intra-op thread pool through an
+//     atomic counter; the calling thread works too and only waits for items already claimed.
+//
+// Vectors are GCC vector extensions of 16 floats: AVX-512 registers where available (gcc splits
+// them in two on AVX2, and into NEON registers on ARM), so the source carries no intrinsics.
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;      // floats per vector
+constexpr int kChunk = 16;      // keys per online-softmax step (one vector of keys)
+constexpr int kTileRows = 64;   // target query rows (tokens x G) per work item
+constexpr int kFewRows = 8;     // tiles of at most this many rows put keys along the lanes
+constexpr int kRegRows = 4;     // query rows per P @ V register tile
+constexpr int kRegVecs = 4;     // vectors of head dim per P @ V register tile
+constexpr float kMasked = -1e30f;  // finite: no inf - inf = NaN before a row sees its first key
+constexpr float kLog2e = 1.4426950408889634f;
+
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
+// Unaligned, aliasing views of K/V rows, which start at any multiple of H elements.
+typedef float vf_row __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
+typedef uint16_t vh_row __attribute__((vector_size(kLanes * sizeof(uint16_t)), aligned(2), may_alias));
+
+struct BF16 {
+  uint16_t bits;
+};
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(BF16 x) {
+  uint32_t bits = uint32_t{x.bits} << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline void from_f32(float x, float* dst) { *dst = x; }
+inline void from_f32(float x, BF16* dst) {  // round to nearest even, as XLA's convert
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  dst->bits = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// Copies a K/V row of head_vecs vectors into float32. (A plain element loop became a memmove
+// call per row for float32: 20% of a decode.)
+inline void load_row(const float* src, vf* dst, int head_vecs) {
+  for (int v = 0; v < head_vecs; ++v) dst[v] = reinterpret_cast<const vf_row*>(src)[v];
+}
+inline void load_row(const BF16* src, vf* dst, int head_vecs) {
+  for (int v = 0; v < head_vecs; ++v)
+    dst[v] = (vf)(__builtin_convertvector(reinterpret_cast<const vh_row*>(src)[v], vi) << 16);
+}
+
+template <typename T>
+inline void prefetch_row(const T* row, int head_dim) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int offset = 0; offset < head_dim * static_cast<int>(sizeof(T)); offset += 64)
+    __builtin_prefetch(bytes + offset);
+}
+
+inline vf splat(float x) { return vf{} + x; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+// Sum or max over the lanes, by four halvings.
+template <typename Op>
+inline float lane_reduce(vf v, Op op) {
+  v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return v[0];
+}
+inline float lane_sum(vf v) { return lane_reduce(v, [](vf a, vf b) { return a + b; }); }
+inline float lane_max(vf v) { return lane_reduce(v, vmax); }
+
+// Lane sums of 16 vectors as one vector, in 15 folds of two shuffles and an add (against 16
+// separate four-halving sums). A fold of two vectors made of blocks of 2h lanes (each block the
+// partial sums of one input) halves every block and interleaves the halves: within each block,
+// h lanes from a then h from b. Four levels (h = 8, 4, 2, 1) leave lane l holding the sum of
+// input kBitReversed[l]; callers feed the inputs in that order to get sums in natural order.
+constexpr int kBitReversed[kLanes] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+// Index, into the concatenation of a and b, of the element that output lane l takes in the
+// first (offset 0) or second (offset h) shuffle of a fold.
+constexpr int fold_source(int h, int l, int offset) {
+  const int block = l / (2 * h) * (2 * h), within = l % (2 * h);
+  return within < h ? block + within + offset : kLanes + block + within - h + offset;
+}
+
+template <int h, int... l>
+inline vf fold(vf a, vf b, std::integer_sequence<int, l...>) {
+  return __builtin_shufflevector(a, b, fold_source(h, l, 0)...) +
+         __builtin_shufflevector(a, b, fold_source(h, l, h)...);
+}
+
+template <int h>
+inline vf fold(vf a, vf b) {
+  return fold<h>(a, b, std::make_integer_sequence<int, kLanes>{});
+}
+
+inline vf transposed_sums(const vf (&x)[kLanes]) {
+  vf a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) a[i] = fold<8>(x[2 * i], x[2 * i + 1]);
+  for (int i = 0; i < 4; ++i) b[i] = fold<4>(a[2 * i], a[2 * i + 1]);
+  for (int i = 0; i < 2; ++i) c[i] = fold<2>(b[2 * i], b[2 * i + 1]);
+  return fold<1>(c[0], c[1]);
+}
+
+// 2^x for x <= 128, to ~1 ulp; 0 below -126. Round-to-nearest split x = n + f, |f| <= 1/2,
+// 2^f = e^(f ln 2) by its degree-7 Taylor polynomial (truncation error < 1e-8), n into the
+// exponent bits. (Relies on IEEE rounding of (x + 1.5 * 2^23) - 1.5 * 2^23: no -ffast-math.)
+inline vf exp2v(vf x) {
+  const vf magic = splat(12582912.0f);
+  vf xc = x < splat(-126.0f) ? splat(-126.0f) : x;
+  vf n = (xc + magic) - magic;
+  vf f = (xc - n) * 0.6931471805599453f;
+  vf p = splat(1.0f / 5040);
+  p = p * f + 1.0f / 720;
+  p = p * f + 1.0f / 120;
+  p = p * f + 1.0f / 24;
+  p = p * f + 1.0f / 6;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  // A C-style cast between vector types of one size reinterprets the bits (GCC).
+  vf r = (vf)((vi)p + (__builtin_convertvector(n, vi) << 23));
+  return x < splat(-126.0f) ? vf{} : r;
+}
+
+int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// The call's buffers at the cached layer, and its dimensions.
+struct Problem {
+  const void* q;        // [T, N, H]
+  const void* k;        // [T, K, H] this step's keys
+  const void* v;
+  const void* k_cache;  // [B, Z, K, H] at `layer`
+  const void* v_cache;
+  void* out;            // [T, N, H]
+  const int32_t* positions;     // [T]
+  const int32_t* block_tables;  // [S, P]
+  const int32_t* context_lens;  // [S]
+  int N, K, G, H, Z, P;
+  float scale;          // softmax scale times log2(e)
+};
+
+// A run of consecutive tokens of one row: [first, first + count); the row's tokens start at
+// row_first, so the tile reads in-step keys [row_first, first + count).
+struct Tile {
+  int row, first, count, row_first;
+};
+
+// Per-thread buffers for one work item, sized for the largest tile (max_rows a multiple of 16).
+// Vector arrays keep them 64-byte aligned; per-row values are read through float views.
+struct Scratch {
+  Scratch(int max_rows, int head_dim)
+      : q(head_dim * max_rows / kLanes), o(max_rows * head_dim / kLanes),
+        p(kChunk * max_rows / kLanes), kc(kChunk * head_dim / kLanes),
+        vc(kChunk * head_dim / kLanes), m(max_rows / kLanes), l(max_rows / kLanes),
+        alpha(max_rows / kLanes), qpos(max_rows / kLanes) {}
+  std::vector<vf> q;      // scaled queries: [H, Mp] (rows along the lanes) or [M, H] (few rows)
+  std::vector<vf> o;      // [M, H] unnormalised output
+  std::vector<vf> p;      // the chunk's scores, then probabilities: [C, Mp] or [M, C] (few rows)
+  std::vector<vf> kc;     // [C, H] the chunk's keys in float32
+  std::vector<vf> vc;     // [C, H] and values
+  std::vector<vf> m;      // [Mp] running max (base-2 logits)
+  std::vector<vf> l;      // [Mp] running sum
+  std::vector<vf> alpha;  // [Mp] the factor rescaling o for the current chunk
+  std::vector<vi> qpos;   // [Mp] position of each query row (INT_MIN for padding rows)
+};
+
+// One chunk of n <= 16 keys as float32 row pointers (slots past n repeat row 0, and are masked):
+// into the scratch copies kc / vc, or, for float32 K/V that need no contiguous copy, straight
+// into the cache or this step's k / v.
+struct Chunk {
+  int n;
+  const int32_t* kpos;  // positions of this step's keys (causal), nullptr for cached context
+  const float* k[kChunk];
+  const float* v[kChunk];
+};
+
+// Fills `chunk` with keys / values rows at element offsets offset(0..n-1).
+template <typename T, typename Offset>
+void load_chunk(Scratch& w, Chunk& chunk, const T* keys, const T* values, int head_dim,
+                bool copy, Offset offset) {
+  const int head_vecs = head_dim / kLanes;
+  for (int j = 0; j < chunk.n; ++j) {
+    const int64_t row = offset(j);
+    if constexpr (std::is_same_v<T, float>) {
+      if (!copy) {
+        chunk.k[j] = keys + row;
+        chunk.v[j] = values + row;
+        continue;
+      }
+    }
+    load_row(keys + row, &w.kc[j * head_vecs], head_vecs);
+    load_row(values + row, &w.vc[j * head_vecs], head_vecs);
+    chunk.k[j] = reinterpret_cast<const float*>(&w.kc[j * head_vecs]);
+    chunk.v[j] = reinterpret_cast<const float*>(&w.vc[j * head_vecs]);
+  }
+  std::fill(chunk.k + chunk.n, chunk.k + kChunk, chunk.k[0]);
+  std::fill(chunk.v + chunk.n, chunk.v + kChunk, chunk.v[0]);
+}
+
+// Many rows, scores p[j][i] = sum_h kc[j][h] * q[h][i] over the lane blocks of query rows:
+// 16 accumulators hold one lane block for all keys; each step of h is one load and 16 FMAs
+// with a broadcast K element. kHeadVecs = H / 16 when it is a compile-time constant (the
+// common head dims), 0 otherwise: a constant makes kc[j][h] one base register plus a constant
+// displacement per key; at run time the 16 row offsets spill out of the integer registers and
+// the loop runs ~1.5x slower.
+template <int kHeadVecs>
+void scores_rows_on_lanes(Scratch& w, int head_vecs, int lane_blocks) {
+  const int H = (kHeadVecs ? kHeadVecs : head_vecs) * kLanes;
+  const float* kc = reinterpret_cast<const float*>(w.kc.data());
+  for (int ib = 0; ib < lane_blocks; ++ib) {
+    vf acc[kChunk] = {};
+    for (int h = 0; h < H; ++h) {
+      const vf qv = w.q[h * lane_blocks + ib];
+#pragma GCC unroll 16
+      for (int j = 0; j < kChunk; ++j) acc[j] += kc[j * H + h] * qv;
+    }
+    for (int j = 0; j < kChunk; ++j) w.p[j * lane_blocks + ib] = acc[j];
+  }
+}
+
+// Many rows, online softmax over the chunk's n keys, per lane block of query rows: turns p into
+// probabilities against the new running max, updates m and l, and leaves in alpha the factor
+// that rescales o. Causal chunks (this step's keys) mask key j unless kpos[j] <= the row's
+// position; masked keys get probability 0.
+template <bool kCausal>
+void softmax_rows_on_lanes(Scratch& w, int n, int lane_blocks, const int32_t* kpos) {
+  for (int ib = 0; ib < lane_blocks; ++ib) {
+    vf m_old = w.m[ib], m_new = m_old;
+    for (int j = 0; j < n; ++j) {
+      vf s = w.p[j * lane_blocks + ib];
+      if constexpr (kCausal) s = w.qpos[ib] >= kpos[j] ? s : splat(kMasked);
+      m_new = vmax(m_new, s);
+    }
+    vf sum = {};
+    for (int j = 0; j < n; ++j) {
+      vf p = exp2v(w.p[j * lane_blocks + ib] - m_new);
+      if constexpr (kCausal) p = w.qpos[ib] >= kpos[j] ? p : vf{};
+      w.p[j * lane_blocks + ib] = p;
+      sum += p;
+    }
+    vf alpha = exp2v(m_old - m_new);
+    w.l[ib] = w.l[ib] * alpha + sum;
+    w.m[ib] = m_new;
+    w.alpha[ib] = alpha;
+  }
+}
+
+// Few rows (R <= 8, a template parameter so the rows' dependency chains interleave), scores and
+// online softmax with the chunk's keys along the lanes: per query row, 16 dot products reduced
+// into one vector of scores, one exp, and lane max / sum for m and l; one exp for all rows'
+// alpha. Keys past n are masked, and so, for causal chunks, are keys after the row.
+template <int R>
+void step_keys_on_lanes(Scratch& w, const Chunk& chunk, int head_vecs) {
+  const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  vi key_pos = lane < chunk.n ? vi{} : vi{} + INT_MAX;  // past n: after every row
+  if (chunk.kpos != nullptr)
+    for (int j = 0; j < chunk.n; ++j) key_pos[j] = chunk.kpos[j];
+  float* l = reinterpret_cast<float*>(w.l.data());
+  const int32_t* qpos = reinterpret_cast<const int32_t*>(w.qpos.data());
+  vf s[R];
+  vi visible[R];
+  for (int i = 0; i < R; ++i) {
+    // Lane slot l accumulates key kBitReversed[l]: 16 independent FMA chains.
+    vf acc[kLanes] = {};
+    for (int v = 0; v < head_vecs; ++v) {
+      const vf qv = w.q[i * head_vecs + v];
+#pragma GCC unroll 16
+      for (int slot = 0; slot < kLanes; ++slot)
+        acc[slot] += qv * reinterpret_cast<const vf_row*>(chunk.k[kBitReversed[slot]])[v];
+    }
+    visible[i] = chunk.kpos != nullptr ? key_pos <= qpos[i] : lane < chunk.n;
+    s[i] = visible[i] ? transposed_sums(acc) : splat(kMasked);
+  }
+  const vf m_old = w.m[0];  // per-row state along the lanes: R <= 8 rows fit in one vector
+  vf m_new = m_old;
+  for (int i = 0; i < R; ++i) m_new[i] = std::max(m_old[i], lane_max(s[i]));
+  w.alpha[0] = exp2v(m_old - m_new);
+  w.m[0] = m_new;
+  for (int i = 0; i < R; ++i) {
+    w.p[i] = visible[i] ? exp2v(s[i] - m_new[i]) : vf{};
+    l[i] = l[i] * w.alpha[0][i] + lane_sum(w.p[i]);
+  }
+}
+
+// o[i0:i0+R][hv0:hv0+V vectors] = o * alpha + sum over the chunk's keys j of p(i, j) * v[j],
+// with p(i, j) = p[i * row_stride + j * key_stride]: R x V accumulators; each key is V vector
+// loads and R x V FMAs.
+template <int R, int V>
+void pv_tile(Scratch& w, const Chunk& chunk, int i0, int hv0, int head_vecs, int row_stride,
+             int key_stride) {
+  const float* p = reinterpret_cast<const float*>(w.p.data()) + i0 * row_stride;
+  const float* alpha = reinterpret_cast<const float*>(w.alpha.data()) + i0;
+  vf acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = w.o[(i0 + r) * head_vecs + hv0 + v] * alpha[r];
+  for (int j = 0; j < chunk.n; ++j) {
+    const vf_row* value = reinterpret_cast<const vf_row*>(chunk.v[j]) + hv0;
+    vf vv[V];
+    for (int v = 0; v < V; ++v) vv[v] = value[v];
+    for (int r = 0; r < R; ++r) {
+      const float pj = p[r * row_stride + j * key_stride];
+      for (int v = 0; v < V; ++v) acc[r][v] += pj * vv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) w.o[(i0 + r) * head_vecs + hv0 + v] = acc[r][v];
+}
+
+template <int R>
+void pv_rows(Scratch& w, const Chunk& chunk, int i0, int head_vecs, int row_stride,
+             int key_stride) {
+  int hv0 = 0;
+  for (; hv0 + kRegVecs <= head_vecs; hv0 += kRegVecs)
+    pv_tile<R, kRegVecs>(w, chunk, i0, hv0, head_vecs, row_stride, key_stride);
+  switch (head_vecs - hv0) {
+    case 1: pv_tile<R, 1>(w, chunk, i0, hv0, head_vecs, row_stride, key_stride); break;
+    case 2: pv_tile<R, 2>(w, chunk, i0, hv0, head_vecs, row_stride, key_stride); break;
+    case 3: pv_tile<R, 3>(w, chunk, i0, hv0, head_vecs, row_stride, key_stride); break;
+  }
+}
+
+void pv(Scratch& w, const Chunk& chunk, int rows, int head_vecs, int row_stride, int key_stride) {
+  int i0 = 0;
+  for (; i0 + kRegRows <= rows; i0 += kRegRows)
+    pv_rows<kRegRows>(w, chunk, i0, head_vecs, row_stride, key_stride);
+  switch (rows - i0) {
+    case 1: pv_rows<1>(w, chunk, i0, head_vecs, row_stride, key_stride); break;
+    case 2: pv_rows<2>(w, chunk, i0, head_vecs, row_stride, key_stride); break;
+    case 3: pv_rows<3>(w, chunk, i0, head_vecs, row_stride, key_stride); break;
+  }
+}
+
+// Few rows: scores, softmax and P @ V of one chunk, R a compile-time 1..8.
+void step_few_rows(Scratch& w, const Chunk& chunk, int rows, int head_vecs) {
+  switch (rows) {
+    case 1: step_keys_on_lanes<1>(w, chunk, head_vecs); break;
+    case 2: step_keys_on_lanes<2>(w, chunk, head_vecs); break;
+    case 3: step_keys_on_lanes<3>(w, chunk, head_vecs); break;
+    case 4: step_keys_on_lanes<4>(w, chunk, head_vecs); break;
+    case 5: step_keys_on_lanes<5>(w, chunk, head_vecs); break;
+    case 6: step_keys_on_lanes<6>(w, chunk, head_vecs); break;
+    case 7: step_keys_on_lanes<7>(w, chunk, head_vecs); break;
+    case 8: step_keys_on_lanes<8>(w, chunk, head_vecs); break;
+  }
+  pv(w, chunk, rows, head_vecs, kChunk, 1);
+}
+
+// Many rows: the same with query rows along the lanes.
+void step_many_rows(Scratch& w, const Chunk& chunk, int rows, int head_dim) {
+  const int lane_blocks = round_up(rows, kLanes) / kLanes;
+  switch (head_dim / kLanes) {
+    case 4: scores_rows_on_lanes<4>(w, 4, lane_blocks); break;
+    case 8: scores_rows_on_lanes<8>(w, 8, lane_blocks); break;
+    default: scores_rows_on_lanes<0>(w, head_dim / kLanes, lane_blocks); break;
+  }
+  if (chunk.kpos != nullptr) {
+    softmax_rows_on_lanes<true>(w, chunk.n, lane_blocks, chunk.kpos);
+  } else {
+    softmax_rows_on_lanes<false>(w, chunk.n, lane_blocks, nullptr);
+  }
+  pv(w, chunk, rows, head_dim / kLanes, 1, lane_blocks * kLanes);
+}
+
+// Attention of one tile's tokens for one kv head. QT: q/k/v/out element type; CT: the cache's.
+template <typename QT, typename CT>
+void attend(const Problem& pr, const Tile& tile, int kv_head, Scratch& w) {
+  const int G = pr.G, H = pr.H, K = pr.K, N = pr.N;
+  const int rows = tile.count * G;                   // query rows: token-major, then head
+  const int rows_padded = round_up(rows, kLanes);
+  const int lane_blocks = rows_padded / kLanes;
+  const int head_vecs = H / kLanes;
+  const bool few_rows = rows <= kFewRows;  // keys along the lanes
+
+  // Scaled queries, in the layout of the path; running max, sum and output.
+  float* q_scaled = reinterpret_cast<float*>(w.q.data());
+  int32_t* qpos = reinterpret_cast<int32_t*>(w.qpos.data());
+  const QT* q = static_cast<const QT*>(pr.q);
+  for (int i = 0; i < rows; ++i) {
+    const int t = tile.first + i / G;
+    const QT* src = q + (static_cast<int64_t>(t) * N + kv_head * G + i % G) * H;
+    for (int h = 0; h < H; ++h) {
+      const float x = to_f32(src[h]) * pr.scale;
+      if (few_rows) {
+        q_scaled[i * H + h] = x;
+      } else {
+        q_scaled[h * rows_padded + i] = x;
+      }
+    }
+    qpos[i] = pr.positions[t];
+  }
+  for (int i = rows; i < rows_padded; ++i) {  // padding lanes: zero queries before every key
+    if (!few_rows)
+      for (int h = 0; h < H; ++h) q_scaled[h * rows_padded + i] = 0.0f;
+    qpos[i] = INT_MIN;
+  }
+  std::fill_n(w.m.begin(), lane_blocks, splat(kMasked));
+  std::fill_n(w.l.begin(), lane_blocks, vf{});
+  std::fill_n(w.o.begin(), rows * head_vecs, vf{});
+
+  auto step = [&](const Chunk& chunk) {
+    if (few_rows) {
+      step_few_rows(w, chunk, rows, head_vecs);
+    } else {
+      step_many_rows(w, chunk, rows, H);
+    }
+  };
+  Chunk chunk;
+
+  // 1. The cached context, through the row's block table; the next chunk's rows are prefetched
+  // (block reads are random, so the hardware prefetchers do not see them coming).
+  const CT* k_cache = static_cast<const CT*>(pr.k_cache);
+  const CT* v_cache = static_cast<const CT*>(pr.v_cache);
+  const int32_t* table = pr.block_tables + static_cast<int64_t>(tile.row) * pr.P;
+  const int context = pr.context_lens[tile.row];
+  // Element offsets of the context keys in order, walking the block table (no divisions).
+  int block = 0, in_block = 0;
+  auto next_offsets = [&](int64_t* offsets, int n) {
+    for (int j = 0; j < n; ++j) {
+      offsets[j] = ((static_cast<int64_t>(table[block]) * pr.Z + in_block) * K + kv_head) * H;
+      if (++in_block == pr.Z) in_block = 0, ++block;
+    }
+  };
+  int64_t offsets[kChunk], ahead[kChunk];
+  next_offsets(ahead, std::min(kChunk, context));
+  for (int c0 = 0; c0 < context; c0 += kChunk) {
+    chunk.n = std::min(kChunk, context - c0);
+    chunk.kpos = nullptr;
+    std::copy_n(ahead, chunk.n, offsets);
+    const int n_ahead = std::clamp(context - c0 - kChunk, 0, kChunk);
+    next_offsets(ahead, n_ahead);
+    for (int j = 0; j < n_ahead; ++j) {
+      prefetch_row(k_cache + ahead[j], H);
+      prefetch_row(v_cache + ahead[j], H);
+    }
+    load_chunk(w, chunk, k_cache, v_cache, H, !few_rows, [&](int j) { return offsets[j]; });
+    step(chunk);
+  }
+
+  // 2. This step's keys of the row, up to the tile's last token, masked by position.
+  const int end = tile.first + tile.count;
+  for (int s0 = tile.row_first; s0 < end; s0 += kChunk) {
+    chunk.n = std::min(kChunk, end - s0);
+    chunk.kpos = pr.positions + s0;
+    load_chunk(w, chunk, static_cast<const QT*>(pr.k), static_cast<const QT*>(pr.v), H, !few_rows,
+               [&](int j) { return (static_cast<int64_t>(s0 + j) * K + kv_head) * H; });
+    step(chunk);
+  }
+
+  // 3. Normalise into out[t, kv_head * G + g].
+  const float* o = reinterpret_cast<const float*>(w.o.data());
+  const float* l = reinterpret_cast<const float*>(w.l.data());
+  QT* out = static_cast<QT*>(pr.out);
+  for (int i = 0; i < rows; ++i) {
+    const int t = tile.first + i / G;
+    QT* dst = out + (static_cast<int64_t>(t) * N + kv_head * G + i % G) * H;
+    const float inv = 1.0f / l[i];
+    for (int h = 0; h < H; ++h) from_f32(o[i * H + h] * inv, dst + h);
+  }
+}
+
+using AttendFn = void (*)(const Problem&, const Tile&, int, Scratch&);
+
+template <typename QT>
+AttendFn pick_cache_type(ffi::DataType cache) {
+  switch (cache) {
+    case ffi::DataType::F32: return attend<QT, float>;
+    case ffi::DataType::BF16: return attend<QT, BF16>;
+    default: return nullptr;
+  }
+}
+
+AttendFn pick_attend(ffi::DataType q, ffi::DataType cache) {
+  switch (q) {
+    case ffi::DataType::F32: return pick_cache_type<float>(cache);
+    case ffi::DataType::BF16: return pick_cache_type<BF16>(cache);
+    default: return nullptr;
+  }
+}
+
+// Runs work(item, scratch) for items [0, n) on up to `workers` threads: the caller plus tasks
+// scheduled on XLA's intra-op pool. Items are claimed through an atomic counter, so a task that
+// starts late (the pool busy elsewhere) finds nothing left and returns without touching the
+// call's buffers; the caller only waits for items already claimed. The counters live in a
+// shared_ptr because such a late task may run after this function returned.
+template <typename Work>
+void parallel_for(ffi::ThreadPool& pool, int workers, int64_t n, int max_rows, int head_dim,
+                  const Work& work) {
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  auto run = [counters, n, max_rows, head_dim, &work] {
+    int64_t item = counters->next.fetch_add(1);
+    if (item >= n) return;
+    Scratch scratch(max_rows, head_dim);
+    for (; item < n; item = counters->next.fetch_add(1)) {
+      work(item, scratch);
+      if (counters->done.fetch_add(1) + 1 == n) counters->done.notify_all();
+    }
+  };
+  const int64_t helpers = std::min<int64_t>({workers - 1, pool.num_threads(), n - 1});
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([run] { run(); });
+  run();
+  for (int64_t done; (done = counters->done.load()) < n;) counters->done.wait(done);
+}
+
+std::string dims_str(ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                              ffi::AnyBuffer v, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
+                              ffi::BufferR0<ffi::S32> layer, ffi::BufferR1<ffi::S32> token_rows,
+                              ffi::BufferR1<ffi::S32> positions,
+                              ffi::BufferR2<ffi::S32> block_tables,
+                              ffi::BufferR1<ffi::S32> context_lens, float scale,
+                              int32_t num_threads, ffi::Result<ffi::AnyBuffer> out) {
+  // Shapes and dtypes.
+  auto qd = q.dimensions(), kd = k.dimensions(), cd = k_cache.dimensions();
+  auto bad = [](std::string what) {
+    return ffi::Error::InvalidArgument("cpu paged attention: " + what);
+  };
+  if (qd.size() != 3 || kd.size() != 3 || cd.size() != 5)
+    return bad("expected q [T, N, H], k [T, K, H], k_cache [L, B, Z, K, H]; got q " +
+               dims_str(qd) + ", k " + dims_str(kd) + ", k_cache " + dims_str(cd));
+  const int64_t T = qd[0], N = qd[1], H = qd[2], K = kd[1], L = cd[0], B = cd[1], Z = cd[2];
+  const int64_t S = block_tables.dimensions()[0], P = block_tables.dimensions()[1];
+  if (kd[0] != T || kd[2] != H || cd[3] != K || cd[4] != H || K == 0 || N % K != 0)
+    return bad("inconsistent shapes: q " + dims_str(qd) + ", k " + dims_str(kd) + ", k_cache " +
+               dims_str(cd));
+  if (!(v.dimensions() == kd) || !(v_cache.dimensions() == cd) || !(out->dimensions() == qd))
+    return bad("v, v_cache and out must have the shapes of k, k_cache and q");
+  if (token_rows.dimensions()[0] != T || positions.dimensions()[0] != T ||
+      context_lens.dimensions()[0] != S)
+    return bad("token_rows, positions must be [T] and context_lens [S]");
+  if (H % kLanes != 0) return bad("head dim " + std::to_string(H) + " is not a multiple of 16");
+  if (k.element_type() != q.element_type() || v.element_type() != q.element_type() ||
+      out->element_type() != q.element_type() || v_cache.element_type() != k_cache.element_type())
+    return bad("q, k, v and out must share a dtype, and so must k_cache and v_cache");
+  AttendFn attend_fn = pick_attend(q.element_type(), k_cache.element_type());
+  if (attend_fn == nullptr) return bad("supported dtypes are float32 and bfloat16");
+
+  // Values: everything the kernel uses as an index is checked before any thread reads memory.
+  const int32_t layer_index = *layer.typed_data();
+  if (layer_index < 0 || layer_index >= L)
+    return bad("layer " + std::to_string(layer_index) + " out of range");
+  const int32_t* rows = token_rows.typed_data();
+  const int32_t* ctx = context_lens.typed_data();
+  const int32_t* tables = block_tables.typed_data();
+  const int G = static_cast<int>(N / K);
+  const int tile_tokens = std::max(1, kTileRows / G);
+  const size_t token_bytes = N * H * ffi::ByteWidth(q.element_type());
+  std::vector<Tile> tiles;
+  for (int t = 0; t < T;) {
+    const int row = rows[t];
+    int end = t + 1;
+    while (end < T && rows[end] == row) ++end;
+    if (row < -1 || row >= S) return bad("token row " + std::to_string(row) + " out of range");
+    if (row >= 0) {
+      if (ctx[row] < 0 || ctx[row] > P * Z) return bad("context length out of range");
+      for (int b = 0; b < (ctx[row] + Z - 1) / Z; ++b)
+        if (tables[row * P + b] < 0 || tables[row * P + b] >= B) return bad("block id out of range");
+      for (int first = t; first < end; first += tile_tokens)
+        tiles.push_back({row, first, std::min(tile_tokens, end - first), t});
+    } else {
+      std::memset(static_cast<char*>(out->untyped_data()) + t * token_bytes, 0,
+                  (end - t) * token_bytes);
+    }
+    t = end;
+  }
+
+  const int64_t layer_bytes = B * Z * K * H * ffi::ByteWidth(k_cache.element_type());
+  const Problem problem{
+      q.untyped_data(), k.untyped_data(), v.untyped_data(),
+      static_cast<const char*>(k_cache.untyped_data()) + layer_index * layer_bytes,
+      static_cast<const char*>(v_cache.untyped_data()) + layer_index * layer_bytes,
+      out->untyped_data(), positions.typed_data(), tables, ctx, static_cast<int>(N),
+      static_cast<int>(K), G, static_cast<int>(H), static_cast<int>(Z), static_cast<int>(P),
+      scale * kLog2e};
+
+  // Work items (tile, kv head), the most expensive first so the last ones to finish are short.
+  const int64_t num_items = static_cast<int64_t>(tiles.size()) * K;
+  auto cost = [&](int64_t item) {
+    const Tile& tile = tiles[item / K];
+    return int64_t{tile.count} * (ctx[tile.row] + tile.first + tile.count - tile.row_first);
+  };
+  std::vector<int64_t> order(num_items);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
+  parallel_for(pool, num_threads, num_items, round_up(tile_tokens * G, kLanes),
+               static_cast<int>(H), [&](int64_t i, Scratch& scratch) {
+                 attend_fn(problem, tiles[order[i] / K], static_cast<int>(order[i] % K), scratch);
+               });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmPagedAttention, PagedAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()           // q [T, N, H]
+                                  .Arg<ffi::AnyBuffer>()           // k [T, K, H]
+                                  .Arg<ffi::AnyBuffer>()           // v [T, K, H]
+                                  .Arg<ffi::AnyBuffer>()           // k_cache [L, B, Z, K, H]
+                                  .Arg<ffi::AnyBuffer>()           // v_cache [L, B, Z, K, H]
+                                  .Arg<ffi::BufferR0<ffi::S32>>()  // layer
+                                  .Arg<ffi::BufferR1<ffi::S32>>()  // token_rows [T]
+                                  .Arg<ffi::BufferR1<ffi::S32>>()  // positions [T]
+                                  .Arg<ffi::BufferR2<ffi::S32>>()  // block_tables [S, P]
+                                  .Arg<ffi::BufferR1<ffi::S32>>()  // context_lens [S]
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("num_threads")
+                                  .Ret<ffi::AnyBuffer>());         // out [T, N, H]

@@ -1,0 +1,166 @@
+"""The C++ CPU attention kernel (XLA FFI) against the reference, and as the engine's CPU default.
+
+Cases come from ``test_paged_attention.build_case``: cached context at slots of shuffled,
+non-contiguous blocks, flat ragged tokens, padding tokens (row -1, writing into block 0) and
+padding rows. The mixed step holds decodes (one on a context of exactly two blocks), a prefill
+chunk on cached context, a fresh prefill and a long chunk; with these head counts it covers both
+paths of the kernel (few query rows per tile: keys along the vector lanes; many: query rows
+along the lanes), several tiles per row, several context and in-step chunks per tile, and
+partial chunks. Each check asserts the output of every real token, zeros for padding tokens and
+both updated caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_prompts
+from jaxllm.kernels import default_attention, get_attention
+from jaxllm.kernels.paged_attention import cpu_ffi, reference
+from test_paged_attention import build_case
+
+from jaxllm import Engine, SamplingParams
+
+# (context_len, num_new) per row.
+MIXED = [(13, 1), (45, 1), (16, 1), (21, 7), (0, 12), (37, 26)]
+DECODE_ONLY = [(45, 1), (7, 1), (0, 1), (33, 1)]
+NUM_TOKENS, NUM_ROWS, MAX_CONTEXT = 80, 8, 45
+
+# (block_size, num_heads, num_kv_heads, head_dim, q dtype, cache dtype): GQA ratios 1, 2, 3
+# (SmolLM2), 4 and 8 (the largest "few rows" decode), block sizes 8 and 16, head dims 64 and
+# 128, float32 and bfloat16, and bfloat16 caches under float32 queries.
+F32, BF16 = jnp.float32, jnp.bfloat16
+GRID = [
+    (8, 4, 4, 64, F32, F32), (16, 4, 2, 64, BF16, BF16), (8, 8, 2, 128, F32, F32),
+    (16, 9, 3, 64, F32, F32), (8, 9, 3, 64, BF16, BF16), (16, 4, 1, 128, BF16, BF16),
+    (16, 16, 2, 64, F32, F32), (16, 9, 3, 64, F32, BF16),
+]
+TOLERANCE = {F32: 1e-5, BF16: 2e-2}
+SCALE = 0.7 * 64 ** -0.5                                              # not 1/sqrt(H): must be used
+
+
+def make_case(rows, block_size, num_heads, num_kv_heads, head_dim, dtype, cache_dtype):
+    key = repr((rows, block_size, num_heads, num_kv_heads, head_dim, jnp.dtype(dtype).name,
+                jnp.dtype(cache_dtype).name)).encode()
+    rng = np.random.default_rng(zlib.crc32(key))
+    num_blocks = 1 + sum(-(-(ctx + new) // block_size) for ctx, new in rows) + 3
+    case = build_case(rng, rows, block_size, num_heads, num_kv_heads, head_dim,
+                      num_tokens=NUM_TOKENS, num_rows=NUM_ROWS,
+                      table_width=-(-MAX_CONTEXT // block_size) + 1, num_blocks=num_blocks)
+    q, k, v = (jnp.asarray(case[name], dtype) for name in ("q", "k", "v"))
+    k_cache, v_cache = (jnp.asarray(case[name], cache_dtype) for name in ("k_cache", "v_cache"))
+    return case, (q, k, v, k_cache, v_cache, case["layer"], case["inputs"])
+
+
+_kernel = jax.jit(lambda *args: cpu_ffi.paged_attention(*args, scale=SCALE))
+_reference = jax.jit(lambda *args: reference.paged_attention(*args, scale=SCALE))
+
+
+def assert_matches_reference(case, args, got, want, dtype):
+    (out, k_cache, v_cache), (want_out, want_k_cache, want_v_cache) = got, want
+    assert out.shape == args[0].shape and out.dtype == dtype
+    out = np.asarray(out.astype(F32))
+    num_real, tol = case["num_real"], TOLERANCE[dtype]
+    np.testing.assert_allclose(out[:num_real], np.asarray(want_out.astype(F32))[:num_real],
+                               atol=tol, rtol=tol)
+    np.testing.assert_array_equal(out[num_real:], 0.0)                  # padding tokens
+    np.testing.assert_array_equal(np.asarray(k_cache), np.asarray(want_k_cache))
+    np.testing.assert_array_equal(np.asarray(v_cache), np.asarray(want_v_cache))
+
+
+@pytest.mark.parametrize("block_size, num_heads, num_kv_heads, head_dim, dtype, cache_dtype", GRID)
+def test_cpu_attention_matches_reference_on_mixed_step(block_size, num_heads, num_kv_heads,
+                                                       head_dim, dtype, cache_dtype):
+    case, args = make_case(MIXED, block_size, num_heads, num_kv_heads, head_dim, dtype, cache_dtype)
+    # Under jit, as in the step: ``layer`` is traced.
+    assert_matches_reference(case, args, _kernel(*args), _reference(*args), dtype)
+
+
+def test_cpu_attention_matches_reference_on_decode_only_step():
+    case, args = make_case(DECODE_ONLY, 16, 9, 3, 64, F32, F32)
+    assert_matches_reference(case, args, _kernel(*args), _reference(*args), F32)
+
+
+def test_cpu_attention_under_scan_with_donated_cache():
+    """Three layers in a lax.scan (traced layer index), each layer's output its next q/k/v, the
+    caches donated: same outputs and caches as the reference, the donated buffers consumed and
+    no copy of the cache in the compiled step."""
+    case, (q, k, v, k_cache, v_cache, _, inputs) = make_case(MIXED, 16, 9, 3, 64, F32, F32)
+    k_cache, v_cache = (jnp.concatenate([c, c[:1]]) for c in (k_cache, v_cache))   # 3 layers
+
+    def layers(attention):
+        def step(q, k, v, k_cache, v_cache, inputs):
+            def body(carry, layer):
+                q, k_cache, v_cache = carry
+                out, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, layer, inputs,
+                                                  scale=SCALE)
+                return (out, k_cache, v_cache), out
+            (_, k_cache, v_cache), outs = jax.lax.scan(body, (q, k_cache, v_cache),
+                                                       jnp.arange(3, dtype=jnp.int32))
+            return outs, k_cache, v_cache
+        return jax.jit(step, donate_argnums=(3, 4))
+
+    kernel_step = layers(cpu_ffi.paged_attention)
+    hlo = kernel_step.lower(q, k, v, k_cache, v_cache, inputs).compile().as_text()
+    cache_shape = ",".join(map(str, k_cache.shape))
+    assert not re.search(rf"\[{cache_shape}\]\S* copy\(", hlo)
+    want = layers(reference.paged_attention)(q, k, v, k_cache.copy(), v_cache.copy(), inputs)
+    got = kernel_step(q, k, v, k_cache, v_cache, inputs)
+    assert k_cache.is_deleted() and v_cache.is_deleted()
+    num_real = case["num_real"]
+    np.testing.assert_allclose(np.asarray(got[0])[:, :num_real], np.asarray(want[0])[:, :num_real],
+                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
+
+
+def test_cpu_attention_rejects_out_of_range_inputs():
+    _, (q, k, v, k_cache, v_cache, layer, inputs) = make_case(DECODE_ONLY, 8, 4, 2, 64, F32, F32)
+    too_long = dataclasses.replace(inputs, context_lens=inputs.context_lens.at[0].set(10_000))
+    with pytest.raises(Exception, match="context length out of range"):
+        _kernel(q, k, v, k_cache, v_cache, layer, too_long)[0].block_until_ready()
+
+
+def test_cpu_attention_falls_back_to_reference_for_other_head_dims(caplog):
+    _, args = make_case(DECODE_ONLY, 8, 4, 2, 24, F32, F32)
+    with caplog.at_level(logging.WARNING):
+        got = _kernel(*args)
+    assert "head dim 24" in caplog.text
+    for got_part, want_part in zip(got, _reference(*args)):
+        np.testing.assert_array_equal(np.asarray(got_part), np.asarray(want_part))
+
+
+def test_cpu_attention_registry_and_default_with_and_without_a_compiler(monkeypatch, caplog):
+    assert get_attention("cpu") is cpu_ffi.paged_attention
+    assert default_attention("cpu") == "cpu"
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    cpu_ffi._target.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert not cpu_ffi.is_available()
+            assert default_attention("cpu") == "reference"
+        assert caplog.text.count("no-such-compiler") == 1                  # logged once
+    finally:
+        cpu_ffi._target.cache_clear()                                   # the next call registers
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_engine_with_cpu_attention_generates_the_reference_tokens(tiny_llama_dir, scan_layers):
+    path, _ = tiny_llama_dir
+    prompts = random_prompts([5, 19, 40], seed=4)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    tokens = {}
+    for attention in ("cpu", "reference"):
+        with Engine(str(path), attention=attention, scan_layers=scan_layers, max_model_len=96,
+                    num_blocks=64, block_size=8, max_num_seqs=4,
+                    max_num_batched_tokens=32) as engine:
+            outputs = engine.generate(prompts, greedy, use_tqdm=False)
+        tokens[attention] = [out.outputs[0].token_ids for out in outputs]
+    assert tokens["cpu"] == tokens["reference"]
