@@ -121,11 +121,17 @@ def test_cpu_attention_under_scan_with_donated_cache():
     np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
 
 
-def test_cpu_attention_rejects_out_of_range_inputs():
+@pytest.mark.parametrize("field, index, value, message", [
+    ("context_lens", 0, 10_000, "context length out of range"),
+    ("block_tables", (0, 1), 10_000, "block id out of range"),
+    ("token_rows", 1, 99, "token row 99 out of range"),
+    ("token_rows", 2, 0, "tokens of row 0 are not contiguous"),
+])
+def test_cpu_attention_rejects_inputs_it_cannot_follow(field, index, value, message):
     _, (q, k, v, k_cache, v_cache, layer, inputs) = make_case(DECODE_ONLY, 8, 4, 2, 64, F32, F32)
-    too_long = dataclasses.replace(inputs, context_lens=inputs.context_lens.at[0].set(10_000))
-    with pytest.raises(Exception, match="context length out of range"):
-        _kernel(q, k, v, k_cache, v_cache, layer, too_long)[0].block_until_ready()
+    bad = dataclasses.replace(inputs, **{field: getattr(inputs, field).at[index].set(value)})
+    with pytest.raises(Exception, match=message):
+        _kernel(q, k, v, k_cache, v_cache, layer, bad)[0].block_until_ready()
 
 
 def test_cpu_attention_falls_back_to_reference_for_other_head_dims(caplog):

@@ -601,13 +601,21 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
   const int G = static_cast<int>(N / K);
   const int tile_tokens = std::max(1, kTileRows / G);
   const size_t token_bytes = N * H * ffi::ByteWidth(q.element_type());
+  const int32_t* pos = positions.typed_data();
   std::vector<Tile> tiles;
+  std::vector<bool> row_seen(S);
   for (int t = 0; t < T;) {
     const int row = rows[t];
     int end = t + 1;
     while (end < T && rows[end] == row) ++end;
     if (row < -1 || row >= S) return bad("token row " + std::to_string(row) + " out of range");
     if (row >= 0) {
+      // The tiling relies on these (the model runner's layout): a tile reads in-step keys
+      // only up to its last token.
+      if (row_seen[row]) return bad("the tokens of row " + std::to_string(row) + " are not contiguous");
+      row_seen[row] = true;
+      for (int i = t + 1; i < end; ++i)
+        if (pos[i] <= pos[i - 1]) return bad("positions of row " + std::to_string(row) + " do not increase");
       if (ctx[row] < 0 || ctx[row] > P * Z) return bad("context length out of range");
       for (int b = 0; b < (ctx[row] + Z - 1) / Z; ++b)
         if (tables[row * P + b] < 0 || tables[row * P + b] >= B) return bad("block id out of range");
@@ -625,7 +633,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
       q.untyped_data(), k.untyped_data(), v.untyped_data(),
       static_cast<const char*>(k_cache.untyped_data()) + layer_index * layer_bytes,
       static_cast<const char*>(v_cache.untyped_data()) + layer_index * layer_bytes,
-      out->untyped_data(), positions.typed_data(), tables, ctx, static_cast<int>(N),
+      out->untyped_data(), pos, tables, ctx, static_cast<int>(N),
       static_cast<int>(K), G, static_cast<int>(H), static_cast<int>(Z), static_cast<int>(P),
       scale * kLog2e};
 
