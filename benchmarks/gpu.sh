@@ -6,7 +6,9 @@
 #
 # Environment: PYTHON (default python3), OUT (results go to $OUT/gpu_bench.json),
 # GPU_BENCH_WORKDIR (model and caches; default /tmp/jaxllm_gpu_bench), GPU_BENCH_TIMEOUT
-# (seconds for the benchmark itself, default 420), JAXLLM_GPU_INSTALL=auto|none (auto: make
+# (seconds for the benchmark itself, default 420), GPU_ENGINE_CHECK=1 (then also run
+# gpu_engine_check.py: Pallas vs reference greedy tokens in the engine, on the benchmark's model,
+# and print the table again; GPU_ENGINE_CHECK_TIMEOUT, default 150 s), JAXLLM_GPU_INSTALL=auto|none (auto: make
 # this checkout importable with `pip install -e . --no-deps --no-build-isolation --no-index`
 # unless it already is; none, or a failed install: gpu_benchmark.py imports the checkout with
 # pyproject's package-dir mapping itself).
@@ -60,6 +62,12 @@ esac
 rc=0
 timeout --kill-after=15 "${GPU_BENCH_TIMEOUT:-420}" \
   "$PY" benchmarks/gpu_benchmark.py --workdir "$WORK" --json "$JSON" "$@" || rc=$?
+if [ -n "${GPU_ENGINE_CHECK:-}" ] && [ -d "$WORK/model" ]; then
+  echo "== engine check at $(elapsed): pallas_gpu vs reference greedy tokens (float32)"
+  timeout --kill-after=15 "${GPU_ENGINE_CHECK_TIMEOUT:-150}" \
+    "$PY" benchmarks/gpu_engine_check.py "$WORK/model" || echo "== engine check failed ($?)"
+  [ "$rc" -ne 0 ] || "$PY" benchmarks/gpu_benchmark.py --report "$JSON"
+fi
 # On success gpu_benchmark.py has printed the time so far and its table, last.
 if [ "$rc" -ne 0 ]; then
   echo "== gpu_benchmark.py exited with $rc at $(elapsed) (124: over GPU_BENCH_TIMEOUT);" \

@@ -141,3 +141,19 @@ def test_import_jaxllm_maps_kernels_without_an_install(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "not installed" in result.stdout
     assert str(ROOT / "kernels" / "__init__.py") in result.stdout and "paged_attention" in result.stdout
+
+
+def test_gpu_engine_check_compares_two_attention_implementations(tiny_llama_dir, capsys):
+    """The GPU engine check, run on CPU: the reference against itself agrees everywhere."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_engine_check
+    finally:
+        sys.path.pop(0)
+    path, _ = tiny_llama_dir
+    assert gpu_engine_check.main([str(path), "--prompts", "3", "--tokens", "4",
+                                  "--attention", "reference", "--against", "reference"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("gpu_engine_check:"))
+    result = json.loads(line.split(":", 1)[1])
+    assert result["identical"] == 3 and result["first_divergence"] is None
+    assert result["max_logprob_diff"] == 0.0
