@@ -13,9 +13,11 @@ both updated caches.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import re
 import zlib
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -170,3 +172,14 @@ def test_engine_with_cpu_attention_generates_the_reference_tokens(tiny_llama_dir
             outputs = engine.generate(prompts, greedy, use_tqdm=False)
         tokens[attention] = [out.outputs[0].token_ids for out in outputs]
     assert tokens["cpu"] == tokens["reference"]
+
+
+def test_attention_benchmark_times_both_implementations():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_cpu.py"
+    spec = importlib.util.spec_from_file_location("attention_cpu_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.measure(rows=2, context=40, new=1, repeats=1)
+    assert result["kv_bytes"] == 2 * 40 * 30 * 3 * 64 * 2 * 4
+    for name in ("reference", "cpu"):
+        assert result[name]["ms"] > 0 and result[name]["gb_per_s"] > 0

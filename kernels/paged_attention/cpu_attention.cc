@@ -1,37 +1,40 @@
 // Ragged paged attention for XLA:CPU, called from JAX through the XLA FFI (see cpu_ffi.py).
 //
 // Shape legend: T tokens, N query heads, K kv heads, G = N / K, H head dim, L layers, B blocks in
-// the pool, Z block size, S rows, P blocks per row. Kernel tiles: M = tile tokens x G query rows
-// (Mp: M rounded up to the 16 lanes of a vector), C = 16 keys per online-softmax step.
+// the pool, Z block size, S rows, P blocks per row. Kernel: W = kLanes floats per vector (16
+// with AVX-512, else 8), M = tile tokens x G query rows (Mp: M rounded up to W), C = W keys per
+// online-softmax step.
 //
 // Same semantics as reference.paged_attention (minus the cache write, done in XLA before this
 // call): token t of row r = token_rows[t] (-1 = padding, output zeros) attends, in one softmax,
 // to the row's cached context (positions < context_lens[r], key p at block block_tables[r][p / Z],
 // offset p % Z of layer `layer`) and to the step's tokens of the same row whose position is
 // <= its own. A row's tokens are contiguous in the step and in position order (the model runner
-// lays them out so), so a tile of consecutive tokens only reads in-step keys up to its last one.
+// lays them out so; checked), so a tile of consecutive tokens only reads in-step keys up to its
+// last one.
 //
 // Why this shape of kernel: XLA:CPU ran every formulation of the gather + einsum reference at
 // ~2 GB/s of K/V, while decode is memory bound and the machine reads ~25 GB/s. Here:
 //   * one work item is (tile of up to kTileRows / G consecutive tokens of a row, kv head): each
 //     K/V row is loaded once and used by the G query heads of the kv head and every token of the
 //     tile (a decode row is a tile of one token; a 512-token prefill chunk is ~25 tiles);
-//   * keys go in chunks of C = 16 through an online softmax in float32 (base 2: the scale and
-//     log2(e) are folded into q). Each chunk's K/V rows are converted to float32 into a small
-//     buffer (bf16 -> f32 is a shift) while the next chunk's rows are prefetched, so the random
-//     block reads overlap the arithmetic;
+//   * keys go in chunks of C through an online softmax in float32 (base 2: the scale and
+//     log2(e) are folded into q), the next chunk's rows prefetched so that the random block
+//     reads overlap the arithmetic (+15-20% on DRAM-bound decodes);
 //   * tiles of many query rows (prefill) lay scores out [C keys][Mp rows], query rows along the
 //     lanes: scores are outer products (a broadcast K element times a vector of the transposed
-//     q tile) and the softmax is vertical vector work with no horizontal reductions. Tiles of
-//     few rows (decode: M = G) would waste most lanes that way, so they put keys along the
-//     lanes instead: per row, 16 dot products folded into one vector of 16 scores by a
-//     transposing reduction tree, and one exp per row and chunk;
-//   * P @ V broadcasts each probability against V rows into register tiles of 4 rows x 4 vectors;
+//     q tile) and the softmax is vertical vector work with no horizontal reductions. Their K/V
+//     chunk is copied into float32 buffers (bf16 -> f32 is a shift), which the M rows amortise;
+//   * tiles of few rows (decode: M = G) would waste most lanes that way, so they put keys along
+//     the lanes instead: per row, C dot products folded into one vector of C scores by a
+//     transposing reduction tree, and one exp per row and chunk. Float32 K/V are read in place;
+//   * P @ V broadcasts each probability against V rows into register tiles of 4 rows x
+//     kRegVecs vectors;
 //   * work items, biggest first, are shared out over XLA's intra-op thread pool through an
 //     atomic counter; the calling thread works too and only waits for items already claimed.
 //
-// Vectors are GCC vector extensions of 16 floats: AVX-512 registers where available (gcc splits
-// them in two on AVX2, and into NEON registers on ARM), so the source carries no intrinsics.
+// Vectors are GCC vector extensions, so the source carries no intrinsics and builds for any
+// -march (the build uses -march=native).
 
 #include <algorithm>
 #include <atomic>
@@ -51,12 +54,23 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;      // floats per vector
-constexpr int kChunk = 16;      // keys per online-softmax step (one vector of keys)
+// Floats per vector: one AVX-512 register, else 8 (one AVX2 register, two NEON ones). Register
+// tiles are sized to the register file: 32 vectors with AVX-512, 16 else. (Vectors of 16
+// floats on AVX2 spilled the 16-accumulator tiles: 8x slower.)
+#ifdef __AVX512F__
+constexpr int kLanes = 16;
+constexpr int kRegVecs = 4;     // vectors of head dim per P @ V register tile
+#else
+constexpr int kLanes = 8;
+constexpr int kRegVecs = 2;
+#endif
+constexpr int kHeadDimMultiple = 16;  // supported head dims (the cpu_ffi.py check)
+static_assert(kHeadDimMultiple % kLanes == 0, "rows are whole vectors");
+constexpr int kChunk = kLanes;  // keys per online-softmax step (one vector of keys)
 constexpr int kTileRows = 64;   // target query rows (tokens x G) per work item
 constexpr int kFewRows = 8;     // tiles of at most this many rows put keys along the lanes
 constexpr int kRegRows = 4;     // query rows per P @ V register tile
-constexpr int kRegVecs = 4;     // vectors of head dim per P @ V register tile
+static_assert(kFewRows <= kLanes, "few-row tiles keep per-row state in one vector");
 constexpr float kMasked = -1e30f;  // finite: no inf - inf = NaN before a row sees its first key
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -105,24 +119,31 @@ inline void prefetch_row(const T* row, int head_dim) {
 inline vf splat(float x) { return vf{} + x; }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
-// Sum or max over the lanes, by four halvings.
+// Sum or max over the lanes, by log2(kLanes) halvings: lane l meets lane l ^ h.
+template <int h, typename Op, int... l>
+inline vf lane_halving(vf v, Op op, std::integer_sequence<int, l...>) {
+  v = op(v, __builtin_shufflevector(v, v, (l ^ h)...));
+  if constexpr (h > 1) v = lane_halving<h / 2>(v, op, std::integer_sequence<int, l...>{});
+  return v;
+}
 template <typename Op>
 inline float lane_reduce(vf v, Op op) {
-  v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-  v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
-  v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
-  v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
-  return v[0];
+  return lane_halving<kLanes / 2>(v, op, std::make_integer_sequence<int, kLanes>{})[0];
 }
 inline float lane_sum(vf v) { return lane_reduce(v, [](vf a, vf b) { return a + b; }); }
 inline float lane_max(vf v) { return lane_reduce(v, vmax); }
 
-// Lane sums of 16 vectors as one vector, in 15 folds of two shuffles and an add (against 16
-// separate four-halving sums). A fold of two vectors made of blocks of 2h lanes (each block the
-// partial sums of one input) halves every block and interleaves the halves: within each block,
-// h lanes from a then h from b. Four levels (h = 8, 4, 2, 1) leave lane l holding the sum of
-// input kBitReversed[l]; callers feed the inputs in that order to get sums in natural order.
-constexpr int kBitReversed[kLanes] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+// Lane sums of kLanes vectors as one vector, in kLanes - 1 folds of two shuffles and an add
+// (against kLanes separate halving sums). A fold of two vectors made of blocks of 2h lanes (each
+// block the partial sums of one input) halves every block and interleaves the halves: within
+// each block, h lanes from a then h from b. The levels h = kLanes / 2, ..., 1 leave lane l
+// holding the sum of input bit_reversed(l); callers feed the inputs in that order to get sums
+// in natural order.
+constexpr int bit_reversed(int l) {
+  int r = 0;
+  for (int bit = 1; bit < kLanes; bit <<= 1, l >>= 1) r = (r << 1) | (l & 1);
+  return r;
+}
 
 // Index, into the concatenation of a and b, of the element that output lane l takes in the
 // first (offset 0) or second (offset h) shuffle of a fold.
@@ -137,17 +158,21 @@ inline vf fold(vf a, vf b, std::integer_sequence<int, l...>) {
          __builtin_shufflevector(a, b, fold_source(h, l, h)...);
 }
 
+// Folds x[0 .. 2h) into x[0 .. h), then on down to x[0].
 template <int h>
-inline vf fold(vf a, vf b) {
-  return fold<h>(a, b, std::make_integer_sequence<int, kLanes>{});
+inline void fold_level(vf* x) {
+  for (int i = 0; i < h; ++i) x[i] = fold<h>(x[2 * i], x[2 * i + 1], std::make_integer_sequence<int, kLanes>{});
+  if constexpr (h > 1) fold_level<h / 2>(x);
 }
 
-inline vf transposed_sums(const vf (&x)[kLanes]) {
-  vf a[8], b[4], c[2];
-  for (int i = 0; i < 8; ++i) a[i] = fold<8>(x[2 * i], x[2 * i + 1]);
-  for (int i = 0; i < 4; ++i) b[i] = fold<4>(a[2 * i], a[2 * i + 1]);
-  for (int i = 0; i < 2; ++i) c[i] = fold<2>(b[2 * i], b[2 * i + 1]);
-  return fold<1>(c[0], c[1]);
+inline vf transposed_sums(vf (&x)[kLanes]) {
+  fold_level<kLanes / 2>(x);
+  return x[0];
+}
+
+template <int... l>
+inline vi lane_index(std::integer_sequence<int, l...>) {
+  return vi{l...};
 }
 
 // 2^x for x <= 128, to ~1 ulp; 0 below -126. Round-to-nearest split x = n + f, |f| <= 1/2,
@@ -194,7 +219,7 @@ struct Tile {
   int row, first, count, row_first;
 };
 
-// Per-thread buffers for one work item, sized for the largest tile (max_rows a multiple of 16).
+// Per-thread buffers for one work item, sized for the largest tile (max_rows a multiple of W).
 // Vector arrays keep them 64-byte aligned; per-row values are read through float views.
 struct Scratch {
   Scratch(int max_rows, int head_dim)
@@ -213,7 +238,7 @@ struct Scratch {
   std::vector<vi> qpos;   // [Mp] position of each query row (INT_MIN for padding rows)
 };
 
-// One chunk of n <= 16 keys as float32 row pointers (slots past n repeat row 0, and are masked):
+// One chunk of n <= C keys as float32 row pointers (slots past n repeat row 0, and are masked):
 // into the scratch copies kc / vc, or, for float32 K/V that need no contiguous copy, straight
 // into the cache or this step's k / v.
 struct Chunk {
@@ -247,14 +272,14 @@ void load_chunk(Scratch& w, Chunk& chunk, const T* keys, const T* values, int he
 }
 
 // Many rows, scores p[j][i] = sum_h kc[j][h] * q[h][i] over the lane blocks of query rows:
-// 16 accumulators hold one lane block for all keys; each step of h is one load and 16 FMAs
-// with a broadcast K element. kHeadVecs = H / 16 when it is a compile-time constant (the
+// kChunk accumulators hold one lane block for all keys; each step of h is one load and kChunk
+// FMAs with a broadcast K element. kHeadDim is H when it is a compile-time constant (the
 // common head dims), 0 otherwise: a constant makes kc[j][h] one base register plus a constant
-// displacement per key; at run time the 16 row offsets spill out of the integer registers and
+// displacement per key; at run time the C row offsets spill out of the integer registers and
 // the loop runs ~1.5x slower.
-template <int kHeadVecs>
-void scores_rows_on_lanes(Scratch& w, int head_vecs, int lane_blocks) {
-  const int H = (kHeadVecs ? kHeadVecs : head_vecs) * kLanes;
+template <int kHeadDim>
+void scores_rows_on_lanes(Scratch& w, int head_dim, int lane_blocks) {
+  const int H = kHeadDim ? kHeadDim : head_dim;
   const float* kc = reinterpret_cast<const float*>(w.kc.data());
   for (int ib = 0; ib < lane_blocks; ++ib) {
     vf acc[kChunk] = {};
@@ -295,12 +320,12 @@ void softmax_rows_on_lanes(Scratch& w, int n, int lane_blocks, const int32_t* kp
 }
 
 // Few rows (R <= 8, a template parameter so the rows' dependency chains interleave), scores and
-// online softmax with the chunk's keys along the lanes: per query row, 16 dot products reduced
+// online softmax with the chunk's keys along the lanes: per query row, C dot products reduced
 // into one vector of scores, one exp, and lane max / sum for m and l; one exp for all rows'
 // alpha. Keys past n are masked, and so, for causal chunks, are keys after the row.
 template <int R>
 void step_keys_on_lanes(Scratch& w, const Chunk& chunk, int head_vecs) {
-  const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const vi lane = lane_index(std::make_integer_sequence<int, kLanes>{});
   vi key_pos = lane < chunk.n ? vi{} : vi{} + INT_MAX;  // past n: after every row
   if (chunk.kpos != nullptr)
     for (int j = 0; j < chunk.n; ++j) key_pos[j] = chunk.kpos[j];
@@ -309,13 +334,13 @@ void step_keys_on_lanes(Scratch& w, const Chunk& chunk, int head_vecs) {
   vf s[R];
   vi visible[R];
   for (int i = 0; i < R; ++i) {
-    // Lane slot l accumulates key kBitReversed[l]: 16 independent FMA chains.
+    // Lane slot l accumulates key bit_reversed(l): kLanes independent FMA chains.
     vf acc[kLanes] = {};
     for (int v = 0; v < head_vecs; ++v) {
       const vf qv = w.q[i * head_vecs + v];
 #pragma GCC unroll 16
       for (int slot = 0; slot < kLanes; ++slot)
-        acc[slot] += qv * reinterpret_cast<const vf_row*>(chunk.k[kBitReversed[slot]])[v];
+        acc[slot] += qv * reinterpret_cast<const vf_row*>(chunk.k[bit_reversed(slot)])[v];
     }
     visible[i] = chunk.kpos != nullptr ? key_pos <= qpos[i] : lane < chunk.n;
     s[i] = visible[i] ? transposed_sums(acc) : splat(kMasked);
@@ -355,52 +380,52 @@ void pv_tile(Scratch& w, const Chunk& chunk, int i0, int hv0, int head_vecs, int
     for (int v = 0; v < V; ++v) w.o[(i0 + r) * head_vecs + hv0 + v] = acc[r][v];
 }
 
+// Calls f(std::integral_constant<int, n>) for a run-time n in [1, kMax].
+template <int kMax, typename F>
+inline void with_constant(int n, F&& f) {
+  if constexpr (kMax > 0) {
+    if (n == kMax) {
+      f(std::integral_constant<int, kMax>{});
+    } else {
+      with_constant<kMax - 1>(n, f);
+    }
+  }
+}
+
+// P @ V for rows [i0, i0 + R): full register tiles along the head dim, then the remainder.
 template <int R>
 void pv_rows(Scratch& w, const Chunk& chunk, int i0, int head_vecs, int row_stride,
              int key_stride) {
   int hv0 = 0;
   for (; hv0 + kRegVecs <= head_vecs; hv0 += kRegVecs)
     pv_tile<R, kRegVecs>(w, chunk, i0, hv0, head_vecs, row_stride, key_stride);
-  switch (head_vecs - hv0) {
-    case 1: pv_tile<R, 1>(w, chunk, i0, hv0, head_vecs, row_stride, key_stride); break;
-    case 2: pv_tile<R, 2>(w, chunk, i0, hv0, head_vecs, row_stride, key_stride); break;
-    case 3: pv_tile<R, 3>(w, chunk, i0, hv0, head_vecs, row_stride, key_stride); break;
-  }
+  with_constant<kRegVecs - 1>(head_vecs - hv0, [&](auto vecs) {
+    pv_tile<R, vecs>(w, chunk, i0, hv0, head_vecs, row_stride, key_stride);
+  });
 }
 
 void pv(Scratch& w, const Chunk& chunk, int rows, int head_vecs, int row_stride, int key_stride) {
   int i0 = 0;
   for (; i0 + kRegRows <= rows; i0 += kRegRows)
     pv_rows<kRegRows>(w, chunk, i0, head_vecs, row_stride, key_stride);
-  switch (rows - i0) {
-    case 1: pv_rows<1>(w, chunk, i0, head_vecs, row_stride, key_stride); break;
-    case 2: pv_rows<2>(w, chunk, i0, head_vecs, row_stride, key_stride); break;
-    case 3: pv_rows<3>(w, chunk, i0, head_vecs, row_stride, key_stride); break;
-  }
+  with_constant<kRegRows - 1>(rows - i0, [&](auto tail) {
+    pv_rows<tail>(w, chunk, i0, head_vecs, row_stride, key_stride);
+  });
 }
 
-// Few rows: scores, softmax and P @ V of one chunk, R a compile-time 1..8.
+// Few rows: scores, softmax and P @ V of one chunk, the row count a compile-time constant.
 void step_few_rows(Scratch& w, const Chunk& chunk, int rows, int head_vecs) {
-  switch (rows) {
-    case 1: step_keys_on_lanes<1>(w, chunk, head_vecs); break;
-    case 2: step_keys_on_lanes<2>(w, chunk, head_vecs); break;
-    case 3: step_keys_on_lanes<3>(w, chunk, head_vecs); break;
-    case 4: step_keys_on_lanes<4>(w, chunk, head_vecs); break;
-    case 5: step_keys_on_lanes<5>(w, chunk, head_vecs); break;
-    case 6: step_keys_on_lanes<6>(w, chunk, head_vecs); break;
-    case 7: step_keys_on_lanes<7>(w, chunk, head_vecs); break;
-    case 8: step_keys_on_lanes<8>(w, chunk, head_vecs); break;
-  }
+  with_constant<kFewRows>(rows, [&](auto r) { step_keys_on_lanes<r>(w, chunk, head_vecs); });
   pv(w, chunk, rows, head_vecs, kChunk, 1);
 }
 
 // Many rows: the same with query rows along the lanes.
 void step_many_rows(Scratch& w, const Chunk& chunk, int rows, int head_dim) {
   const int lane_blocks = round_up(rows, kLanes) / kLanes;
-  switch (head_dim / kLanes) {
-    case 4: scores_rows_on_lanes<4>(w, 4, lane_blocks); break;
-    case 8: scores_rows_on_lanes<8>(w, 8, lane_blocks); break;
-    default: scores_rows_on_lanes<0>(w, head_dim / kLanes, lane_blocks); break;
+  switch (head_dim) {
+    case 64: scores_rows_on_lanes<64>(w, head_dim, lane_blocks); break;
+    case 128: scores_rows_on_lanes<128>(w, head_dim, lane_blocks); break;
+    default: scores_rows_on_lanes<0>(w, head_dim, lane_blocks); break;
   }
   if (chunk.kpos != nullptr) {
     softmax_rows_on_lanes<true>(w, chunk.n, lane_blocks, chunk.kpos);
@@ -584,7 +609,9 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
   if (token_rows.dimensions()[0] != T || positions.dimensions()[0] != T ||
       context_lens.dimensions()[0] != S)
     return bad("token_rows, positions must be [T] and context_lens [S]");
-  if (H % kLanes != 0) return bad("head dim " + std::to_string(H) + " is not a multiple of 16");
+  if (H % kHeadDimMultiple != 0)
+    return bad("head dim " + std::to_string(H) + " is not a multiple of " +
+               std::to_string(kHeadDimMultiple));
   if (k.element_type() != q.element_type() || v.element_type() != q.element_type() ||
       out->element_type() != q.element_type() || v_cache.element_type() != k_cache.element_type())
     return bad("q, k, v and out must share a dtype, and so must k_cache and v_cache");
