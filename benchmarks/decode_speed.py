@@ -1,10 +1,17 @@
-"""Single-request decode speed of jaxllm vs HF transformers on the same model and prompt.
+"""Single-request decode speed of jaxllm vs HF transformers and llama.cpp on one model and prompt.
 
-    python benchmarks/decode_speed.py [--model PATH] [--dtype float32] [--tokens 128]
+    python benchmarks/decode_speed.py [--model PATH] [--dtype float32|bfloat16] [--tokens 128]
+        [--repeats 3] [--llamacpp-model FILE.gguf] [--skip-llamacpp] [--out PATH.json]
 
-Decode tokens/s = (N - 1) / (time to generate N tokens - time to generate 1 token), measured
-the same way for both engines in the same run, so prefill and start-up costs cancel. Also reports
-the memory-bandwidth floor: weight bytes read per step over a read bandwidth measured here.
+Decode tokens/s = (N - 1) / (time to generate N tokens - time to generate 1 token), best of
+``--repeats`` each, measured the same way for every engine in the same run (greedy, the same
+prompt token ids, exactly N tokens), so prefill and start-up costs cancel. jaxllm and
+transformers (``os.cpu_count()`` torch threads) run in ``--dtype``; llama.cpp (llama-cpp-python,
+``pip install -e ".[bench]"``, one sequence, ``os.cpu_count()`` threads; see llamacpp_peer.py)
+runs the model's own GGUF file (``--llamacpp-model`` for another), so its weights are the GGUF's
+quantized ones (Q4_1 for the default model) whatever the dtype. Without llama-cpp-python or a
+GGUF, its figures are null and ``llamacpp_note`` says why. Also reports the memory-bandwidth
+floor: jaxllm's weight bytes read per step over a read bandwidth measured here.
 """
 
 from __future__ import annotations
@@ -12,8 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llamacpp_peer import LlamaCppRunner, runnable_gguf  # noqa: E402
 
 PROMPT = "The history of computing stretches from mechanical calculators to modern processors."
 
@@ -41,17 +52,17 @@ def bench_jaxllm(model, dtype, num_tokens, repeats):
     weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(engine.model_runner.params))
     model_dir = engine.model_dir
     engine.shutdown()
-    return (num_tokens - 1) / (t_n - t_1), weight_bytes, model_dir
+    return (num_tokens - 1) / (t_n - t_1), weight_bytes, model_dir, prompt_ids
 
 
-def bench_hf(model_dir, dtype, num_tokens, repeats):
+def bench_hf(model_dir, dtype, prompt_ids, num_tokens, repeats):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
-    ids = torch.tensor([AutoTokenizer.from_pretrained(model_dir).encode(PROMPT)])
+    ids = torch.tensor([prompt_ids])
 
     def run(n):
         with torch.no_grad():
@@ -61,6 +72,16 @@ def bench_hf(model_dir, dtype, num_tokens, repeats):
     t_n = _best_of(lambda: run(num_tokens), repeats)
     t_1 = _best_of(lambda: run(1), repeats)
     return (num_tokens - 1) / (t_n - t_1)
+
+
+def bench_llamacpp(gguf, prompt_ids, num_tokens, repeats):
+    """(decode tokens/s, the model's description) of one llama.cpp sequence."""
+    with LlamaCppRunner(gguf, n_parallel=1, n_ctx_seq=len(prompt_ids) + num_tokens) as runner:
+        run = lambda n: runner.generate([{"prompt_token_ids": prompt_ids, "max_tokens": n}])
+        run(4)
+        t_n = _best_of(lambda: run(num_tokens), repeats)
+        t_1 = _best_of(lambda: run(1), repeats)
+    return (num_tokens - 1) / (t_n - t_1), runner.description
 
 
 def read_bandwidth_gbs() -> float:
@@ -81,28 +102,51 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--llamacpp-model", help="the GGUF llama.cpp runs (default: --model's)")
+    parser.add_argument("--skip-llamacpp", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/decode_speed.json")
     args = parser.parse_args()
 
-    jax_tps, weight_bytes, model_dir = bench_jaxllm(args.model, args.dtype, args.tokens, args.repeats)
-    hf_tps = bench_hf(model_dir, args.dtype, args.tokens, args.repeats)
+    jax_tps, weight_bytes, model_dir, prompt_ids = bench_jaxllm(args.model, args.dtype, args.tokens,
+                                                                args.repeats)
+    hf_tps = bench_hf(model_dir, args.dtype, prompt_ids, args.tokens, args.repeats)
+    llamacpp_tps, llamacpp_weights = None, None
+    gguf, llamacpp_note = runnable_gguf(args.model, args.llamacpp_model, args.skip_llamacpp)
+    if gguf:
+        llamacpp_tps, llamacpp_weights = bench_llamacpp(gguf, prompt_ids, args.tokens, args.repeats)
     bandwidth = read_bandwidth_gbs()
     floor_tps = bandwidth * 1e9 / weight_bytes
     result = {
         "model": str(model_dir), "dtype": args.dtype, "tokens": args.tokens,
         "jaxllm_decode_tokens_per_s": jax_tps, "hf_decode_tokens_per_s": hf_tps,
-        "ratio_vs_hf": jax_tps / hf_tps, "weight_bytes": weight_bytes,
+        "llamacpp_decode_tokens_per_s": llamacpp_tps, "llamacpp_weights": llamacpp_weights,
+        "llamacpp_note": llamacpp_note,
+        "ratio_vs_hf": jax_tps / hf_tps,
+        "ratio_vs_llamacpp": jax_tps / llamacpp_tps if llamacpp_tps else None,
+        "weight_bytes": weight_bytes,
         "read_bandwidth_gb_s": bandwidth, "bandwidth_floor_tokens_per_s": floor_tps,
         "fraction_of_floor": jax_tps / floor_tps,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"{'engine':<14}{'decode tok/s':>14}")
-    print(f"{'jaxllm':<14}{jax_tps:>14.1f}")
-    print(f"{'transformers':<14}{hf_tps:>14.1f}")
-    print(f"ratio {jax_tps / hf_tps:.2f}x; bandwidth floor {floor_tps:.1f} tok/s "
-          f"({bandwidth:.1f} GB/s, {weight_bytes / 1e6:.0f} MB weights): "
-          f"{100 * jax_tps / floor_tps:.0f}% of floor")
+    print_report(result)
+
+
+def print_report(result: dict) -> None:
+    print(f"{'engine':<14}{'decode tok/s':>14}  weights")
+    print(f"{'jaxllm':<14}{result['jaxllm_decode_tokens_per_s']:>14.1f}  {result['dtype']}")
+    print(f"{'transformers':<14}{result['hf_decode_tokens_per_s']:>14.1f}  {result['dtype']}")
+    if result["llamacpp_decode_tokens_per_s"]:
+        print(f"{'llama.cpp':<14}{result['llamacpp_decode_tokens_per_s']:>14.1f}  "
+              f"{result['llamacpp_weights']}")
+    if result["llamacpp_note"]:
+        print(result["llamacpp_note"])
+    ratio_llamacpp = (f", jaxllm/llama.cpp {result['ratio_vs_llamacpp']:.2f}x"
+                      if result["ratio_vs_llamacpp"] else "")
+    print(f"ratio jaxllm/transformers {result['ratio_vs_hf']:.2f}x{ratio_llamacpp}; "
+          f"bandwidth floor {result['bandwidth_floor_tokens_per_s']:.1f} tok/s "
+          f"({result['read_bandwidth_gb_s']:.1f} GB/s, {result['weight_bytes'] / 1e6:.0f} MB "
+          f"weights): {100 * result['fraction_of_floor']:.0f}% of floor")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Offline throughput of jaxllm vs HF transformers (static batches) on the same workload and run.
+"""Offline throughput of jaxllm vs HF transformers (static batches) and llama.cpp on one workload.
 
     python benchmarks/throughput.py [--model PATH] [--dtype float32] [--num-requests 64]
         [--min-prompt 16 --max-prompt 512 --min-output 16 --max-output 256 --seed 0]
         [--workload FILE.json] [--max-num-seqs 64] [--max-num-batched-tokens 512]
-        [--hf-batch-size 16] [--skip-hf] [--concurrency 1 4 16 64] [--plot PATH.png]
-        [--llamacpp-tps 127] [--warmup replay|short] [--quick] [--out PATH.json]
+        [--hf-batch-size 16] [--skip-hf] [--llamacpp-parallel 16] [--llamacpp-model FILE.gguf]
+        [--skip-llamacpp] [--skip-jaxllm] [--concurrency 1 4 16 64] [--plot PATH.png]
+        [--warmup replay|short] [--quick] [--out PATH.json]
 
 Workload. N requests with prompt and output lengths drawn uniformly (inclusive) from the ranges
 with numpy's ``default_rng(seed)``, or read from ``--workload FILE``: a JSON list of
@@ -45,10 +46,23 @@ each step is timestamped in the measured run itself, all requests arriving at t=
     TPOT      = (time of a request's own last token - its first token) / (its max_tokens - 1);
     latency   = end of batch b (static batching returns every request when its batch ends).
 
+llama.cpp (``pip install -e ".[bench]"``), as llama-server serves it: llama-cpp-python's low-level
+batch API with ``--llamacpp-parallel`` sequences at once (continuous batching, chunked prompts,
+``n_batch`` = ``--max-num-batched-tokens``, ``os.cpu_count()`` threads; see llamacpp_peer.py),
+on the model's own GGUF file (``--llamacpp-model`` for another, e.g. when ``--model`` is an HF
+directory); so it computes with the GGUF's quantized weights (Q4_1 for the default model),
+whatever ``--dtype`` says. Greedy, going on past EOS: exactly each request's max_tokens. Its
+warm-up (page the weights in; nothing to compile) is the first ``--llamacpp-parallel`` warm-up
+requests capped at 8 output tokens. Each token is timestamped as it is sampled, all requests
+arriving at t=0: TTFT = a request's first token, TPOT = (last - first) / (max_tokens - 1),
+latency = its last token. Without llama-cpp-python or a GGUF the JSON has ``"llamacpp": null``
+and ``llamacpp_note`` says why (also printed). ``--skip-jaxllm`` runs only the peers (e.g. to
+rerun llama.cpp alone); ratios jaxllm/peer need both.
+
 ``--concurrency`` reruns jaxllm (a new Engine and warm-up each) at several max_num_seqs values;
-``--plot`` draws output tokens/s against concurrency with HF's static-batch figure (and
-``--llamacpp-tps``, a number measured elsewhere, e.g. llama-cpp-python with n_parallel
-sequences) as horizontal reference lines. Results go to ``--out`` (JSON).
+``--plot`` draws output tokens/s against concurrency: jaxllm's sweep, llama.cpp at its
+``--llamacpp-parallel`` and HF's static-batch figure as a horizontal line. Results go to
+``--out`` (JSON).
 """
 
 from __future__ import annotations
@@ -64,6 +78,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llamacpp_peer import LlamaCppRunner, runnable_gguf  # noqa: E402
 
 PASSAGE = """\
 The history of computing is often told as a story of machines, but it is just as much a story \
@@ -176,8 +193,17 @@ def _token_counts(workload) -> tuple[int, int]:
             sum(r["max_tokens"] for r in workload))
 
 
+def load_tokenizer(model_dir: Path) -> Any:
+    """The model's HF tokenizer, or None for a directory without one (the tests' tiny Llama)."""
+    if not any((model_dir / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
 # ---------------------------------------------------------------- jaxllm
-def make_engine(args, max_num_seqs: int):
+def make_engine(args, model_dir: Path, max_num_seqs: int):
     """(engine, seconds to create it)."""
     from jaxllm import Engine
 
@@ -185,9 +211,20 @@ def make_engine(args, max_num_seqs: int):
     if args.prefill_first is not None:
         options["prefill_first"] = args.prefill_first == "on"
     start = time.perf_counter()
-    engine = Engine(args.model, dtype=args.dtype, max_num_seqs=max_num_seqs,
+    engine = Engine(model_dir, dtype=args.dtype, max_num_seqs=max_num_seqs,
                     max_num_batched_tokens=max(args.max_num_batched_tokens, max_num_seqs), **options)
     return engine, time.perf_counter() - start
+
+
+def run_jaxllm_fresh(args, model_dir: Path, max_num_seqs: int, workload, warm) -> dict:
+    """``run_jaxllm`` on a new Engine, shut down afterwards: one engine in memory at a time."""
+    engine, init_s = make_engine(args, model_dir, max_num_seqs)
+    try:
+        return run_jaxllm(args, engine, init_s, workload, warm)
+    finally:
+        engine.shutdown()
+        del engine
+        gc.collect()
 
 
 def run_jaxllm(args, engine, init_s: float, workload, warm) -> dict:
@@ -246,16 +283,15 @@ def run_jaxllm(args, engine, init_s: float, workload, warm) -> dict:
 # ---------------------------------------------------------------- HF transformers
 def run_hf(args, workload, model_dir: Path) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or "float32"]
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
     load_s = time.perf_counter() - start
-    tokenizer, pad_id = None, 0  # no tokenizer (the tests' tiny Llama): pad id 0, padded by hand
-    if any((model_dir / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer, pad_id = load_tokenizer(model_dir), 0  # no tokenizer: pad id 0, padded by hand
+    if tokenizer is not None:
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -317,8 +353,6 @@ def run_hf(args, workload, model_dir: Path) -> dict:
     wall = time.perf_counter() - run_start
     prompt_tokens, output_tokens = _token_counts(workload)
     computed = sum(len(b) * max(r["max_tokens"] for r in b) for b in batches)
-    del model
-    gc.collect()
     return {
         "batch_size": bs, "pad_token_id": pad_id, "load_s": load_s, "warmup_s": warmup_s,
         "wall_s": wall, "output_tokens": output_tokens,
@@ -331,34 +365,84 @@ def run_hf(args, workload, model_dir: Path) -> dict:
     }
 
 
+# ---------------------------------------------------------------- llama.cpp
+def run_llamacpp(args, workload, warm, gguf: Path) -> dict:
+    """A short warm-up, then the measured run of ``workload`` through llama.cpp."""
+    import llama_cpp
+
+    n_ctx_seq = max(len(r["prompt_token_ids"]) + r["max_tokens"] for r in workload + warm)
+    short_warm = [dict(r, max_tokens=min(r["max_tokens"], SHORT_WARMUP_TOKENS))
+                  for r in warm[:args.llamacpp_parallel]]
+    start = time.perf_counter()
+    with LlamaCppRunner(gguf, args.llamacpp_parallel, n_ctx_seq,
+                        n_batch=args.max_num_batched_tokens) as runner:
+        load_s = time.perf_counter() - start
+        start = time.perf_counter()
+        runner.generate(short_warm)
+        warmup_s = time.perf_counter() - start
+        start = time.perf_counter()
+        outputs = runner.generate(workload)
+        wall = time.perf_counter() - start
+
+    generated = [len(token_ids) for token_ids, _ in outputs]
+    expected = [r["max_tokens"] for r in workload]
+    if generated != expected:
+        raise RuntimeError(f"llama.cpp generated {generated}, expected {expected} tokens")
+    times = [token_times for _, token_times in outputs]
+    prompt_tokens, output_tokens = _token_counts(workload)
+    return {
+        "n_parallel": runner.n_parallel, "n_batch": runner.n_batch, "n_threads": runner.n_threads,
+        "gguf": str(gguf), "weights": runner.description, "llama_cpp_python": llama_cpp.__version__,
+        "batching": "continuous, n_parallel sequences through llama_decode (llamacpp_peer.py)",
+        "load_s": load_s, "warmup_s": warmup_s, "wall_s": wall, "output_tokens": output_tokens,
+        "output_tokens_per_s": output_tokens / wall,
+        "total_tokens_per_s": (prompt_tokens + output_tokens) / wall,
+        "ttft_s": percentiles([t[0] for t in times]),
+        "tpot_s": percentiles([(t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None for t in times]),
+        "latency_s": percentiles([t[-1] for t in times]),
+    }
+
+
+def ratios(jax_result: dict | None, peers: dict[str, dict | None]) -> dict[str, float]:
+    """``ratio_{output,total}_tps_vs_{peer}``: jaxllm's tokens/s over each peer that ran."""
+    if jax_result is None:
+        return {}
+    return {f"ratio_{key}_tps_vs_{name}": jax_result[f"{key}_tokens_per_s"] / peer[f"{key}_tokens_per_s"]
+            for name, peer in peers.items() if peer for key in ("output", "total")}
+
+
 # ---------------------------------------------------------------- report
 def _fmt_ms(p: dict) -> str:
     return "/".join("-" if p[k] is None else f"{1000 * p[k]:.0f}" for k in ("p50", "p90", "p99"))
 
 
 def print_table(result: dict) -> None:
-    rows = [("jaxllm", result["jaxllm"])]
-    if result.get("hf"):
-        rows.append(("transformers", result["hf"]))
+    rows = [(name, result[key]) for name, key in
+            (("jaxllm", "jaxllm"), ("transformers", "hf"), ("llama.cpp", "llamacpp")) if result[key]]
     n = result["workload"]["num_requests"]
     print(f"\n{'engine':<13}{'requests':>9}{'wall s':>9}{'out tok/s':>11}{'total tok/s':>13}"
           f"{'TTFT ms p50/90/99':>22}{'TPOT ms p50/90/99':>20}")
     for name, r in rows:
         print(f"{name:<13}{n:>9}{r['wall_s']:>9.1f}{r['output_tokens_per_s']:>11.1f}"
               f"{r['total_tokens_per_s']:>13.1f}{_fmt_ms(r['ttft_s']):>22}{_fmt_ms(r['tpot_s']):>20}")
-    j = result["jaxllm"]
-    print(f"jaxllm: engine init {j['engine_init_s']:.1f} s, warm-up ({j['warmup_mode']}) "
-          f"{j['warmup_s']:.1f} s, compilations {j['num_compilations_before']} -> "
-          f"{j['num_compilations_after']} during the measured run, "
-          f"{j['prefix_cached_tokens']} prefix-cached prompt tokens")
+    if j := result["jaxllm"]:
+        print(f"jaxllm: engine init {j['engine_init_s']:.1f} s, warm-up ({j['warmup_mode']}) "
+              f"{j['warmup_s']:.1f} s, compilations {j['num_compilations_before']} -> "
+              f"{j['num_compilations_after']} during the measured run, "
+              f"{j['prefix_cached_tokens']} prefix-cached prompt tokens")
+    if lc := result["llamacpp"]:
+        print(f"llama.cpp: {lc['weights']}, {lc['n_parallel']} parallel sequences, "
+              f"{lc['n_threads']} threads, load {lc['load_s']:.1f} s, warm-up {lc['warmup_s']:.1f} s")
+    if result["llamacpp_note"]:
+        print(result["llamacpp_note"])
     if result.get("ratio_output_tps_vs_hf"):
         print(f"ratio jaxllm/transformers: output tok/s {result['ratio_output_tps_vs_hf']:.2f}x, "
               f"total tok/s {result['ratio_total_tps_vs_hf']:.2f}x "
               f"(HF computed {result['hf']['output_tokens_computed']} output tokens for "
               f"{result['hf']['output_tokens']} useful)")
-    if result.get("llamacpp_reference_tps"):
-        print(f"ratio jaxllm/llama.cpp (reference {result['llamacpp_reference_tps']:.1f} tok/s, "
-              f"given on the command line): {result['ratio_output_tps_vs_llamacpp']:.2f}x")
+    if result.get("ratio_output_tps_vs_llamacpp"):
+        print(f"ratio jaxllm/llama.cpp: output tok/s {result['ratio_output_tps_vs_llamacpp']:.2f}x, "
+              f"total tok/s {result['ratio_total_tps_vs_llamacpp']:.2f}x")
     for point in result.get("concurrency", []):
         print(f"  max_num_seqs={point['max_num_seqs']:<4} output tok/s "
               f"{point['output_tokens_per_s']:8.1f}  TTFT p50 {1000 * point['ttft_s']['p50']:.0f} ms"
@@ -371,21 +455,25 @@ def write_plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_seqs = {p["max_num_seqs"]: p for p in [result["jaxllm"], *result.get("concurrency", [])]}
-    points = [by_seqs[k] for k in sorted(by_seqs)]
-    xs = [p["max_num_seqs"] for p in points]
+    jax_runs = [r for r in [result["jaxllm"], *result["concurrency"]] if r]
+    by_seqs = {r["max_num_seqs"]: r for r in jax_runs}
+    xs = sorted(by_seqs)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(xs, [p["output_tokens_per_s"] for p in points], "o-", label="jaxllm (max_num_seqs)")
-    if result.get("hf"):
+    if xs:
+        ax.plot(xs, [by_seqs[x]["output_tokens_per_s"] for x in xs], "o-",
+                label="jaxllm (max_num_seqs)")
+    if lc := result["llamacpp"]:
+        xs = sorted({*xs, lc["n_parallel"]})
+        ax.plot([lc["n_parallel"]], [lc["output_tokens_per_s"]], "s", color="tab:green",
+                markersize=8, label=f"llama.cpp ({lc['n_parallel']} parallel sequences, "
+                                    f"{lc['weights']})")
+    if result["hf"]:
         ax.axhline(result["hf"]["output_tokens_per_s"], color="tab:red", linestyle="--",
                    label=f"HF transformers, static batches of {result['hf']['batch_size']}")
-    if result.get("llamacpp_reference_tps"):
-        ax.axhline(result["llamacpp_reference_tps"], color="tab:green", linestyle=":",
-                   label="llama.cpp (reference, measured separately)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_ylim(bottom=0)
-    ax.set_xlabel("concurrent sequences (jaxllm max_num_seqs)")
+    ax.set_xlabel("concurrent sequences (jaxllm max_num_seqs, llama.cpp n_parallel)")
     ax.set_ylabel("useful output tokens/s")
     c, w = result["config"], result["workload"]
     ax.set_title(f"{Path(c['model_dir']).name}, {c['dtype']}\n{w['num_requests']} requests, "
@@ -433,9 +521,13 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", choices=["replay", "short"], default="replay")
     parser.add_argument("--hf-batch-size", type=int)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-jaxllm", action="store_true", help="run only the peers")
+    parser.add_argument("--skip-llamacpp", action="store_true")
+    parser.add_argument("--llamacpp-parallel", type=int, default=16,
+                        help="sequences llama.cpp decodes at once")
+    parser.add_argument("--llamacpp-model", help="the GGUF llama.cpp runs (default: --model's)")
     parser.add_argument("--concurrency", type=int, nargs="+", help="max_num_seqs values to sweep")
     parser.add_argument("--plot", help="write a PNG of output tokens/s vs concurrency")
-    parser.add_argument("--llamacpp-tps", type=float, help="llama.cpp output tokens/s, a reference line")
     parser.add_argument("--quick", action="store_true", help="tiny smoke configuration")
     parser.add_argument("--out", default="benchmarks/results/throughput.json")
     args = parser.parse_args(argv)
@@ -445,15 +537,17 @@ def parse_args(argv=None):
             setattr(args, name, value)
     if not (1 <= args.min_prompt <= args.max_prompt and 1 <= args.min_output <= args.max_output):
         parser.error("length ranges must satisfy 1 <= min <= max")
+    if args.skip_jaxllm and args.concurrency:
+        parser.error("--concurrency sweeps jaxllm: drop --skip-jaxllm")
     return args
 
 
 def main(argv=None) -> dict:
+    from jaxllm.model_source import resolve_model
+
     args = parse_args(argv)
-    # The engine comes first: the workload needs its tokenizer (or vocabulary).
-    engine, init_s = make_engine(args, args.max_num_seqs)
-    model_dir = Path(engine.model_dir)
-    source = PromptSource(model_dir, engine.tokenizer, args.seed)
+    model_dir = resolve_model(args.model)
+    source = PromptSource(model_dir, load_tokenizer(model_dir), args.seed)
     workload = make_workload(args, source)
     # One warm-up workload for every engine: each engine has its own (empty) prefix cache, and
     # these prompts share no first block with the measured ones.
@@ -462,27 +556,27 @@ def main(argv=None) -> dict:
     print(f"workload: {len(workload)} requests, {prompt_tokens} prompt + {output_tokens} output "
           f"tokens; prompts: {args.workload or source.description}", flush=True)
 
-    jax_result = run_jaxllm(args, engine, init_s, workload, warm)
-    engine.shutdown()
-    del engine
-    gc.collect()
-
-    sweep = []
-    for c in args.concurrency or []:
-        if c == args.max_num_seqs:
-            sweep.append(jax_result)
-            continue
-        print(f"jaxllm at max_num_seqs={c} ...", flush=True)
-        engine, init_s = make_engine(args, c)
-        sweep.append(run_jaxllm(args, engine, init_s, workload, warm))
-        engine.shutdown()
-        del engine
-        gc.collect()
+    jax_result, sweep = None, []
+    if not args.skip_jaxllm:
+        jax_result = run_jaxllm_fresh(args, model_dir, args.max_num_seqs, workload, warm)
+        for c in args.concurrency or []:
+            if c == args.max_num_seqs:
+                sweep.append(jax_result)
+                continue
+            print(f"jaxllm at max_num_seqs={c} ...", flush=True)
+            sweep.append(run_jaxllm_fresh(args, model_dir, c, workload, warm))
 
     hf_result = None
     if not args.skip_hf:
         print("transformers ...", flush=True)
         hf_result = run_hf(args, workload, model_dir)
+        gc.collect()  # the torch model, before llama.cpp loads
+
+    llamacpp_result = None
+    gguf, llamacpp_note = runnable_gguf(args.model, args.llamacpp_model, args.skip_llamacpp)
+    if gguf:
+        print("llama.cpp ...", flush=True)
+        llamacpp_result = run_llamacpp(args, workload, warm, gguf)
 
     import jax
     import torch
@@ -509,15 +603,11 @@ def main(argv=None) -> dict:
         },
         "jaxllm": jax_result,
         "hf": hf_result,
+        "llamacpp": llamacpp_result,
+        "llamacpp_note": llamacpp_note,
         "concurrency": sweep,
-        "llamacpp_reference_tps": args.llamacpp_tps,
+        **ratios(jax_result, {"hf": hf_result, "llamacpp": llamacpp_result}),
     }
-    if hf_result:
-        for key in ("output", "total"):
-            result[f"ratio_{key}_tps_vs_hf"] = (jax_result[f"{key}_tokens_per_s"]
-                                                / hf_result[f"{key}_tokens_per_s"])
-    if args.llamacpp_tps:
-        result["ratio_output_tps_vs_llamacpp"] = jax_result["output_tokens_per_s"] / args.llamacpp_tps
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -37,7 +37,7 @@ def test_throughput_quick_run_writes_json_and_plot(tiny_llama_dir, tmp_path):
     out, png = tmp_path / "throughput.json", tmp_path / "throughput.png"
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--model", str(model_dir), "--concurrency", "2",
-         "--llamacpp-tps", "100", "--plot", str(png), "--out", str(out)],
+         "--plot", str(png), "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -47,7 +47,10 @@ def test_throughput_quick_run_writes_json_and_plot(tiny_llama_dir, tmp_path):
         assert run["output_tokens"] == data["workload"]["output_tokens"]
         assert run["output_tokens_per_s"] > 0 and run["total_tokens_per_s"] > 0
         assert run["ttft_s"]["p50"] > 0 and run["tpot_s"]["p50"] > 0
-    assert data["ratio_output_tps_vs_hf"] > 0 and data["ratio_output_tps_vs_llamacpp"] > 0
+    assert data["ratio_output_tps_vs_hf"] > 0 and "ratio_output_tps_vs_llamacpp" not in data
+    # An HF directory has no GGUF for llama.cpp: null and a note, not a failure.
+    assert data["llamacpp"] is None and "not a GGUF file" in data["llamacpp_note"]
+    assert data["llamacpp_note"] in result.stdout
     # The replayed warm-up compiled every bucket the measured run used; no prefix-cache help.
     assert jax_run["num_compilations_after"] == jax_run["num_compilations_before"] > 0
     assert jax_run["prefix_cached_tokens"] == 0
@@ -111,6 +114,15 @@ def test_workload_file(tmp_path, tiny_llama_dir):
     assert bench.make_workload(_args(workload=str(path)), source) == items
 
 
+def test_ratios_divide_jaxllm_by_each_peer_that_ran():
+    bench = _load_script()
+    jax_run = {"output_tokens_per_s": 30.0, "total_tokens_per_s": 90.0}
+    peers = {"hf": {"output_tokens_per_s": 10.0, "total_tokens_per_s": 60.0}, "llamacpp": None}
+    assert bench.ratios(jax_run, peers) == {"ratio_output_tps_vs_hf": 3.0,
+                                            "ratio_total_tps_vs_hf": 1.5}
+    assert bench.ratios(None, peers) == {}
+
+
 def test_llamacpp_gguf_choice_and_notes_why_it_does_not_run(monkeypatch, tmp_path):
     peer = _load_script(ROOT / "benchmarks" / "llamacpp_peer.py")
     monkeypatch.setattr("jaxllm.model_source.default_gguf_path", lambda: Path("default.gguf"))
@@ -124,6 +136,19 @@ def test_llamacpp_gguf_choice_and_notes_why_it_does_not_run(monkeypatch, tmp_pat
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were missing
     assert peer.runnable_gguf("m.gguf", None, skip=False) == (
         None, 'llama.cpp: skipped, llama-cpp-python is not installed (pip install -e ".[bench]")')
+
+
+def test_decode_speed_report_without_llamacpp(capsys):
+    decode_speed = _load_script(ROOT / "benchmarks" / "decode_speed.py")
+    note = "llama.cpp: skipped, llama-cpp-python is not installed"
+    decode_speed.print_report({
+        "dtype": "bfloat16", "jaxllm_decode_tokens_per_s": 30.0, "hf_decode_tokens_per_s": 20.0,
+        "llamacpp_decode_tokens_per_s": None, "llamacpp_weights": None, "llamacpp_note": note,
+        "ratio_vs_hf": 1.5, "ratio_vs_llamacpp": None, "weight_bytes": 2e8,
+        "read_bandwidth_gb_s": 20.0, "bandwidth_floor_tokens_per_s": 100.0,
+        "fraction_of_floor": 0.3})
+    out = capsys.readouterr().out
+    assert note in out and "ratio jaxllm/transformers 1.50x; " in out and "llama.cpp/" not in out
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +175,20 @@ def test_llamacpp_parallel_batches_equal_one_sequence_at_a_time(smollm2_gguf):
     assert [token_ids for token_ids, _ in batched] == alone
     for _, times in batched:
         assert times == sorted(times) and times[0] > 0
+
+
+@pytest.mark.slow
+def test_throughput_llamacpp_only_quick_run(smollm2_gguf, tmp_path):
+    out = tmp_path / "throughput.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--skip-jaxllm", "--skip-hf",
+         "--llamacpp-parallel", "2", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    run = data["llamacpp"]
+    assert data["jaxllm"] is None and data["hf"] is None and data["llamacpp_note"] is None
+    assert run["n_parallel"] == 2 and run["gguf"] == str(smollm2_gguf) and "Q4_1" in run["weights"]
+    assert run["output_tokens"] == data["workload"]["output_tokens"]
+    assert run["output_tokens_per_s"] > 0 and run["ttft_s"]["p50"] > 0 and run["tpot_s"]["p50"] > 0
+    assert "llama.cpp" in result.stdout and "ratio" not in result.stdout
