@@ -12,7 +12,8 @@ the model runner pads them to a bucket, and the reference gathers the padding to
 Reported per case: ms per step (minimum over the repeats; the two implementations alternate
 call by call, so that on a shared machine both see the same load), and the K/V the step reads
 from the cache in GB/s (cached context x 30 layers x K x H x 2 x 4 bytes, over the step time).
-Prints a table and writes ``benchmarks/results/attention_cpu.json``.
+For scale, one thread's plain streaming read is measured first. Prints a table and writes
+``benchmarks/results/attention_cpu.json``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.machine()
+
+
+def streaming_read_gb_per_s(num_bytes: int = 1 << 30, repeats: int = 3) -> float:
+    """One thread's plain streaming read (numpy max over a 1 GiB array): the scale for the
+    GB/s columns on a machine whose bandwidth depends on what else runs on it."""
+    array = np.ones(num_bytes // 4, np.float32)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        array.max()
+        times.append(time.perf_counter() - start)
+    return num_bytes / min(times) / 1e9
 
 
 def make_step(rows: int, context: int, new: int, seed: int = 0):
@@ -125,15 +138,17 @@ def main() -> None:
     args = parser.parse_args()
     if not cpu_ffi.is_available():
         raise SystemExit("the CPU attention kernel could not be built (see the log)")
+    roof = streaming_read_gb_per_s()
     results = {name: measure(*CASES[name], args.repeats) for name in args.cases}
     report = {"machine": cpu_model(),
               "cores": len(os.sched_getaffinity(0)), "load_average": os.getloadavg(),
-              "jax": jax.__version__,
+              "jax": jax.__version__, "streaming_read_gb_per_s": roof,
               "shapes": {"layers": NUM_LAYERS, "heads": NUM_HEADS, "kv_heads": NUM_KV_HEADS,
                          "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE, "dtype": "float32"},
               "cases": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"streaming read, 1 thread: {roof:.1f} GB/s")
     print(f"{'case':<20}{'ref ms':>10}{'cpu ms':>10}{'speedup':>9}{'ref GB/s':>10}{'cpu GB/s':>10}")
     for name, r in results.items():
         rates = [f"{r[impl]['gb_per_s']:>10.2f}" if r["context"] else f"{'-':>10}"
