@@ -1,8 +1,8 @@
 """ModelRunner: ScheduledBatch -> bucketed StepInputs -> one compiled step -> host tokens.
 
 It owns preallocated numpy buffers sized for the largest bucket, fills them in place each
-step, hands copies to the compiled step (whose call transfers them) and reads the outputs back
-with one transfer.
+step, hands them to the compiled step (which ships them packed in two buffers) and reads the
+outputs back with one transfer.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ class ModelRunner:
         self._processor_rows: dict[int, Sequence] = {}
 
     def prepare_inputs(self, batch: ScheduledBatch, previous: ScheduledBatch | None = None) -> PreparedStep:
-        """Packs the batch into bucketed host arrays for the step.
+        """Lays the batch out in bucketed host arrays for the step: views of the runner's
+        buffers, valid until the next call (the step copies them into its packed buffers).
 
         ``previous`` is the step still in flight, if any: a row's token that it is sampling
         (the sequence's pending token) is fed back on the device from that step's row.
@@ -157,9 +158,7 @@ class ModelRunner:
             use_processors=self._use_processors(rows),
             logit_bias=self._logit_bias(scheduled, rows),
             prompt_next_ids=self._prompt_next_ids(scheduled, num_tokens))
-        # Copy out of the reused buffers: on CPU a transfer may alias an aligned numpy array,
-        # and the next step rewrites these buffers while this one may still be in flight.
-        return PreparedStep(*jax.tree_util.tree_map(np.copy, (inputs, sampling, b.feedback_rows[:num_tokens])))
+        return PreparedStep(inputs, sampling, b.feedback_rows[:num_tokens])
 
     def _fill_sampling_row(self, r: int, seq: Sequence) -> None:
         rows, params = self._buf.rows, seq.request.sampling_params
@@ -244,7 +243,7 @@ class ModelRunner:
     def run_step(self, prepared: PreparedStep) -> StepOutputs:
         """Dispatches the compiled step on the runner's params, KV cache and token feedback."""
         self.kv_cache, self.last_tokens, outputs = self.step(
-            self.params, self.kv_cache, self.last_tokens, *prepared)
+            self.params, self.kv_cache, self.last_tokens, prepared)
         return outputs
 
     def dispatch(self, batch: ScheduledBatch, prepared: PreparedStep) -> StepOutputs:
