@@ -1,83 +1,91 @@
-"""Compile time and step time of the engine step with scanned vs unrolled layers.
+"""Engine start-up and batch-1 decode speed with scanned vs unrolled layers.
 
-    python benchmarks/scan_vs_unroll.py [--model PATH] [--dtype float32]
+    python benchmarks/scan_vs_unroll.py [--model PATH | --random-layers 22] [--dtype float32]
+        [--tokens 128] [--out PATH.json]
 
-For each layout, compiles the decode step (1 token) and a prefill step (64 tokens) and times
-them. This is the measurement behind EngineConfig.scan_layers=None picking per platform.
+For each layout (``EngineConfig.scan_layers`` True / False), builds an Engine, generates
+``--tokens`` tokens greedily for one prompt (compiling what that needs: "first_run_s"), then
+again, timed: ms per decode step is that request's time per output token, and the host's share
+comes from ``engine.stats()`` (host work per step; with async scheduling it overlaps the device).
+This is the measurement behind ``scan_layers=None`` picking per platform. On a GPU a scanned
+model runs its layers as an XLA while loop, whose trip condition goes back to the host every
+iteration; unrolled, the step is one straight sequence of kernels.
+
+``--random-layers N`` measures a random Llama of N layers (hidden 512, 8 heads of 64, 4 kv heads,
+vocabulary 32000; no download, built with transformers) instead of a checkpoint: its weights are
+small, so the per-step overheads that depend on the layer count stand out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 
-from jaxllm import Engine
-from jaxllm.step import CompiledStep
-from jaxllm.step_inputs import SamplingTensors, StepInputs
+def random_llama(num_layers: int, path: Path) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-
-def _inputs(num_tokens: int, context: int, block_size: int) -> tuple[StepInputs, SamplingTensors]:
-    i32 = jnp.int32
-    num_blocks = -(-context // block_size) or 1
-    inputs = StepInputs(
-        token_ids=jnp.zeros(num_tokens, i32),
-        positions=jnp.arange(context, context + num_tokens, dtype=i32),
-        slot_mapping=jnp.arange(num_tokens, dtype=i32) + (num_blocks + 1) * block_size,
-        token_rows=jnp.zeros(num_tokens, i32),
-        block_tables=jnp.arange(1, num_blocks + 1, dtype=i32)[None, :],
-        context_lens=jnp.array([context], i32), logits_indices=jnp.array([num_tokens - 1], i32))
-    sampling = SamplingTensors(
-        temperature=jnp.zeros(1), top_k=jnp.zeros(1, i32), top_p=jnp.ones(1),
-        seeds=jnp.zeros(1, jnp.uint32), output_index=jnp.zeros(1, i32))
-    return inputs, sampling
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408,
+                         num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=4,
+                         max_position_embeddings=1024, bos_token_id=None, eos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
 
 
-def measure(model, dtype: str, scan: bool, repeats: int) -> dict:
-    engine = Engine(model, dtype=dtype, scan_layers=scan, max_num_seqs=1, max_model_len=1024,
-                    num_blocks=80)
-    runner = engine.model_runner
-    result = {}
-    for name, num_tokens, context in (("decode", 1, 256), ("prefill64", 64, 0)):
-        step = CompiledStep(engine.model)
-        inputs, sampling = _inputs(num_tokens, context, engine.config.block_size)
+def measure(model: str | None, dtype: str, scan: bool, num_tokens: int) -> dict:
+    from jaxllm import Engine, SamplingParams
+
+    start = time.perf_counter()
+    engine = Engine(model, dtype=dtype, scan_layers=scan, max_num_seqs=1, max_model_len=1024)
+    init_s = time.perf_counter() - start
+    prompt = list(range(3, 35))
+    params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True)
+    try:
         start = time.perf_counter()
-        runner.kv_cache, out = step(runner.params, runner.kv_cache, inputs, sampling)
-        out.token_ids.block_until_ready()
-        compile_s = time.perf_counter() - start
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            runner.kv_cache, out = step(runner.params, runner.kv_cache, inputs, sampling)
-            out.token_ids.block_until_ready()
-            times.append(time.perf_counter() - start)
-        result[name] = {"compile_s": compile_s, "step_ms": 1000 * min(times)}
-    engine.shutdown()
-    return result
+        engine.generate(prompt, params, use_tqdm=False)
+        first_s = time.perf_counter() - start
+        before = engine.stats()
+        out = engine.generate(prompt, params, use_tqdm=False)
+        after = engine.stats()
+    finally:
+        engine.shutdown()
+    steps = after["num_steps"] - before["num_steps"]
+    m = out.metrics
+    return {"engine_init_s": init_s, "first_run_s": first_s,
+            "ms_per_step": 1000 * (m.last_token_time - m.first_token_time) / (num_tokens - 1),
+            "host_ms_per_step": 1000 * (after["host_time_s"] - before["host_time_s"]) / steps,
+            "device_wait_ms_per_step": 1000 * (after["device_wait_time_s"] - before["device_wait_time_s"]) / steps}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None)
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model dir / .gguf / hub id (default SmolLM2-135M)")
+    parser.add_argument("--random-layers", type=int, help="measure a random Llama of this many layers")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--out", default="benchmarks/results/scan_vs_unroll.json")
-    args = parser.parse_args()
-    # Measure real compilations, not hits in the persistent cache.
-    jax.config.update("jax_enable_compilation_cache", False)
-    results = {layout: measure(args.model, args.dtype, layout == "scanned", args.repeats)
-               for layout in ("unrolled", "scanned")}
+    args = parser.parse_args(argv)
+    import jax
+
+    model = args.model
+    if args.random_layers:
+        model = random_llama(args.random_layers, Path(tempfile.mkdtemp(prefix="scan_vs_unroll_")))
+    results = {"platform": jax.default_backend(), "device": jax.devices()[0].device_kind,
+               "model": args.model or (f"random Llama, {args.random_layers} layers" if args.random_layers
+                                       else "SmolLM2-135M-Instruct"),
+               "dtype": args.dtype, "tokens": args.tokens}
+    for layout in ("scanned", "unrolled"):
+        results[layout] = measure(model, args.dtype, layout == "scanned", args.tokens)
+        print(f"{layout}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[layout].items()), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"platform": jax.default_backend(), **results}, indent=2))
-    print(f"platform {jax.default_backend()}, dtype {args.dtype}")
-    print(f"{'layout':<10}{'step':<11}{'compile s':>10}{'step ms':>10}")
-    for layout, steps in results.items():
-        for name, r in steps.items():
-            print(f"{layout:<10}{name:<11}{r['compile_s']:>10.1f}{r['step_ms']:>10.1f}")
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":
