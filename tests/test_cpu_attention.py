@@ -13,6 +13,7 @@ both updated caches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import logging
 import re
@@ -33,6 +34,8 @@ from jaxllm import Engine, SamplingParams
 # (context_len, num_new) per row.
 MIXED = [(13, 1), (45, 1), (16, 1), (21, 7), (0, 12), (37, 26)]
 DECODE_ONLY = [(45, 1), (7, 1), (0, 1), (33, 1)]
+# Too few work items for the threads: long contexts are split into pieces and merged.
+LONG_DECODES = [(1100, 1), (700, 1), (300, 2)]
 NUM_TOKENS, NUM_ROWS, MAX_CONTEXT = 80, 8, 45
 
 # (block_size, num_heads, num_kv_heads, head_dim, q dtype, cache dtype): GQA ratios 1, 2, 3
@@ -48,14 +51,15 @@ TOLERANCE = {F32: 1e-5, BF16: 2e-2}
 SCALE = 0.7 * 64 ** -0.5                                              # not 1/sqrt(H): must be used
 
 
-def make_case(rows, block_size, num_heads, num_kv_heads, head_dim, dtype, cache_dtype):
+def make_case(rows, block_size, num_heads, num_kv_heads, head_dim, dtype, cache_dtype,
+              max_context=MAX_CONTEXT):
     key = repr((rows, block_size, num_heads, num_kv_heads, head_dim, jnp.dtype(dtype).name,
                 jnp.dtype(cache_dtype).name)).encode()
     rng = np.random.default_rng(zlib.crc32(key))
     num_blocks = 1 + sum(-(-(ctx + new) // block_size) for ctx, new in rows) + 3
     case = build_case(rng, rows, block_size, num_heads, num_kv_heads, head_dim,
                       num_tokens=NUM_TOKENS, num_rows=NUM_ROWS,
-                      table_width=-(-MAX_CONTEXT // block_size) + 1, num_blocks=num_blocks)
+                      table_width=-(-max_context // block_size) + 1, num_blocks=num_blocks)
     q, k, v = (jnp.asarray(case[name], dtype) for name in ("q", "k", "v"))
     k_cache, v_cache = (jnp.asarray(case[name], cache_dtype) for name in ("k_cache", "v_cache"))
     return case, (q, k, v, k_cache, v_cache, case["layer"], case["inputs"])
@@ -87,6 +91,12 @@ def test_cpu_attention_matches_reference_on_mixed_step(block_size, num_heads, nu
 
 def test_cpu_attention_matches_reference_on_decode_only_step():
     case, args = make_case(DECODE_ONLY, 16, 9, 3, 64, F32, F32)
+    assert_matches_reference(case, args, _kernel(*args), _reference(*args), F32)
+
+
+@pytest.mark.parametrize("rows", [LONG_DECODES[:1], LONG_DECODES], ids=["one_row", "three_rows"])
+def test_cpu_attention_matches_reference_with_split_contexts(rows):
+    case, args = make_case(rows, 16, 8, 2, 64, F32, F32, max_context=1100)
     assert_matches_reference(case, args, _kernel(*args), _reference(*args), F32)
 
 
@@ -148,15 +158,14 @@ def test_cpu_attention_falls_back_to_reference_for_other_head_dims(caplog):
 def test_cpu_attention_registry_and_default_with_and_without_a_compiler(monkeypatch, caplog):
     assert get_attention("cpu") is cpu_ffi.paged_attention
     assert default_attention("cpu") == "cpu"
+    # A fresh, unregistered copy of the loader: XLA refuses a second registration of the target
+    # from another library, so the registered one must stay cached.
+    monkeypatch.setattr(cpu_ffi, "_target", functools.cache(cpu_ffi._target.__wrapped__))
     monkeypatch.setenv("CXX", "no-such-compiler")
-    cpu_ffi._target.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING):
-            assert not cpu_ffi.is_available()
-            assert default_attention("cpu") == "reference"
-        assert caplog.text.count("no-such-compiler") == 1                  # logged once
-    finally:
-        cpu_ffi._target.cache_clear()                                   # the next call registers
+    with caplog.at_level(logging.WARNING):
+        assert not cpu_ffi.is_available()
+        assert default_attention("cpu") == "reference"
+    assert caplog.text.count("no-such-compiler") == 1                      # logged once
 
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
