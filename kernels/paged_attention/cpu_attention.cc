@@ -32,6 +32,8 @@
 //     kRegVecs vectors;
 //   * work items, biggest first, are shared out over XLA's intra-op thread pool through an
 //     atomic counter; the calling thread works too and only waits for items already claimed.
+//     With fewer than kItemsPerWorker items per thread (a batch-1 decode has K), the contexts of
+//     decode tiles are split into pieces, one item each, merged by log-sum-exp afterwards.
 //
 // Vectors are GCC vector extensions, so the source carries no intrinsics and builds for any
 // -march (the build uses -march=native).
