@@ -39,11 +39,11 @@
 // -march (the build uses -march=native).
 //
 // Measured (benchmarks/attention_cpu.py: SmolLM2-135M shapes, 30 layers, float32, on a shared
-// 2-core AVX-512 VM whose one-thread streaming read was ~10-11 GB/s): decode 64 rows x 512
-// context 170-240 ms per step against 790-1100 ms for the reference (4.6-6x), reading K/V at
-// 6-9 GB/s (the reference: 1.4-1.9), i.e. bound by the memory bandwidth left to it; 64 x 2048
-// 5.8-6x; a 512-token prefill 3-4x; a 512-token chunk on 1k context 26x (the reference gathers
-// the context once per token).
+// 2-core AVX-512 VM whose one-thread streaming read varied from ~9 to ~18 GB/s between runs):
+// decode 64 rows x 512 context 142-240 ms per step against 590-1280 ms for the reference
+// (4.2-6.1x), reading K/V at 6-11 GB/s (the reference: 1.2-2.6), bound by the memory bandwidth
+// left to it; 64 x 2048 4.5-7.4x; 1 x 512 2.3-4.5x; a 512-token prefill 2.5-4.6x; a 512-token
+// chunk on 1k context 26-30x (the reference gathers the context once per token).
 
 #include <algorithm>
 #include <atomic>
