@@ -6,7 +6,8 @@ padding rows. The mixed step holds decodes (one on a context of exactly two bloc
 chunk on cached context, a fresh prefill and a long chunk; with these head counts it covers both
 paths of the kernel (few query rows per tile: keys along the vector lanes; many: query rows
 along the lanes), several tiles per row, several context and in-step chunks per tile, and
-partial chunks. Each check asserts the output of every real token, zeros for padding tokens and
+partial chunks; long decodes with too few work items for the threads have their contexts split
+and merged. Each check asserts the output of every real token, zeros for padding tokens and
 both updated caches.
 """
 
