@@ -177,31 +177,17 @@ class Executor:
                     outputs = self.model_runner.dispatch(batch, prepared)
                     dispatched = time.perf_counter()
                     self._advance(batch)
+                self.stats.host_time_s += time.perf_counter() - start
                 if in_flight is not None:
-                    waited = time.perf_counter()
-                    results = self.model_runner.fetch(in_flight.batch, in_flight.outputs)
-                    returned = time.perf_counter()
-                    self.stats.device_wait_time_s += returned - waited
-                    self.stats.device_time_s += returned - max(in_flight.dispatched, results_at)
-                    results_at = returned
-                    self._deliver_all(self._postprocess(in_flight.batch, results))
+                    results_at = self._complete(in_flight, results_at)
                     if dispatched is not None:
-                        self.stats.overlapped_host_time_s += time.perf_counter() - returned
-                    self.stats.host_time_s += waited - start + time.perf_counter() - returned
-                else:
-                    self.stats.host_time_s += time.perf_counter() - start
+                        self.stats.overlapped_host_time_s += time.perf_counter() - results_at
                 in_flight = None if dispatched is None else _InFlight(batch, outputs, dispatched)
                 if in_flight is not None and (self.model_runner.uses_host_callbacks
                                               or not self.async_scheduling):
                     # One step at a time; Python logits processors need it: they read the
                     # rows that the next prepare replaces.
-                    start = time.perf_counter()
-                    results = self.model_runner.fetch(batch, outputs)
-                    results_at = time.perf_counter()
-                    self.stats.device_wait_time_s += results_at - start
-                    self.stats.device_time_s += results_at - dispatched
-                    self._deliver_all(self._postprocess(batch, results))
-                    self.stats.host_time_s += time.perf_counter() - results_at
+                    results_at = self._complete(in_flight, results_at)
                     in_flight = None
         except BaseException as exc:  # noqa: BLE001 - every waiting caller must hear of it
             with self._lock:
@@ -216,6 +202,18 @@ class Executor:
             self._handles.clear()
         for handle in handles:
             handle.put(EngineDeadError("the engine was shut down before this request finished"))
+
+    def _complete(self, step: _InFlight, results_at: float) -> float:
+        """Reads a dispatched step's outputs, post-processes them and tells the callers;
+        returns when the outputs arrived (``results_at``: when the previous step's did)."""
+        waited = time.perf_counter()
+        results = self.model_runner.fetch(step.batch, step.outputs)
+        returned = time.perf_counter()
+        self.stats.device_wait_time_s += returned - waited
+        self.stats.device_time_s += returned - max(step.dispatched, results_at)
+        self._deliver_all(self._postprocess(step.batch, results))
+        self.stats.host_time_s += time.perf_counter() - returned
+        return returned
 
     def _fetch(self, may_block: bool) -> bool:
         """Drains the inbox; if ``may_block`` (no step in flight), waits while there is nothing
