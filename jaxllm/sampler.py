@@ -59,6 +59,18 @@ def truncation_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array,
     return logits >= threshold
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, axis=-1)`` for rows without NaN, as two plain reductions.
+
+    XLA:CPU lowers argmax to a variadic (value, index) reduce that runs ~4x slower than a max
+    plus a min over matching indices (7.5 vs ~2 ms for 64 x 49k logits); ties go to the
+    first index, as in ``jnp.argmax``. A row whose maximum is NaN gives the last index.
+    """
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == top, index, x.shape[-1] - 1), axis=-1)
+
+
 def token_counts(history: jax.Array, prompt_lens: jax.Array, vocab: int) -> tuple[jax.Array, jax.Array]:
     """Per-row token statistics from the padded token history.
 
@@ -126,14 +138,16 @@ class Sampler:
                 variant only; scored against ``params.prompt_next_ids``.
         """
         vocab = logits.shape[-1]
-        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        # log p = logit - logsumexp: the [S, V] log-softmax is only built for top logprobs.
+        log_norm = jax.nn.logsumexp(logits, axis=-1)                      # [S]
         processed = self._process(logits, params)
-        greedy = jnp.argmax(processed, axis=-1)
+        greedy = first_argmax(processed)
         all_greedy = jnp.all(params.temperature == 0)
         sampled = jax.lax.cond(all_greedy, lambda: greedy, lambda: self._sample_rows(processed, params))
         token_ids = jnp.where(params.temperature == 0, greedy, sampled).astype(jnp.int32)
-        chosen = jnp.take_along_axis(logprobs, token_ids[:, None], axis=-1)[:, 0]
-        rank, top_ids, top_lp = self._maybe_top(logprobs, token_ids, jnp.any(params.num_logprobs >= 0))
+        chosen = jnp.take_along_axis(logits, token_ids[:, None], axis=-1)[:, 0] - log_norm
+        rank, top_ids, top_lp = self._maybe_top(logits, log_norm, token_ids,
+                                                jnp.any(params.num_logprobs >= 0))
 
         num_prompt = params.prompt_next_ids.shape[0]
         if prompt_logits is None:
@@ -153,10 +167,11 @@ class Sampler:
         return (jnp.zeros(num, jnp.int32), jnp.zeros((num, width), jnp.int32),
                 jnp.zeros((num, width), jnp.float32))
 
-    def _maybe_top(self, logprobs: jax.Array, chosen: jax.Array, needed: jax.Array
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        num, vocab = logprobs.shape
-        return jax.lax.cond(needed, lambda: _top_logprobs(logprobs, chosen, min(self.max_logprobs, vocab)),
+    def _maybe_top(self, logits: jax.Array, log_norm: jax.Array, chosen: jax.Array,
+                   needed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        num, vocab = logits.shape
+        width = min(self.max_logprobs, vocab)
+        return jax.lax.cond(needed, lambda: _top_logprobs(logits - log_norm[:, None], chosen, width),
                             lambda: self._empty_top(num, vocab))
 
     def _process(self, logits: jax.Array, params: SamplingTensors) -> jax.Array:
@@ -189,7 +204,7 @@ class Sampler:
             return jax.random.gumbel(key, (logits.shape[-1],), jnp.float32)
 
         noise = jax.vmap(gumbel)(params.seeds, params.output_index)       # [S, V]
-        return jnp.argmax(scaled + noise, axis=-1)                        # Gumbel-max: no host sync
+        return first_argmax(scaled + noise)                               # Gumbel-max: no host sync
 
     @staticmethod
     def _apply_strategy(logits: jax.Array, params: SamplingTensors, index: int,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.sampler import Sampler, truncation_mask
+from jaxllm.sampler import Sampler, first_argmax, truncation_mask
 from jaxllm.step_inputs import SamplingTensors
 
 # Compiling the sampler costs seconds on CPU, so the tests share few shapes: [ROWS, VOCAB] for
@@ -55,6 +55,17 @@ def test_sample_temperature_zero_is_argmax():
     tokens, _ = sample_jit(logits, params)
     np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
     assert tokens.dtype == jnp.int32
+
+
+def test_first_argmax_equals_argmax_with_ties_and_masked_tokens():
+    rng = np.random.default_rng(3)
+    logits = rng.integers(-3, 3, size=(ROWS, VOCAB)).astype(np.float32)   # many ties
+    logits[rng.random((ROWS, VOCAB)) < 0.3] = -np.inf
+    logits[0] = -np.inf                                                   # every token masked
+    logits[1, [5, 40]] = 9.0                                              # tie between two tokens
+    got = jax.jit(first_argmax)(jnp.asarray(logits))
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+    assert got[0] == 0 and got[1] == 5 and got.dtype == jnp.int32
 
 
 def test_sample_greedy_rows_stay_argmax_beside_sampled_rows():
