@@ -139,6 +139,8 @@ def test_cpu_attention_under_scan_with_donated_cache():
     ("block_tables", (0, 1), 10_000, "block id out of range"),
     ("token_rows", 1, 99, "token row 99 out of range"),
     ("token_rows", 2, 0, "tokens of row 0 are not contiguous"),
+    ("slot_mapping", 0, -1, "slot -1 out of range"),
+    ("slot_mapping", 1, 10**8, "slot 100000000 out of range"),
 ])
 def test_cpu_attention_rejects_inputs_it_cannot_follow(field, index, value, message):
     _, (q, k, v, k_cache, v_cache, layer, inputs) = make_case(DECODE_ONLY, 8, 4, 2, 64, F32, F32)

@@ -5,9 +5,10 @@
 // with AVX-512, else 8), M = tile tokens x G query rows (Mp: M rounded up to W), C = W keys per
 // online-softmax step.
 //
-// Same semantics as reference.paged_attention (minus the cache write, done in XLA before this
-// call): token t of row r = token_rows[t] (-1 = padding, output zeros) attends, in one softmax,
-// to the row's cached context (positions < context_lens[r], key p at block block_tables[r][p / Z],
+// Same semantics as reference.paged_attention, cache write included: token t's k_new / v_new go
+// to slot slot_mapping[t] of layer `layer`, in place (the cache outputs alias the inputs). Token
+// t of row r = token_rows[t] (-1 = padding, output zeros) attends, in one softmax, to the row's
+// cached context (positions < context_lens[r], key p at block block_tables[r][p / Z],
 // offset p % Z of layer `layer`) and to the step's tokens of the same row whose position is
 // <= its own. A row's tokens are contiguous in the step and in position order (the model runner
 // lays them out so; checked), so a tile of consecutive tokens only reads in-step keys up to its
@@ -676,8 +677,12 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
                               ffi::BufferR0<ffi::S32> layer, ffi::BufferR1<ffi::S32> token_rows,
                               ffi::BufferR1<ffi::S32> positions,
                               ffi::BufferR2<ffi::S32> block_tables,
-                              ffi::BufferR1<ffi::S32> context_lens, float scale,
-                              int32_t num_threads, ffi::Result<ffi::AnyBuffer> out) {
+                              ffi::BufferR1<ffi::S32> context_lens,
+                              ffi::BufferR1<ffi::S32> slot_mapping, ffi::AnyBuffer k_new,
+                              ffi::AnyBuffer v_new, float scale, int32_t num_threads,
+                              ffi::Result<ffi::AnyBuffer> out,
+                              ffi::Result<ffi::AnyBuffer> k_cache_out,
+                              ffi::Result<ffi::AnyBuffer> v_cache_out) {
   // Shapes and dtypes.
   auto qd = q.dimensions(), kd = k.dimensions(), cd = k_cache.dimensions();
   auto bad = [](std::string what) {
@@ -694,8 +699,15 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
   if (!(v.dimensions() == kd) || !(v_cache.dimensions() == cd) || !(out->dimensions() == qd))
     return bad("v, v_cache and out must have the shapes of k, k_cache and q");
   if (token_rows.dimensions()[0] != T || positions.dimensions()[0] != T ||
-      context_lens.dimensions()[0] != S)
-    return bad("token_rows, positions must be [T] and context_lens [S]");
+      slot_mapping.dimensions()[0] != T || context_lens.dimensions()[0] != S)
+    return bad("token_rows, positions, slot_mapping must be [T] and context_lens [S]");
+  if (!(k_new.dimensions() == kd) || !(v_new.dimensions() == kd) ||
+      k_new.element_type() != k_cache.element_type() ||
+      v_new.element_type() != k_cache.element_type())
+    return bad("k_new and v_new must have k's shape and the cache dtype");
+  if (k_cache_out->untyped_data() != k_cache.untyped_data() ||
+      v_cache_out->untyped_data() != v_cache.untyped_data())
+    return bad("the cache outputs must alias the cache inputs (input_output_aliases)");
   if (H % kHeadDimMultiple != 0)
     return bad("head dim " + std::to_string(H) + " is not a multiple of " +
                std::to_string(kHeadDimMultiple));
@@ -770,7 +782,24 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
   }
   std::vector<float> partials(num_pieces_total * K * kFewRows * (H + 2));
 
+  const int32_t* slots = slot_mapping.typed_data();
+  for (int t = 0; t < T; ++t)
+    if (slots[t] < 0 || slots[t] >= B * Z)
+      return bad("slot " + std::to_string(slots[t]) + " out of range");
+
+  // The step's K/V into the cache at this layer, in place (the outputs alias the inputs), as
+  // the reference's write_kv scatter does: in token order, padding tokens included. Doing it
+  // here saves XLA's scatter and its per-layer index arithmetic, ~0.5 ms a layer of thunks.
   const int64_t layer_bytes = B * Z * K * H * ffi::ByteWidth(k_cache.element_type());
+  const size_t slot_bytes = K * H * ffi::ByteWidth(k_cache.element_type());
+  for (auto [src, dst] : {std::pair{k_new.untyped_data(), k_cache_out->untyped_data()},
+                          std::pair{v_new.untyped_data(), v_cache_out->untyped_data()}}) {
+    char* layer_base = static_cast<char*>(dst) + layer_index * layer_bytes;
+    for (int t = 0; t < T; ++t)
+      std::memcpy(layer_base + slots[t] * slot_bytes, static_cast<const char*>(src) + t * slot_bytes,
+                  slot_bytes);
+  }
+
   const Problem problem{
       q.untyped_data(), k.untyped_data(), v.untyped_data(),
       static_cast<const char*>(k_cache.untyped_data()) + layer_index * layer_bytes,
@@ -797,6 +826,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmPagedAttention, PagedAttentionImpl,
                                   .Arg<ffi::BufferR1<ffi::S32>>()  // positions [T]
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // block_tables [S, P]
                                   .Arg<ffi::BufferR1<ffi::S32>>()  // context_lens [S]
+                                  .Arg<ffi::BufferR1<ffi::S32>>()  // slot_mapping [T]
+                                  .Arg<ffi::AnyBuffer>()           // k_new [T, K, H], cache dtype
+                                  .Arg<ffi::AnyBuffer>()           // v_new [T, K, H], cache dtype
                                   .Attr<float>("scale")
                                   .Attr<int32_t>("num_threads")
-                                  .Ret<ffi::AnyBuffer>());         // out [T, N, H]
+                                  .Ret<ffi::AnyBuffer>()           // out [T, N, H]
+                                  .Ret<ffi::AnyBuffer>()           // k_cache, aliased
+                                  .Ret<ffi::AnyBuffer>());         // v_cache, aliased
