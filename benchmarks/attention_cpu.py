@@ -82,7 +82,8 @@ def make_step(rows: int, context: int, new: int, seed: int = 0):
         token_ids=jnp.zeros(rows * new, i32), positions=jnp.asarray(positions, i32),
         slot_mapping=jnp.asarray(slots, i32), token_rows=jnp.asarray(token_rows, i32),
         block_tables=jnp.asarray(block_ids[:, :max(context_blocks, 1)], i32),
-        context_lens=jnp.full(rows, context, i32), logits_indices=jnp.zeros(rows, i32))
+        context_lens=jnp.full(rows, context, i32), logits_indices=jnp.zeros(rows, i32),
+        rotary=jnp.zeros((rows * new, 0)))  # attention does not read it
     x = jnp.asarray(rng.normal(size=(rows * new, NUM_HEADS, HEAD_DIM)), jnp.float32)
     return x, num_blocks, inputs
 

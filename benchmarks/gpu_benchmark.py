@@ -381,7 +381,8 @@ def attention_case(rows: int, context: int, new: int, model: dict, block_size: i
         token_ids=jnp.zeros(num_tokens, jnp.int32), positions=jnp.asarray(positions),
         slot_mapping=jnp.asarray(slots, jnp.int32), token_rows=jnp.asarray(token_rows),
         block_tables=jnp.asarray(tables), context_lens=jnp.full(rows, context, jnp.int32),
-        logits_indices=jnp.asarray(np.arange(rows, dtype=np.int32) * new + new - 1))
+        logits_indices=jnp.asarray(np.arange(rows, dtype=np.int32) * new + new - 1),
+        rotary=jnp.zeros((num_tokens, 0)))  # attention does not read it
 
     def normal(*shape):
         return jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16)

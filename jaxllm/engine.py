@@ -30,6 +30,7 @@ from jaxllm.kernels import default_attention, get_attention
 from jaxllm.kv_cache import allocate_kv_cache, bytes_per_block
 from jaxllm.kv_cache_manager import KVCacheManager
 from jaxllm.model_runner import ModelRunner
+from jaxllm.models.layers import rope_inv_freq
 from jaxllm.models.llama import unstack_layers
 from jaxllm.models.registry import get_model_class
 from jaxllm.output_processor import OutputProcessor
@@ -93,7 +94,8 @@ class Engine:
         self.model_runner = ModelRunner(
             CompiledStep(self.model, sampler), params, kv_cache, c.block_size,
             c.max_num_batched_tokens, c.max_num_seqs, -(-c.max_model_len // c.block_size),
-            c.max_model_len, mc.vocab_size, tuple(self.strategies.values()), self.bucket_policy)
+            c.max_model_len, mc.vocab_size, rope_inv_freq(mc), tuple(self.strategies.values()),
+            self.bucket_policy)
         if c.warmup:
             warmup(self.model_runner, self.bucket_policy)
         self._executor = Executor(self.scheduler, self.model_runner,

@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxllm.buckets import BucketPolicy
 from jaxllm.kv_cache import KVCache
+from jaxllm.models.layers import rotary_cos_sin
 from jaxllm.outputs import Logprob, PositionLogprobs
 from jaxllm.scheduler import ScheduledBatch
 from jaxllm.sequence import Sequence
@@ -60,8 +61,10 @@ class PreparedStep(NamedTuple):
 class _HostBuffers:
     """Preallocated numpy arrays for the largest bucket, refilled in place every step."""
 
-    def __init__(self, max_tokens: int, max_rows: int, max_blocks: int, num_strategy_args: int) -> None:
+    def __init__(self, max_tokens: int, max_rows: int, max_blocks: int, num_strategy_args: int,
+                 rotary_dim: int) -> None:
         self.tokens = {name: np.zeros(max_tokens, np.int32) for name in _TOKEN_FIELDS}
+        self.rotary = np.zeros((max_tokens, rotary_dim), np.float32)
         self.feedback_rows = np.full(max_tokens, -1, np.int32)
         self.row_inputs = {name: np.zeros(max_rows, np.int32) for name in _ROW_INPUT_FIELDS}
         self.block_tables = np.zeros((max_rows, max_blocks), np.int32)
@@ -76,11 +79,13 @@ class ModelRunner:
         strategies: the registered strategies the compiled sampler serves, in its order.
         max_model_len: the width of the token history shipped for penalties.
         vocab_size: the width of the bias rows.
+        rope_inv_freq: [H/2] the model's rotary inverse frequencies (``layers.rope_inv_freq``):
+            each step's cos/sin are computed here, on the host.
     """
 
     def __init__(self, step: CompiledStep, params: Any, kv_cache: KVCache, block_size: int,
                  max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
-                 max_model_len: int, vocab_size: int,
+                 max_model_len: int, vocab_size: int, rope_inv_freq: np.ndarray,
                  strategies: tuple[SamplingStrategy, ...] = (),
                  bucket_policy: BucketPolicy | None = None) -> None:
         self.step = step
@@ -94,8 +99,10 @@ class ModelRunner:
         self.bucket_policy = bucket_policy or BucketPolicy(
             max_num_batched_tokens, max_num_seqs, max_blocks_per_seq, block_size)
         self.num_strategy_args = max([len(s.defaults) for s in strategies] + [1])
+        self.rope_inv_freq = np.asarray(rope_inv_freq, np.float32)
+        self.rotary_dim = 2 * self.rope_inv_freq.shape[0]
         self._buf = _HostBuffers(max_num_batched_tokens, max_num_seqs, max_blocks_per_seq,
-                                 self.num_strategy_args)
+                                 self.num_strategy_args, self.rotary_dim)
         # Each row's last sampled token, kept on the device for the next step (token feedback).
         self.last_tokens = jnp.zeros(max(s for _, s, _ in self.bucket_policy.keys()), jnp.int32)
         # The rows of the step in flight that have Python logits processors (one step at a
@@ -149,8 +156,10 @@ class ModelRunner:
         b.tokens["slot_mapping"][t:num_tokens] = np.arange(num_tokens - t) % bs
         b.tokens["token_rows"][t:num_tokens] = -1
 
+        rotary_cos_sin(b.tokens["positions"][:num_tokens], self.rope_inv_freq, b.rotary[:num_tokens])
         tokens = {name: b.tokens[name][:num_tokens] for name in _TOKEN_FIELDS}
-        inputs = StepInputs(**tokens, block_tables=b.block_tables[:rows, :blocks],
+        inputs = StepInputs(**tokens, rotary=b.rotary[:num_tokens],
+                            block_tables=b.block_tables[:rows, :blocks],
                             **{name: b.row_inputs[name][:rows] for name in _ROW_INPUT_FIELDS})
         sampling = SamplingTensors(
             **{name: b.rows[name][:rows] for name in SAMPLING_ROW_FIELDS},

@@ -21,13 +21,14 @@ from jaxllm.model_runner import ModelRunner, PreparedStep
 from jaxllm.step_inputs import SamplingTensors, StepInputs
 
 
-def padding_step_inputs(key: BaseKey, block_size: int, strategy_args: int = 1
+def padding_step_inputs(key: BaseKey, block_size: int, strategy_args: int = 1, rotary_dim: int = 0
                         ) -> tuple[StepInputs, SamplingTensors]:
     """Host inputs of shape ``key`` = (T, S, P) that only write into padding block 0.
 
     Laid out as ``ModelRunner.prepare_inputs`` lays out padding: token rows -1, slots
-    ``0 .. block_size - 1`` of block 0, zero block tables and context lengths, neutral (greedy)
-    sampling rows, and the plain variant (no history, bias or prompt logprobs).
+    ``0 .. block_size - 1`` of block 0, zero block tables, context lengths and rotary cos/sin
+    (``rotary_dim`` wide), neutral (greedy) sampling rows, and the plain variant (no history,
+    bias or prompt logprobs).
     """
     num_tokens, num_rows, num_blocks = key
     zeros_t = np.zeros(num_tokens, np.int32)
@@ -36,7 +37,8 @@ def padding_step_inputs(key: BaseKey, block_size: int, strategy_args: int = 1
         slot_mapping=(np.arange(num_tokens) % block_size).astype(np.int32),
         token_rows=np.full(num_tokens, -1, np.int32),
         block_tables=np.zeros((num_rows, num_blocks), np.int32),
-        context_lens=np.zeros(num_rows, np.int32), logits_indices=np.zeros(num_rows, np.int32))
+        context_lens=np.zeros(num_rows, np.int32), logits_indices=np.zeros(num_rows, np.int32),
+        rotary=np.zeros((num_tokens, rotary_dim), np.float32))
     sampling = SamplingTensors.build(num_rows, strategy_args=np.zeros((num_rows, strategy_args)))
     return inputs, sampling
 
@@ -59,7 +61,8 @@ def warmup(model_runner: ModelRunner, policy: BucketPolicy, *, progress: bool = 
     step, width = model_runner.step, model_runner.num_strategy_args
     before = step.num_compilations
     for key in tqdm.tqdm(keys, desc="Compiling steps", unit="step", disable=not progress):
-        inputs, sampling = padding_step_inputs(key, model_runner.block_size, width)
+        inputs, sampling = padding_step_inputs(key, model_runner.block_size, width,
+                                               model_runner.rotary_dim)
         no_feedback = np.full(inputs.token_ids.shape, -1, np.int32)
         jax.block_until_ready(model_runner.run_step(PreparedStep(inputs, sampling, no_feedback)))
     return step.num_compilations - before

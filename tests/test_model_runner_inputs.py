@@ -13,13 +13,14 @@ from jaxllm.sequence import Request, Sequence
 
 BLOCK_SIZE = 4
 VOCAB = 32
+INV_FREQ = np.array([1.0, 0.25, 0.01], np.float32)   # a rotary head dim of 6
 
 
 def make_runner() -> ModelRunner:
     # prepare_inputs never touches the step, the params or the device cache.
     return ModelRunner(step=None, params=None, kv_cache=None, block_size=BLOCK_SIZE,
                        max_num_batched_tokens=16, max_num_seqs=4, max_blocks_per_seq=8,
-                       max_model_len=128, vocab_size=VOCAB)
+                       max_model_len=128, vocab_size=VOCAB, rope_inv_freq=INV_FREQ)
 
 
 def make_seq(request_id, prompt, outputs=(), *, num_computed, block_ids, seed=0, **params) -> Sequence:
@@ -59,6 +60,11 @@ def test_model_runner_prepare_inputs_layout():
     assert get(inputs.block_tables) == [[7] + [0] * 7, [5, 2, 9] + [0] * 5, [0] * 8, [0] * 8]
     assert get(inputs.context_lens) == [4, 9, 0, 0]
     assert get(inputs.logits_indices) == [1, 2, 5, 0]
+    # Rotary cos | sin of each token's angles position x inv_freq, in float32 (padding: position 0).
+    angles = np.multiply.outer(np.float32([4, 5, 9, 0, 1, 2, 0, 0]), INV_FREQ)
+    np.testing.assert_allclose(inputs.rotary, np.concatenate([np.cos(angles), np.sin(angles)], 1),
+                               rtol=1e-6, atol=1e-6)
+    assert inputs.rotary.dtype == np.float32
     assert all(np.asarray(x).dtype == np.int32 for x in (
         inputs.token_ids, inputs.positions, inputs.slot_mapping, inputs.token_rows,
         inputs.block_tables, inputs.context_lens, inputs.logits_indices))

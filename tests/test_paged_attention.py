@@ -120,7 +120,7 @@ def build_case(rng, rows, block_size, num_heads, num_kv_heads, head_dim, *,
         token_ids=jnp.zeros(num_tokens, jnp.int32), positions=jnp.asarray(positions, jnp.int32),
         slot_mapping=jnp.asarray(slots, jnp.int32), token_rows=jnp.asarray(token_rows, jnp.int32),
         block_tables=jnp.asarray(block_tables), context_lens=jnp.asarray(context_lens),
-        logits_indices=jnp.asarray(logits_indices))
+        logits_indices=jnp.asarray(logits_indices), rotary=jnp.zeros((num_tokens, 0)))  # unused
     return dict(q=q, k=new_part(seq_k, (num_kv_heads, head_dim)),
                 v=new_part(seq_v, (num_kv_heads, head_dim)), k_cache=k_cache, v_cache=v_cache,
                 inputs=inputs, layer=layer, num_real=num_real, slots=np.asarray(slots[:num_real]),

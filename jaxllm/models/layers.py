@@ -53,10 +53,13 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     raise ValueError(f"rope_type {rope_type!r} is not supported (supported: default, linear, llama3)")
 
 
-def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """positions [T] -> (cos, sin) [T, H/2] float32."""
-    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
-    return jnp.cos(freqs), jnp.sin(freqs)
+def rotary_cos_sin(positions: np.ndarray, inv_freq: np.ndarray, out: np.ndarray) -> None:
+    """Host-side: out [T, H] float32 = cos | sin of positions [T] x inv_freq [H/2], in float32
+    as transformers computes them (the step's ``StepInputs.rotary``)."""
+    angles = np.multiply.outer(positions.astype(np.float32), inv_freq.astype(np.float32))
+    half = inv_freq.shape[0]
+    np.cos(angles, out=out[:, :half])
+    np.sin(angles, out=out[:, half:])
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

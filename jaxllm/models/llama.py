@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.kv_cache import KVCache
-from jaxllm.models.layers import LlamaDecoderLayer, RMSNorm, rope_cos_sin, rope_inv_freq
+from jaxllm.models.layers import LlamaDecoderLayer, RMSNorm
 from jaxllm.step_inputs import StepInputs
 
 
@@ -34,7 +34,7 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens")
         x = embed(inputs.token_ids)                                       # [T, D]
-        cos, sin = rope_cos_sin(inputs.positions, rope_inv_freq(c))
+        cos, sin = jnp.split(inputs.rotary, 2, axis=-1)                    # [T, H/2] each
         layer_args = (c, self.dtype, self.attention_fn)
         if self.scan_layers:
             # A plain lax.scan of the unbound layer over the stacked params. (flax's nn.scan
