@@ -32,7 +32,6 @@ def child(args: argparse.Namespace) -> dict:
     jax.config.update("jax_compilation_cache_dir", args.xla_cache)
     start = time.perf_counter()
     from jaxllm import Engine, SamplingParams
-    from jaxllm.buckets import BucketPolicy
     from jaxllm.warmup import warmup
 
     imported = time.perf_counter()
@@ -41,7 +40,7 @@ def child(args: argparse.Namespace) -> dict:
     builtin = args.warmup and not args.max_keys
     engine = Engine(args.model, **options, **({"warmup": True} if builtin else {}))
     created = time.perf_counter()
-    policy = BucketPolicy.from_config(engine.config)
+    policy = engine.bucket_policy
     num_warmed = 0
     if args.warmup and not builtin:
         num_warmed = warmup(engine.model_runner, policy, progress=False, keys=policy.keys()[:args.max_keys])

@@ -90,7 +90,7 @@ class Engine:
         self.strategies = {s.name: s for s in registered_strategies()}
         sampler = Sampler(tuple(self.strategies.values()), c.max_logprobs,
                           lambda logits, use: self.model_runner.host_logits_processor(logits, use))
-        self.bucket_policy = BucketPolicy.from_config(c)
+        self.bucket_policy = BucketPolicy.from_config(c, self.platform)
         self.model_runner = ModelRunner(
             CompiledStep(self.model, sampler), params, kv_cache, c.block_size,
             c.max_num_batched_tokens, c.max_num_seqs, -(-c.max_model_len // c.block_size),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import types
 
 import jax
 import numpy as np
@@ -29,7 +30,7 @@ def policies(draw, max_tokens=700):
     return BucketPolicy(
         max_num_batched_tokens=draw(st.integers(max_seqs, max_tokens)), max_num_seqs=max_seqs,
         max_blocks_per_seq=draw(st.integers(1, 200)), block_size=draw(st.sampled_from([1, 8, 16])),
-        decode_row_growth=draw(st.integers(2, 4)), token_growth=draw(st.integers(2, 8)),
+        decode_row_growth=draw(st.sampled_from([1.5, 2, 3, 4])), token_growth=draw(st.integers(2, 8)),
         min_tokens=draw(st.integers(1, 32)), row_growth=draw(st.integers(2, 8)),
         block_growth=draw(st.integers(2, 8)), min_blocks=draw(st.integers(1, 8)),
         attention_slack=draw(st.sampled_from([0, 1024, 16384, 10**9])))
@@ -126,6 +127,7 @@ def test_ladders():
     assert ladder(128, 4, 2) == (2, 8, 32, 128)
     assert ladder(100, 4, 1) == (1, 2, 7, 25, 100)
     assert ladder(5, 2, 8) == (5,)
+    assert ladder(64, 1.5) == (1, 2, 3, 4, 5, 7, 10, 14, 20, 29, 43, 64)   # each >= 1 below the last
     assert ceil_bucket(9, (8, 32)) == 32 and ceil_bucket(8, (8, 32)) == 8
     with pytest.raises(ValueError):
         ceil_bucket(33, (8, 32))
@@ -142,6 +144,20 @@ def test_rejects_impossible_steps_and_bad_settings():
         BucketPolicy(8, 16, 4)
     with pytest.raises(ValueError):
         BucketPolicy(64, 8, 4, token_growth=1)
+    with pytest.raises(ValueError):
+        BucketPolicy(64, 8, 4, decode_row_growth=1)
+
+
+def test_from_config_on_cpu_uses_finer_decode_rows_and_one_block_bucket_with_the_cpu_kernel():
+    config = types.SimpleNamespace(max_num_batched_tokens=512, max_num_seqs=64, max_model_len=8192,
+                                   block_size=16, attention="cpu")
+    cpu = BucketPolicy.from_config(config, "cpu")
+    assert cpu.decode_rows == (1, 2, 3, 4, 5, 7, 10, 14, 20, 29, 43, 64)
+    assert {cpu.blocks(t) for t in {k[0] for k in cpu.keys()}} == {(512,)}
+    assert len(cpu) == 23
+    gpu = BucketPolicy.from_config(types.SimpleNamespace(**{**vars(config), "attention": "reference"}), "gpu")
+    assert gpu.decode_rows == (1, 2, 4, 8, 16, 32, 64) and gpu.blocks(512) == (2, 8, 32, 128, 512)
+    assert len(gpu) == 51
 
 
 # ---- on a tiny engine ----
