@@ -31,7 +31,7 @@ from jaxllm.kv_cache import allocate_kv_cache, bytes_per_block
 from jaxllm.kv_cache_manager import KVCacheManager
 from jaxllm.model_runner import ModelRunner
 from jaxllm.models.layers import rope_inv_freq
-from jaxllm.models.llama import unstack_layers
+from jaxllm.models.llama import fuse_qkv, unstack_layers
 from jaxllm.models.registry import get_model_class
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
@@ -76,7 +76,7 @@ class Engine:
         self.eos_token_ids = _eos_token_ids(self.model_dir, hf_config, self.tokenizer)
 
         c, mc = self.config, self.model_config
-        params = load_params(self.model_dir, mc, np.dtype(jax.numpy.dtype(c.dtype)))
+        params = fuse_qkv(load_params(self.model_dir, mc, np.dtype(jax.numpy.dtype(c.dtype))))
         if not c.scan_layers:
             params = unstack_layers(params, mc.num_hidden_layers)
         params = jax.device_put(params)

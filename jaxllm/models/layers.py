@@ -93,9 +93,11 @@ class LlamaAttention(nn.Module):
         c = self.config
         num_tokens = x.shape[0]
         dense = lambda features, name: nn.Dense(features, use_bias=c.attention_bias, dtype=self.dtype, name=name)
-        q = dense(c.num_attention_heads * c.head_dim, "q_proj")(x)
-        k = dense(c.num_key_value_heads * c.head_dim, "k_proj")(x)
-        v = dense(c.num_key_value_heads * c.head_dim, "v_proj")(x)
+        q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        # q | k | v in one matmul: the checkpoint's three projections, fused at load
+        # (``llama.fuse_qkv``).
+        qkv = dense(q_dim + 2 * kv_dim, "qkv_proj")(x)
+        q, k, v = jnp.split(qkv, [q_dim, q_dim + kv_dim], axis=-1)
         q = apply_rope(q.reshape(num_tokens, c.num_attention_heads, c.head_dim), cos, sin)   # [T, N, H]
         k = apply_rope(k.reshape(num_tokens, c.num_key_value_heads, c.head_dim), cos, sin)   # [T, K, H]
         v = v.reshape(num_tokens, c.num_key_value_heads, c.head_dim)                         # [T, K, H]

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxllm.config import ModelConfig
 from jaxllm.kv_cache import KVCache
@@ -61,6 +62,22 @@ class LlamaForCausalLM(nn.Module):
         else:
             logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(h)
         return KVCache(k=k_cache, v=v_cache), logits.astype(jnp.float32)  # [S, V]
+
+
+def fuse_qkv(params: dict) -> dict:
+    """Replaces the loaded q/k/v_proj of the stacked "layers" with one "qkv_proj" whose kernel
+    (and bias) is theirs concatenated along the output axis, as the model expects.
+
+    One matrix-vector product instead of three: a batch-1 decode reads the same bytes in fewer,
+    larger streams (on 2 CPU cores, SmolLM2-135M's 30 layers of dense math 26.5 -> 22.9 ms per
+    step; the k and v matvecs alone read at half the bandwidth of the big ones). Fusing
+    gate/up as well gained nothing at batch 1 and lost ~7% at 64 rows, so they stay apart.
+    """
+    attention = dict(params["layers"]["self_attn"])
+    parts = [attention.pop(name) for name in ("q_proj", "k_proj", "v_proj")]
+    attention["qkv_proj"] = {leaf: np.concatenate([p[leaf] for p in parts], axis=-1)
+                             for leaf in parts[0]}
+    return {**params, "layers": {**params["layers"], "self_attn": attention}}
 
 
 def unstack_layers(params: dict, num_layers: int) -> dict:
