@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from jaxllm import Engine, SamplingParams
 from jaxllm.kv_cache import allocate_kv_cache
 from jaxllm.kv_cache_manager import KVCacheManager
 from jaxllm.model_runner import ModelRunner
+from jaxllm.models.layers import dot_general
 from jaxllm.scheduler import Scheduler
 from jaxllm.sequence import Request, Sequence
 
@@ -97,6 +100,21 @@ def test_engine_greedy_32_tokens_match_hf_generate(tiny):
         assert output.outputs[0].token_ids == _hf_greedy(hf_model, prompt, 32)
         assert output.outputs[0].finish_reason == "length"
         assert output.prompt_token_ids == prompt
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("contract_rhs", [0, 1], ids=["dense", "tied_head"])
+def test_bfloat16_matmuls_accumulate_in_float32(rows, contract_rhs):
+    """models.layers.dot_general: bf16 in, bf16 out, one float32 accumulation (on CPU a one-row
+    product goes through a two-row GEMM and must come back as one row)."""
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.normal(size=(rows, 64)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(64, 40) if contract_rhs == 0 else (40, 64)), jnp.bfloat16)
+    got = jax.jit(lambda x, w: dot_general(x, w, (((1,), (contract_rhs,)), ((), ()))))(x, w)
+    w32 = np.asarray(w, np.float32)
+    want = np.asarray(x, np.float32) @ (w32 if contract_rhs == 0 else w32.T)
+    assert got.shape == (rows, 40) and got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=8e-3, atol=1e-2)
 
 
 def test_engine_bfloat16_runs_close_to_float32(tiny_llama_dir):

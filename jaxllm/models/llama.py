@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxllm.config import ModelConfig
 from jaxllm.kv_cache import KVCache
-from jaxllm.models.layers import LlamaDecoderLayer, RMSNorm
+from jaxllm.models.layers import LlamaDecoderLayer, RMSNorm, dot_general
 from jaxllm.step_inputs import StepInputs
 
 
@@ -58,9 +58,10 @@ class LlamaForCausalLM(nn.Module):
         if c.tie_word_embeddings:
             # Contract against the [V, D] table as stored; embed.attend's ``h @ E.T`` made
             # XLA:CPU copy a transposed table every step (113 MB for SmolLM2).
-            logits = jnp.einsum("sd,vd->sv", h, embed.embedding.astype(self.dtype))
+            logits = dot_general(h, embed.embedding.astype(self.dtype), (((1,), (1,)), ((), ())))
         else:
-            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(h)
+            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, dot_general=dot_general,
+                              name="lm_head")(h)
         return KVCache(k=k_cache, v=v_cache), logits.astype(jnp.float32)  # [S, V]
 
 
