@@ -43,3 +43,25 @@ def tiny_llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
     model = make_tiny_llama(path)
     return path, model
+
+
+class FakeModelRunner:
+    """The ModelRunner protocol the executor drives, without a model: subclasses say in
+    ``dispatch(batch, prepared)`` which token each scheduled row samples (a list, one per row).
+
+    ``prepare_inputs(batch, previous)`` returns what ``dispatch`` gets (here None); ``fetch``
+    hands the rows' tokens back with a fixed logprob of -0.5.
+    """
+
+    uses_host_callbacks = False
+
+    def prepare_inputs(self, batch, previous=None):
+        return None
+
+    def dispatch(self, batch, prepared) -> list[int]:
+        raise NotImplementedError
+
+    def fetch(self, batch, outputs):
+        from jaxllm.model_runner import RowResults
+
+        return RowResults(outputs, [-0.5] * len(outputs), {}, {})

@@ -12,21 +12,20 @@ import pytest
 
 from jaxllm.executor import Executor
 from jaxllm.kv_cache_manager import KVCacheManager
-from jaxllm.model_runner import RowResults
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.scheduler import Scheduler
 from jaxllm.sequence import Request
 
+from conftest import FakeModelRunner
 
-class FakeRunner:
+
+class FakeRunner(FakeModelRunner):
     """Stands in for ModelRunner: 'computes' each row's next token from its last token.
 
     Like the device, it takes a token the host has not seen yet (the sequence's pending token)
     from the previous step's outputs.
     """
-
-    uses_host_callbacks = False
 
     def __init__(self):
         self.batches = []
@@ -41,9 +40,6 @@ class FakeRunner:
         self.last_tokens = [((item.seq.token_ids[last] if last < item.seq.num_tokens else fed_back[id(item.seq)]) + 1) % 100
                             for item, last in zip(batch.scheduled, lasts)]
         return self.last_tokens
-
-    def fetch(self, batch, outputs):
-        return RowResults(outputs, [-0.5] * len(outputs), {}, {})
 
 
 def _executor(num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=16):

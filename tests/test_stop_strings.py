@@ -12,11 +12,12 @@ import pytest
 
 from jaxllm.executor import Executor
 from jaxllm.kv_cache_manager import KVCacheManager
-from jaxllm.model_runner import RowResults
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.scheduler import Scheduler
 from jaxllm.sequence import Request, Sequence, SequenceStatus
+
+from conftest import FakeModelRunner
 
 EOS = 0
 PIECES = [b"</s>", b"<p>", b"a", b"bc", b"d", b"ef", b"Hel", b"lo", b" wor", b"ld", b"!", b"Hi. there",
@@ -211,24 +212,16 @@ def test_stop_strings_match_a_from_scratch_reference(seed):
     assert [t for o in outputs for t in o.outputs[0].token_ids] == expected_tokens
 
 
-class ScriptedRunner:
+class ScriptedRunner(FakeModelRunner):
     """Stands in for ModelRunner: each request's n-th output token is SCRIPTS[request id][n]."""
-
-    uses_host_callbacks = False
 
     def __init__(self, scripts):
         self.scripts = scripts
-
-    def prepare_inputs(self, batch, previous=None):
-        return None
 
     def dispatch(self, batch, inputs):
         # The output index of the token each row samples counts the pending ones before it.
         return [self.scripts[item.seq.request_id][item.seq.num_output_tokens + item.seq.num_pending_tokens]
                 for item in batch.scheduled]
-
-    def fetch(self, batch, outputs):
-        return RowResults(outputs, [-0.5] * len(outputs), {}, {})
 
 
 def test_executor_finishes_on_a_stop_string_and_frees_its_blocks():
