@@ -18,10 +18,18 @@
 // ~2 GB/s of K/V, while decode is memory bound and the machine reads ~25 GB/s. Here:
 //   * one work item is (tile of up to kTileRows / G consecutive tokens of a row, kv head): each
 //     K/V row is loaded once and used by the G query heads of the kv head and every token of the
-//     tile (a decode row is a tile of one token; a 512-token prefill chunk is ~25 tiles);
+//     tile (a decode row is a tile of one token; a 512-token prefill chunk is ~25 tiles). Tiles
+//     of few rows (decode) are one item for all K kv heads instead: each cache slot (K x H
+//     contiguous elements) is read whole, a block of the cache as one contiguous run, rather
+//     than K strided slices by K items;
 //   * keys go in chunks of C through an online softmax in float32 (base 2: the scale and
 //     log2(e) are folded into q), the next chunk's rows prefetched so that the random block
-//     reads overlap the arithmetic (+15-20% on DRAM-bound decodes);
+//     reads overlap the arithmetic (+15-20% on DRAM-bound decodes). Decode items issue those
+//     prefetches a few lines at a time between the rows of the chunk's arithmetic: a burst of a
+//     whole chunk's (16 slots x 2 x 768 bytes for SmolLM2) fills the line fill buffers and stalls
+//     the core until most have arrived, so that memory then idles through the arithmetic
+//     (spread, with all kv heads per item: decode 64 x 512 ~16-20% faster than one burst per
+//     (tile, kv head) item);
 //   * tiles of many query rows (prefill) lay scores out [C keys][Mp rows], query rows along the
 //     lanes: scores are outer products (a broadcast K element times a vector of the transposed
 //     q tile) and the softmax is vertical vector work with no horizontal reductions. Their K/V
@@ -260,11 +268,13 @@ inline void store_row(const float* src, float scale, T* dst, int head_dim) {
 // Per-thread buffers for one work item, sized for the largest tile (max_rows a multiple of W).
 // Vector arrays keep them 64-byte aligned; per-row values are read through float views.
 struct Scratch {
-  Scratch(int max_rows, int head_dim)
-      : q(head_dim * max_rows / kLanes), o(max_rows * head_dim / kLanes),
-        p(kChunk * max_rows / kLanes), kc(kChunk * head_dim / kLanes),
-        vc(kChunk * head_dim / kLanes), m(max_rows / kLanes), l(max_rows / kLanes),
-        alpha(max_rows / kLanes), qpos(max_rows / kLanes) {}
+  Scratch(int max_rows, int head_dim, int kv_heads)
+      : q(std::max(max_rows, kv_heads * kFewRows) * head_dim / kLanes),
+        o(std::max(max_rows, kv_heads * kFewRows) * head_dim / kLanes),
+        p(std::max(kChunk * max_rows / kLanes, kv_heads * kFewRows)),
+        kc(kChunk * kv_heads * head_dim / kLanes), vc(kChunk * kv_heads * head_dim / kLanes),
+        m(std::max(max_rows / kLanes, kv_heads)), l(std::max(max_rows / kLanes, kv_heads)),
+        alpha(std::max(max_rows / kLanes, kv_heads)), qpos(max_rows / kLanes) {}
   std::vector<vf> q;      // scaled queries: [H, Mp] (rows along the lanes) or [M, H] (few rows)
   std::vector<vf> o;      // [M, H] unnormalised output
   std::vector<vf> p;      // the chunk's scores, then probabilities: [C, Mp] or [M, C] (few rows)
@@ -357,28 +367,63 @@ void softmax_rows_on_lanes(Scratch& w, int n, int lane_blocks, const int32_t* kp
   }
 }
 
+// Software prefetch of the next chunk's K and V rows, a few lines at a time between pieces of
+// the current chunk's arithmetic, so that the line fill buffers stay busy through it (a burst
+// of all lines at once stalls the core until most of them arrived).
+struct Prefetcher {
+  const char* k[kChunk];
+  const char* v[kChunk];
+  int n = 0, row_bytes = 0, j = 0, off = 0;
+  void reset(int n_keys, int bytes) { n = n_keys, row_bytes = bytes, j = 0, off = 0; }
+  // Issues up to `pairs` K lines and as many V lines.
+  inline void issue(int pairs) {
+    for (; pairs > 0 && j < n; --pairs) {
+      __builtin_prefetch(k[j] + off);
+      __builtin_prefetch(v[j] + off);
+      if ((off += 64) >= row_bytes) off = 0, ++j;
+    }
+  }
+  inline void issue_all() { issue(INT_MAX); }
+};
+
+// Per kv head state of a few-row tile: q [R, H], o [R, H], p [R] vectors of C scores, and m,
+// l, alpha: one vector each, lane i for row i. Keys / values of the kv head start `offset`
+// elements into the chunk's rows.
+struct FewRows {
+  const vf* q;
+  vf* o;
+  vf* p;
+  vf* m;
+  vf* l;
+  vf* alpha;
+  const int32_t* qpos;
+  int offset;
+};
+
 // Few rows (R <= 8, a template parameter so the rows' dependency chains interleave), scores and
 // online softmax with the chunk's keys along the lanes: per query row, C dot products reduced
 // into one vector of scores, one exp, and lane max / sum for m and l; one exp for all rows'
 // alpha. Keys past n are masked, and so, for causal chunks, are keys after the row.
 template <int R>
-void step_keys_on_lanes(Scratch& w, const Chunk& chunk, int head_vecs) {
+void step_keys_on_lanes(const FewRows& w, const Chunk& chunk, int head_vecs, Prefetcher& pf,
+                        int pf_per_row) {
   const vi lane = lane_index(std::make_integer_sequence<int, kLanes>{});
   vi key_pos = lane < chunk.n ? vi{} : vi{} + INT_MAX;  // past n: after every row
   if (chunk.kpos != nullptr)
     for (int j = 0; j < chunk.n; ++j) key_pos[j] = chunk.kpos[j];
-  float* l = reinterpret_cast<float*>(w.l.data());
-  const int32_t* qpos = reinterpret_cast<const int32_t*>(w.qpos.data());
+  float* l = reinterpret_cast<float*>(w.l);
+  const int32_t* qpos = w.qpos;
   vf s[R];
   vi visible[R];
   for (int i = 0; i < R; ++i) {
+    pf.issue(pf_per_row);
     // Lane slot l accumulates key bit_reversed(l): kLanes independent FMA chains.
     vf acc[kLanes] = {};
     for (int v = 0; v < head_vecs; ++v) {
       const vf qv = w.q[i * head_vecs + v];
 #pragma GCC unroll 16
       for (int slot = 0; slot < kLanes; ++slot)
-        acc[slot] += qv * reinterpret_cast<const vf_row*>(chunk.k[bit_reversed(slot)])[v];
+        acc[slot] += qv * reinterpret_cast<const vf_row*>(chunk.k[bit_reversed(slot)] + w.offset)[v];
     }
     visible[i] = chunk.kpos != nullptr ? key_pos <= qpos[i] : lane < chunk.n;
     s[i] = visible[i] ? transposed_sums(acc) : splat(kMasked);
@@ -394,19 +439,28 @@ void step_keys_on_lanes(Scratch& w, const Chunk& chunk, int head_vecs) {
   }
 }
 
+// P @ V operands: probabilities, alpha and o (see pv_tile); values `offset` elements into the
+// chunk's rows.
+struct PV {
+  const float* p;
+  const float* alpha;
+  vf* o;
+  int offset;
+};
+
 // o[i0:i0+R][hv0:hv0+V vectors] = o * alpha + sum over the chunk's keys j of p(i, j) * v[j],
 // with p(i, j) = p[i * row_stride + j * key_stride]: R x V accumulators; each key is V vector
 // loads and R x V FMAs.
 template <int R, int V>
-void pv_tile(Scratch& w, const Chunk& chunk, int i0, int hv0, int head_vecs, int row_stride,
+void pv_tile(const PV& w, const Chunk& chunk, int i0, int hv0, int head_vecs, int row_stride,
              int key_stride) {
-  const float* p = reinterpret_cast<const float*>(w.p.data()) + i0 * row_stride;
-  const float* alpha = reinterpret_cast<const float*>(w.alpha.data()) + i0;
+  const float* p = w.p + i0 * row_stride;
+  const float* alpha = w.alpha + i0;
   vf acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = w.o[(i0 + r) * head_vecs + hv0 + v] * alpha[r];
   for (int j = 0; j < chunk.n; ++j) {
-    const vf_row* value = reinterpret_cast<const vf_row*>(chunk.v[j]) + hv0;
+    const vf_row* value = reinterpret_cast<const vf_row*>(chunk.v[j] + w.offset) + hv0;
     vf vv[V];
     for (int v = 0; v < V; ++v) vv[v] = value[v];
     for (int r = 0; r < R; ++r) {
@@ -432,7 +486,7 @@ inline void with_constant(int n, F&& f) {
 
 // P @ V for rows [i0, i0 + R): full register tiles along the head dim, then the remainder.
 template <int R>
-void pv_rows(Scratch& w, const Chunk& chunk, int i0, int head_vecs, int row_stride,
+void pv_rows(const PV& w, const Chunk& chunk, int i0, int head_vecs, int row_stride,
              int key_stride) {
   int hv0 = 0;
   for (; hv0 + kRegVecs <= head_vecs; hv0 += kRegVecs)
@@ -442,7 +496,7 @@ void pv_rows(Scratch& w, const Chunk& chunk, int i0, int head_vecs, int row_stri
   });
 }
 
-void pv(Scratch& w, const Chunk& chunk, int rows, int head_vecs, int row_stride, int key_stride) {
+void pv(const PV& w, const Chunk& chunk, int rows, int head_vecs, int row_stride, int key_stride) {
   int i0 = 0;
   for (; i0 + kRegRows <= rows; i0 += kRegRows)
     pv_rows<kRegRows>(w, chunk, i0, head_vecs, row_stride, key_stride);
@@ -452,9 +506,14 @@ void pv(Scratch& w, const Chunk& chunk, int rows, int head_vecs, int row_stride,
 }
 
 // Few rows: scores, softmax and P @ V of one chunk, the row count a compile-time constant.
-void step_few_rows(Scratch& w, const Chunk& chunk, int rows, int head_vecs) {
-  with_constant<kFewRows>(rows, [&](auto r) { step_keys_on_lanes<r>(w, chunk, head_vecs); });
-  pv(w, chunk, rows, head_vecs, kChunk, 1);
+void step_few_rows(const FewRows& w, const Chunk& chunk, int rows, int head_vecs, Prefetcher& pf,
+                   int pf_per_row) {
+  with_constant<kFewRows>(rows,
+                          [&](auto r) { step_keys_on_lanes<r>(w, chunk, head_vecs, pf, pf_per_row); });
+  pf.issue(pf_per_row);
+  pv(PV{reinterpret_cast<const float*>(w.p), reinterpret_cast<const float*>(w.alpha), w.o,
+        w.offset},
+     chunk, rows, head_vecs, kChunk, 1);
 }
 
 // Many rows: the same with query rows along the lanes.
@@ -470,47 +529,67 @@ void step_many_rows(Scratch& w, const Chunk& chunk, int rows, int head_dim) {
   } else {
     softmax_rows_on_lanes<false>(w, chunk.n, lane_blocks, nullptr);
   }
-  pv(w, chunk, rows, head_dim / kLanes, 1, lane_blocks * kLanes);
+  pv(PV{reinterpret_cast<const float*>(w.p.data()), reinterpret_cast<const float*>(w.alpha.data()),
+        w.o.data(), 0},
+     chunk, rows, head_dim / kLanes, 1, lane_blocks * kLanes);
 }
 
-// Attention of one tile's tokens for one kv head. QT: q/k/v/out element type; CT: the cache's.
+// Attention of one tile's tokens. Many-row tiles: for one kv head. Few-row tiles (kv_head -1):
+// for all K kv heads at once, so that each key / value slot (K x H elements, contiguous in the
+// cache and in this step's k / v) is read whole, and each block of the cache as one
+// contiguous run, instead of K strided slices by K separate items. QT: q/k/v/out element type;
+// CT: the cache's.
 template <typename QT, typename CT>
 void attend(const Problem& pr, const Tile& tile, int kv_head, Scratch& w) {
   const int G = pr.G, H = pr.H, K = pr.K;
-  const int rows = tile.count * G;                   // query rows: token-major, then head
+  const int rows = tile.count * G;                   // query rows per kv head: token-major
   const int rows_padded = round_up(rows, kLanes);
   const int lane_blocks = rows_padded / kLanes;
   const int head_vecs = H / kLanes;
-  const bool few_rows = rows <= kFewRows;  // keys along the lanes
+  const bool few_rows = rows <= kFewRows;  // keys along the lanes, all kv heads
+  const int heads = few_rows ? K : 1;      // kv heads of this item (kv_head is -1 for few rows)
+  const int head0 = few_rows ? 0 : kv_head;
+  const int row_len = heads * H;           // elements of a key / value row read per key
 
-  // Scaled queries, in the layout of the path; running max, sum and output.
+  // Scaled queries, in the layout of the path; running max, sum and output. Few rows: row
+  // kh * rows + i is query row i of kv head kh.
   float* q_scaled = reinterpret_cast<float*>(w.q.data());
   int32_t* qpos = reinterpret_cast<int32_t*>(w.qpos.data());
   const QT* q = static_cast<const QT*>(pr.q);
-  for (int i = 0; i < rows; ++i) {
-    const QT* src = q + query_row(pr, tile, kv_head, i);
-    for (int h = 0; h < H; ++h) {
-      const float x = to_f32(src[h]) * pr.scale;
-      if (few_rows) {
-        q_scaled[i * H + h] = x;
-      } else {
-        q_scaled[h * rows_padded + i] = x;
+  for (int kh = 0; kh < heads; ++kh)
+    for (int i = 0; i < rows; ++i) {
+      const QT* src = q + query_row(pr, tile, head0 + kh, i);
+      for (int h = 0; h < H; ++h) {
+        const float x = to_f32(src[h]) * pr.scale;
+        if (few_rows) {
+          q_scaled[(kh * rows + i) * H + h] = x;
+        } else {
+          q_scaled[h * rows_padded + i] = x;
+        }
       }
     }
-    qpos[i] = pr.positions[tile.first + i / G];
-  }
+  for (int i = 0; i < rows; ++i) qpos[i] = pr.positions[tile.first + i / G];
   for (int i = rows; i < rows_padded; ++i) {  // padding lanes: zero queries before every key
     if (!few_rows)
       for (int h = 0; h < H; ++h) q_scaled[h * rows_padded + i] = 0.0f;
     qpos[i] = INT_MIN;
   }
-  std::fill_n(w.m.begin(), lane_blocks, splat(kMasked));
-  std::fill_n(w.l.begin(), lane_blocks, vf{});
-  std::fill_n(w.o.begin(), rows * head_vecs, vf{});
+  const int state_vecs = few_rows ? heads : lane_blocks;
+  std::fill_n(w.m.begin(), state_vecs, splat(kMasked));
+  std::fill_n(w.l.begin(), state_vecs, vf{});
+  std::fill_n(w.o.begin(), heads * rows * head_vecs, vf{});
 
+  // Few rows: the next chunk's prefetches, spread over this chunk's arithmetic (pf_per_row
+  // line pairs before each query row's scores and before each kv head's P @ V).
+  Prefetcher pf;
+  int pf_per_row = 0;
   auto step = [&](const Chunk& chunk) {
     if (few_rows) {
-      step_few_rows(w, chunk, rows, head_vecs);
+      for (int kh = 0; kh < heads; ++kh)
+        step_few_rows(FewRows{&w.q[kh * rows * head_vecs], &w.o[kh * rows * head_vecs],
+                              &w.p[kh * rows], &w.m[kh], &w.l[kh], &w.alpha[kh], qpos, kh * H},
+                      chunk, rows, head_vecs, pf, pf_per_row);
+      pf.issue_all();
     } else {
       step_many_rows(w, chunk, rows, H);
     }
@@ -526,10 +605,11 @@ void attend(const Problem& pr, const Tile& tile, int kv_head, Scratch& w) {
   int block = tile.ctx_begin / pr.Z, in_block = tile.ctx_begin % pr.Z;
   auto next_offsets = [&](int64_t* offsets, int n) {
     for (int j = 0; j < n; ++j) {
-      offsets[j] = ((static_cast<int64_t>(table[block]) * pr.Z + in_block) * K + kv_head) * H;
+      offsets[j] = ((static_cast<int64_t>(table[block]) * pr.Z + in_block) * K + head0) * H;
       if (++in_block == pr.Z) in_block = 0, ++block;
     }
   };
+  const int row_bytes = row_len * static_cast<int>(sizeof(CT));
   int64_t offsets[kChunk], ahead[kChunk];
   next_offsets(ahead, std::min(kChunk, tile.ctx_end - tile.ctx_begin));
   for (int c0 = tile.ctx_begin; c0 < tile.ctx_end; c0 += kChunk) {
@@ -538,37 +618,52 @@ void attend(const Problem& pr, const Tile& tile, int kv_head, Scratch& w) {
     std::copy_n(ahead, chunk.n, offsets);
     const int n_ahead = std::clamp(tile.ctx_end - c0 - kChunk, 0, kChunk);
     next_offsets(ahead, n_ahead);
-    for (int j = 0; j < n_ahead; ++j) {
-      prefetch_row(k_cache + ahead[j], H);
-      prefetch_row(v_cache + ahead[j], H);
+    if (few_rows) {
+      for (int j = 0; j < n_ahead; ++j) {
+        pf.k[j] = reinterpret_cast<const char*>(k_cache + ahead[j]);
+        pf.v[j] = reinterpret_cast<const char*>(v_cache + ahead[j]);
+      }
+      pf.reset(n_ahead, row_bytes);
+      const int pairs = n_ahead * ((row_bytes + 63) / 64), points = heads * (rows + 1);
+      pf_per_row = (pairs + points - 1) / points;
+    } else {
+      for (int j = 0; j < n_ahead; ++j) {
+        prefetch_row(k_cache + ahead[j], row_len);
+        prefetch_row(v_cache + ahead[j], row_len);
+      }
     }
-    load_chunk(w, chunk, k_cache, v_cache, H, !few_rows, [&](int j) { return offsets[j]; });
+    load_chunk(w, chunk, k_cache, v_cache, row_len, !few_rows, [&](int j) { return offsets[j]; });
     step(chunk);
   }
+  pf.reset(0, 0);
+  pf_per_row = 0;
 
   // 2. This step's keys of the row, up to the tile's last token, masked by position.
   const int end = tile.ctx_end == pr.context_lens[tile.row] ? tile.first + tile.count : 0;
   for (int s0 = tile.row_first; s0 < end; s0 += kChunk) {
     chunk.n = std::min(kChunk, end - s0);
     chunk.kpos = pr.positions + s0;
-    load_chunk(w, chunk, static_cast<const QT*>(pr.k), static_cast<const QT*>(pr.v), H, !few_rows,
-               [&](int j) { return (static_cast<int64_t>(s0 + j) * K + kv_head) * H; });
+    load_chunk(w, chunk, static_cast<const QT*>(pr.k), static_cast<const QT*>(pr.v), row_len,
+               !few_rows, [&](int j) { return (static_cast<int64_t>(s0 + j) * K + head0) * H; });
     step(chunk);
   }
 
   // 3. Normalise into out[t, kv_head * G + g], or leave this piece for the merge.
-  const float* o = reinterpret_cast<const float*>(w.o.data());
-  const float* l = reinterpret_cast<const float*>(w.l.data());
-  if (tile.split >= 0) {
-    float* partial = partial_slot(pr, tile.split, kv_head);
-    std::copy_n(o, rows * H, partial);
-    std::copy_n(reinterpret_cast<const float*>(w.m.data()), rows, partial + kFewRows * H);
-    std::copy_n(l, rows, partial + kFewRows * (H + 1));
-    return;
+  for (int kh = 0; kh < heads; ++kh) {
+    const float* o = reinterpret_cast<const float*>(&w.o[kh * rows * head_vecs]);
+    const float* l = reinterpret_cast<const float*>(&w.l[few_rows ? kh : 0]);
+    const float* m = reinterpret_cast<const float*>(&w.m[few_rows ? kh : 0]);
+    if (tile.split >= 0) {
+      float* partial = partial_slot(pr, tile.split, head0 + kh);
+      std::copy_n(o, rows * H, partial);
+      std::copy_n(m, rows, partial + kFewRows * H);
+      std::copy_n(l, rows, partial + kFewRows * (H + 1));
+      continue;
+    }
+    QT* out = static_cast<QT*>(pr.out);
+    for (int i = 0; i < rows; ++i)
+      store_row(o + i * H, 1.0f / l[i], out + query_row(pr, tile, head0 + kh, i), H);
   }
-  QT* out = static_cast<QT*>(pr.out);
-  for (int i = 0; i < rows; ++i)
-    store_row(o + i * H, 1.0f / l[i], out + query_row(pr, tile, kv_head, i), H);
 }
 
 // Runs work(item, scratch) for items [0, n) on up to `workers` threads: the caller plus tasks
@@ -578,15 +673,15 @@ void attend(const Problem& pr, const Tile& tile, int kv_head, Scratch& w) {
 // shared_ptr because such a late task may run after this function returned.
 template <typename Work>
 void parallel_for(ffi::ThreadPool& pool, int workers, int64_t n, int max_rows, int head_dim,
-                  const Work& work) {
+                  int kv_heads, const Work& work) {
   struct Counters {
     std::atomic<int64_t> next{0}, done{0};
   };
   auto counters = std::make_shared<Counters>();
-  auto run = [counters, n, max_rows, head_dim, &work] {
+  auto run = [counters, n, max_rows, head_dim, kv_heads, &work] {
     int64_t item = counters->next.fetch_add(1);
     if (item >= n) return;
-    Scratch scratch(max_rows, head_dim);
+    Scratch scratch(max_rows, head_dim, kv_heads);
     for (; item < n; item = counters->next.fetch_add(1)) {
       work(item, scratch);
       if (counters->done.fetch_add(1) + 1 == n) counters->done.notify_all();
@@ -623,25 +718,38 @@ void merge_pieces(const Problem& pr, const Tile* pieces, int num_pieces) {
   }
 }
 
-// Runs the work items (tile, kv head), the most expensive first so that the last ones to
-// finish are short, then merges split tiles (split_tiles: first index and number of pieces).
+// Whether a tile has few query rows per kv head: one work item for all its kv heads (keys
+// along the lanes), else one per kv head.
+inline bool is_few_rows(const Tile& tile, int G) { return tile.count * G <= kFewRows; }
+
+// Runs the work items (tile, kv head; few-row tiles: tile, all kv heads), the most expensive
+// first so that the last ones to finish are short, then merges split tiles (split_tiles: first
+// index and number of pieces).
 template <typename QT, typename CT>
 void run(ffi::ThreadPool& pool, int workers, const Problem& pr, const std::vector<Tile>& tiles,
          const std::vector<std::pair<int, int>>& split_tiles, int max_rows) {
-  const int64_t num_items = static_cast<int64_t>(tiles.size()) * pr.K;
-  auto cost = [&](int64_t item) {
-    const Tile& tile = tiles[item / pr.K];
+  struct Item {
+    int tile, kv_head;  // kv_head -1: all of them
+    int64_t cost;
+  };
+  std::vector<Item> items;
+  for (int t = 0; t < static_cast<int>(tiles.size()); ++t) {
+    const Tile& tile = tiles[t];
     const int in_step =
         tile.ctx_end == pr.context_lens[tile.row] ? tile.first + tile.count - tile.row_first : 0;
-    return int64_t{tile.count} * (tile.ctx_end - tile.ctx_begin + in_step);
-  };
-  std::vector<int64_t> order(num_items);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
-  parallel_for(pool, workers, num_items, max_rows, pr.H, [&](int64_t i, Scratch& scratch) {
-    attend<QT, CT>(pr, tiles[order[i] / pr.K], static_cast<int>(order[i] % pr.K), scratch);
-  });
+    const int64_t cost = int64_t{tile.count} * (tile.ctx_end - tile.ctx_begin + in_step);
+    if (is_few_rows(tile, pr.G)) {
+      items.push_back({t, -1, cost * pr.K});
+    } else {
+      for (int kv_head = 0; kv_head < pr.K; ++kv_head) items.push_back({t, kv_head, cost});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  parallel_for(pool, workers, static_cast<int64_t>(items.size()), max_rows, pr.H, pr.K,
+               [&](int64_t i, Scratch& scratch) {
+                 attend<QT, CT>(pr, tiles[items[i].tile], items[i].kv_head, scratch);
+               });
   for (const auto& [first, num_pieces] : split_tiles)
     merge_pieces<QT>(pr, &tiles[first], num_pieces);
 }
@@ -759,7 +867,9 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
 
   // Too few items for the threads (small decode batches): split long contexts of few-row tiles.
   const int workers = static_cast<int>(std::clamp<int64_t>(pool.num_threads() + 1, 1, num_threads));
-  const int64_t wanted = kItemsPerWorker * workers, have = static_cast<int64_t>(tiles.size()) * K;
+  const int64_t wanted = kItemsPerWorker * workers;
+  int64_t have = 0;
+  for (const Tile& tile : tiles) have += is_few_rows(tile, G) ? 1 : K;
   std::vector<std::pair<int, int>> split_tiles;
   int num_pieces_total = 0;
   if (have < wanted) {
@@ -769,7 +879,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
       const int context = tile.ctx_end;
       const int pieces = static_cast<int>(
           std::min<int64_t>((wanted + have - 1) / have, context / kMinSplitKeys));
-      if (tile.count * G > kFewRows || pieces < 2) {
+      if (!is_few_rows(tile, G) || pieces < 2) {
         tiles.push_back(tile);
         continue;
       }
