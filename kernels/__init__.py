@@ -35,7 +35,7 @@ def default_attention(platform: str) -> str:
         platform: a JAX backend name, e.g. ``jax.default_backend()``: "cpu", "gpu", "cuda", "tpu".
 
     Returns:
-        "pallas_gpu" on NVIDIA GPUs (the Triton kernel); on CPU "cpu" (the C++ kernel, 4-6x
+        "pallas_gpu" on NVIDIA GPUs (the Triton kernel); on CPU "cpu" (the C++ kernel, 4-7x
         faster than the reference on SmolLM2 decodes) when it builds here, building it on the
         first call, else "reference" (the pure-JAX implementation), as on every other platform.
     """

@@ -7,10 +7,10 @@ Same signature and semantics as ``reference.paged_attention``. One custom call w
 K/V into both caches at ``layer`` (a traced scalar under ``lax.scan``, passed as an operand), in
 place: its cache outputs alias its cache inputs, and the cache is donated to the step, so XLA
 copies nothing. (Left to XLA, the write was a scatter per cache and layer plus the index
-arithmetic around it: ~120 small thunks, ~17 ms of a 64-row SmolLM2 decode step.) It then
-reads both caches and writes the output. Why a hand-written kernel: on XLA:CPU every formulation of
+arithmetic around it: ~1.5 ms of a 64-row SmolLM2 decode step.) It then reads both caches and
+writes the output. Why a hand-written kernel: on XLA:CPU every formulation of
 the reference's gather + einsum read K/V at ~2 GB/s, so attention took ~720 of ~880 ms of a
-SmolLM2-135M decode step of 64 rows x 512 context; the kernel reads them at 6-11 GB/s, 4-6x
+SmolLM2-135M decode step of 64 rows x 512 context; the kernel reads them at 6-18 GB/s, 4-7x
 faster (its layout is described at the top of the .cc file). Its threads are XLA's own
 intra-op pool, passed to the handler, rather than OpenMP's: no second pool competing with XLA's
 for the cores, no libgomp to load; ``num_threads`` caps them at the cores this process may use.
