@@ -93,7 +93,7 @@ class Engine:
         self.bucket_policy = BucketPolicy.from_config(c, self.platform)
         self.model_runner = ModelRunner(
             CompiledStep(self.model, sampler), params, kv_cache, c.block_size,
-            c.max_num_batched_tokens, c.max_num_seqs, -(-c.max_model_len // c.block_size),
+            c.max_num_batched_tokens, c.max_num_seqs, self.bucket_policy.max_blocks_per_seq,
             c.max_model_len, mc.vocab_size, rope_inv_freq(mc), tuple(self.strategies.values()),
             self.bucket_policy)
         if c.warmup:

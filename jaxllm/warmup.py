@@ -21,7 +21,7 @@ from jaxllm.model_runner import ModelRunner, PreparedStep
 from jaxllm.step_inputs import SamplingTensors, StepInputs
 
 
-def padding_step_inputs(key: BaseKey, block_size: int, strategy_args: int = 1, rotary_dim: int = 0
+def padding_step_inputs(key: BaseKey, block_size: int, rotary_dim: int, strategy_args: int = 1
                         ) -> tuple[StepInputs, SamplingTensors]:
     """Host inputs of shape ``key`` = (T, S, P) that only write into padding block 0.
 
@@ -61,8 +61,8 @@ def warmup(model_runner: ModelRunner, policy: BucketPolicy, *, progress: bool = 
     step, width = model_runner.step, model_runner.num_strategy_args
     before = step.num_compilations
     for key in tqdm.tqdm(keys, desc="Compiling steps", unit="step", disable=not progress):
-        inputs, sampling = padding_step_inputs(key, model_runner.block_size, width,
-                                               model_runner.rotary_dim)
+        inputs, sampling = padding_step_inputs(key, model_runner.block_size,
+                                               model_runner.rotary_dim, width)
         no_feedback = np.full(inputs.token_ids.shape, -1, np.int32)
         jax.block_until_ready(model_runner.run_step(PreparedStep(inputs, sampling, no_feedback)))
     return step.num_compilations - before
