@@ -6,7 +6,7 @@
 #
 # Environment: PYTHON (default python3), OUT (results go to $OUT/gpu_bench.json),
 # GPU_BENCH_WORKDIR (model and caches; default /tmp/jaxllm_gpu_bench), GPU_BENCH_TIMEOUT
-# (seconds for the benchmark itself, default 420), GPU_ENGINE_CHECK=1 (then also run
+# (seconds for the benchmark itself, default 480), GPU_ENGINE_CHECK=1 (then also run
 # gpu_engine_check.py: Pallas vs reference greedy tokens in the engine, on the benchmark's model,
 # and print the table again; GPU_ENGINE_CHECK_TIMEOUT, default 150 s), JAXLLM_GPU_INSTALL=auto|none (auto: make
 # this checkout importable with `pip install -e . --no-deps --no-build-isolation --no-index`
@@ -60,7 +60,7 @@ case "${JAXLLM_GPU_INSTALL:-auto}" in
 esac
 
 rc=0
-timeout --kill-after=15 "${GPU_BENCH_TIMEOUT:-420}" \
+timeout --kill-after=15 "${GPU_BENCH_TIMEOUT:-480}" \
   "$PY" benchmarks/gpu_benchmark.py --workdir "$WORK" --json "$JSON" "$@" || rc=$?
 if [ -n "${GPU_ENGINE_CHECK:-}" ] && [ -d "$WORK/model" ]; then
   echo "== engine check at $(elapsed): pallas_gpu vs reference greedy tokens (float32)"

@@ -91,6 +91,7 @@ class Plan:
     timing_iters: int
     attention: tuple[str, ...]
     budgets: dict                     # seconds per section
+    sweep_decode: tuple[tuple[int, int], ...] = ()   # (rows, context) of the decode sweep
     scan_layers: bool | None = None   # None: the platform default (scanned on GPU)
 
 
@@ -98,13 +99,14 @@ GPU_PLAN = Plan(model=TINYLLAMA, concurrency=(64, 256), prompt_len=128, output_l
                 batch1_output_len=256, max_num_batched_tokens=2048, max_model_len=512,
                 block_size=16, attn_decode=(64, 1024), attn_prefill=(512, 512), hbm_bytes=2 << 30,
                 timing_iters=20, attention=("pallas_gpu", "reference"),
-                budgets={"hf": 150, "hbm": 30, "attention": 60, "jaxllm": 150})
+                sweep_decode=((64, 256), (256, 256), (64, 1024), (1, 2048)),
+                budgets={"hf": 150, "hbm": 30, "attention": 60, "jaxllm": 150, "sweep": 150})
 # Few shape buckets (each costs a compilation), and scanned layers as on a GPU (faster to compile).
 SMOKE_PLAN = Plan(model=TINY, concurrency=(2, 4), prompt_len=8, output_len=8, batch1_output_len=8,
                   max_num_batched_tokens=32, max_model_len=32, block_size=16, attn_decode=(4, 48),
                   attn_prefill=(16, 16), hbm_bytes=16 << 20, timing_iters=2,
-                  attention=("reference",), scan_layers=True,
-                  budgets={"hf": 120, "hbm": 30, "attention": 60, "jaxllm": 120})
+                  attention=("reference",), sweep_decode=((4, 48),), scan_layers=True,
+                  budgets={"hf": 120, "hbm": 30, "attention": 60, "jaxllm": 120, "sweep": 60})
 
 
 # ---------------------------------------------------------------- plumbing
@@ -451,6 +453,46 @@ def attention_section(plan: Plan, platform: str, seed: int) -> Callable:
     return body
 
 
+# Launch parameters of the Pallas decode path tried against its defaults (the data behind them).
+SWEEP_VARIANTS = ({}, {"num_splits": 1}, {"num_splits": 2}, {"num_splits": 4}, {"num_splits": 8},
+                  {"num_splits": 16}, {"num_warps": 2}, {"num_warps": 8}, {"block_kv": 32},
+                  {"block_kv": 128}, {"num_stages": 1}, {"num_stages": 3})
+
+
+def _variant_name(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+
+
+def attention_sweep_section(plan: Plan, platform: str, seed: int) -> Callable:
+    """pallas_gpu decode at ``plan.sweep_decode`` shapes with each of SWEEP_VARIANTS, vs the
+    reference; one part per shape, saved as soon as it is measured."""
+    def body(entry: dict, part: Callable) -> None:
+        import functools
+
+        from jaxllm.kernels import get_attention
+
+        for rows, context in plan.sweep_decode:
+            case = attention_case(rows=rows, context=context - 1, new=1, model=plan.model,
+                                  block_size=plan.block_size, seed=seed)
+
+            def measure(case=case) -> dict:
+                timings = {"reference": time_attention(get_attention("reference"), case,
+                                                       plan.timing_iters)[0]}
+                if platform != "gpu":
+                    return {**timings, "pallas_gpu": f"skipped: needs a GPU; platform is {platform}"}
+                kernel = get_attention("pallas_gpu")
+                for options in SWEEP_VARIANTS:
+                    name = _variant_name(options)
+                    try:
+                        timings[name] = time_attention(functools.partial(kernel, **options), case,
+                                                       plan.timing_iters)[0]
+                    except Exception as exc:  # noqa: BLE001 - one variant failing is a result
+                        timings[name] = f"FAILED: {_error(exc)}"
+                return timings
+            part(f"{rows}x{context}", measure)
+    return body
+
+
 # ---------------------------------------------------------------- jaxllm engine
 def jaxllm_section(plan: Plan, model_dir: Path, attention: str, seed: int) -> Callable:
     def body(entry: dict, part: Callable) -> None:
@@ -583,7 +625,29 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
     return [(_cell(metric, 200), *(_cell(x) for x in cells)) for metric, *cells in rows]
 
 
+def print_sweep(results: dict) -> None:
+    """The decode sweep: ms per call of each pallas_gpu variant and of the reference."""
+    sweep, why = _part(results, "attention_sweep")
+    if sweep is None:
+        print(f"\n(decode sweep: {why})")
+        return
+    print("\n| decode rows x context | variant | ms/call | reference / variant |")
+    print("| --- | --- | --- | --- |")
+    for shape, timings in sweep.items():
+        if not isinstance(timings, dict):
+            continue
+        if "error" in timings:
+            print(f"| {shape} | | {_cell(timings['error'])} | |")
+            continue
+        ref = timings.get("reference")
+        for name, ms in timings.items():
+            ratio = f"{ref / ms:.2f}x" if isinstance(ms, float) and isinstance(ref, float) else ""
+            print(f"| {shape} | {name} | {f'{ms:.3f}' if isinstance(ms, float) else _cell(ms)} "
+                  f"| {ratio} |")
+
+
 def print_table(results: dict) -> None:
+    print_sweep(results)
     print(f"\n### jaxllm GPU benchmark: {results.get('device', '?')}, jax {results.get('jax', '?')}"
           f"{' (SMOKE: tiny model on CPU)' if results.get('smoke') else ''}\n")
     print("| metric | jaxllm | peer | ratio/floor |")
@@ -667,6 +731,8 @@ def main(argv=None) -> dict | None:
     for attention in plan.attention:
         run_section(results, f"jaxllm[{attention}]", b["jaxllm"],
                     jaxllm_section(plan, model_dir, attention, args.seed), json_path)
+    run_section(results, "attention_sweep", b["sweep"],
+                attention_sweep_section(plan, platform, args.seed), json_path)
     results["seconds"] = time.perf_counter() - started
     results["table"] = table_rows(results)
     save(results, json_path)

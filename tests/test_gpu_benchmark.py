@@ -37,7 +37,8 @@ def test_gpu_sh_smoke_prints_table_last_and_writes_json(tmp_path):
     assert data["smoke"] and data["platform"] == "cpu" and data["jax"]
     sections = data["sections"]
     assert {k: s["status"] for k, s in sections.items()} == {
-        "hf": "ok", "hbm": "ok", "attention": "ok", "jaxllm[reference]": "ok"}, sections
+        "hf": "ok", "hbm": "ok", "attention": "ok", "jaxllm[reference]": "ok",
+        "attention_sweep": "ok"}, sections
 
     concurrency = data["plan"]["concurrency"]
     hf, engine, hbm = sections["hf"], sections["jaxllm[reference]"], sections["hbm"]
@@ -58,6 +59,10 @@ def test_gpu_sh_smoke_prints_table_last_and_writes_json(tmp_path):
     for shape in ("decode", "prefill"):
         assert sections["attention"][shape]["reference"]["ms"] > 0
         assert "skipped" in sections["attention"][shape]["pallas_gpu"]
+
+    sweep = sections["attention_sweep"]["4x48"]
+    assert sweep["reference"] > 0 and sweep["pallas_gpu"].startswith("skipped: needs a GPU")
+    assert "| 4x48 | reference |" in result.stdout
 
     rows = _table(result.stdout)
     assert rows == [list(r) for r in data["table"]]

@@ -69,6 +69,7 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
                     v_cache: jax.Array, layer: int | jax.Array, inputs: StepInputs,
                     *, scale: float, interpret: bool = False, block_q: int | None = None,
                     block_kv: int | None = None, num_splits: int | None = None,
+                    num_warps: int = 4, num_stages: int = 2,
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Causal attention of a ragged batch over a paged KV cache; writes the new K/V.
 
@@ -83,6 +84,7 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
         block_q: Q, query tokens per tile (power of two); default from the step's shape.
         block_kv: C, context keys per chunk (power of two, a multiple of Z); default 64.
         num_splits: X, context splits (power of two); default from the number of programs.
+        num_warps, num_stages: Triton's launch parameters (tuning knobs).
 
     Returns:
         (out [T, N, H] in q's dtype, updated k_cache, updated v_cache).
@@ -105,7 +107,7 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
     v_cache = write_kv(v_cache, v, layer, inputs.slot_mapping)
     out = ragged_attention(q, k, v, k_cache, v_cache, layer, inputs, scale=scale,
                            interpret=interpret, block_q=block_q, block_kv=block_kv,
-                           num_splits=num_splits)
+                           num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
     return out, k_cache, v_cache
 
 
@@ -158,7 +160,10 @@ def _plan_tiles(inputs: StepInputs, num_tiles: int, block_q: int) -> dict[str, j
     tiles_per_row = -(-q_lens // block_q)
     tile_ends = jnp.cumsum(tiles_per_row)                                     # [S]
     tile_ids = jnp.arange(num_tiles, dtype=jnp.int32)
-    tile_row = jnp.searchsorted(tile_ends, tile_ids, side="right").astype(jnp.int32)
+    # One fused comparison of every tile with every row: the default binary search is a while
+    # loop, a few kernel launches per halving on a GPU, for at most a few hundred rows.
+    tile_row = jnp.searchsorted(tile_ends, tile_ids, side="right",
+                                method="compare_all").astype(jnp.int32)
     is_real = tile_row < num_rows
     row = jnp.minimum(tile_row, num_rows - 1)
     index_in_row = tile_ids - (tile_ends[row] - tiles_per_row[row])
@@ -180,8 +185,8 @@ def ragged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
                      num_warps: int = 4, num_stages: int = 2) -> jax.Array:
     """The attention of ``paged_attention`` over a cache that already holds the context.
 
-    Takes the arguments of ``paged_attention`` plus Triton's ``num_warps`` and ``num_stages``
-    (tuning knobs). Returns out [T, N, H] in q's dtype; zero for padded tokens.
+    Takes the arguments of ``paged_attention``. Returns out [T, N, H] in q's dtype; zero for
+    padded tokens.
     """
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[2], k_cache.shape[3]
