@@ -70,19 +70,20 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "../cpu_pool.h"
+#include "../cpu_vec.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// Floats per vector: one AVX-512 register, else 8 (one AVX2 register, two NEON ones). Register
-// tiles are sized to the register file: 32 vectors with AVX-512, 16 else. (Vectors of 16
-// floats on AVX2 spilled the 16-accumulator tiles: 8x slower.)
+using namespace jaxllm;  // vectors (cpu_vec.h) and the pool (cpu_pool.h)
+
+// Register tiles are sized to the register file: 32 vectors with AVX-512, 16 else. (Vectors of
+// 16 floats on AVX2 spilled the 16-accumulator tiles: 8x slower.)
 #ifdef __AVX512F__
-constexpr int kLanes = 16;
 constexpr int kRegVecs = 4;     // vectors of head dim per P @ V register tile
 #else
-constexpr int kLanes = 8;
 constexpr int kRegVecs = 2;
 #endif
 constexpr int kHeadDimMultiple = 16;  // supported head dims (the cpu_ffi.py check)
@@ -99,40 +100,11 @@ static_assert(kFewRows <= kLanes, "few-row tiles keep per-row state in one vecto
 constexpr float kMasked = -1e30f;  // finite: no inf - inf = NaN before a row sees its first key
 constexpr float kLog2e = 1.4426950408889634f;
 
-typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
-// Unaligned, aliasing views of K/V rows, which start at any multiple of H elements.
-typedef float vf_row __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
-typedef uint16_t vh_row
-    __attribute__((vector_size(kLanes * sizeof(uint16_t)), aligned(2), may_alias));
-
-struct BF16 {
-  uint16_t bits;
-};
-
-inline float to_f32(float x) { return x; }
-inline float to_f32(BF16 x) {
-  uint32_t bits = uint32_t{x.bits} << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-inline void from_f32(float x, float* dst) { *dst = x; }
-inline void from_f32(float x, BF16* dst) {  // round to nearest even, as XLA's convert
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  dst->bits = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
-
 // Copies a K/V row of head_vecs vectors into float32. (A plain element loop became a memmove
 // call per row for float32: 20% of a decode.)
-inline void load_row(const float* src, vf* dst, int head_vecs) {
-  for (int v = 0; v < head_vecs; ++v) dst[v] = reinterpret_cast<const vf_row*>(src)[v];
-}
-inline void load_row(const BF16* src, vf* dst, int head_vecs) {
-  for (int v = 0; v < head_vecs; ++v)
-    dst[v] = (vf)(__builtin_convertvector(reinterpret_cast<const vh_row*>(src)[v], vi) << 16);
+template <typename T>
+inline void load_row(const T* src, vf* dst, int head_vecs) {
+  for (int v = 0; v < head_vecs; ++v) dst[v] = load_vec(src + v * kLanes);
 }
 
 template <typename T>
@@ -140,61 +112,6 @@ inline void prefetch_row(const T* row, int head_dim) {
   const char* bytes = reinterpret_cast<const char*>(row);
   for (int offset = 0; offset < head_dim * static_cast<int>(sizeof(T)); offset += 64)
     __builtin_prefetch(bytes + offset);
-}
-
-inline vf splat(float x) { return vf{} + x; }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-
-// Sum or max over the lanes, by log2(kLanes) halvings: lane l meets lane l ^ h.
-template <int h, typename Op, int... l>
-inline vf lane_halving(vf v, Op op, std::integer_sequence<int, l...>) {
-  v = op(v, __builtin_shufflevector(v, v, (l ^ h)...));
-  if constexpr (h > 1) v = lane_halving<h / 2>(v, op, std::integer_sequence<int, l...>{});
-  return v;
-}
-template <typename Op>
-inline float lane_reduce(vf v, Op op) {
-  return lane_halving<kLanes / 2>(v, op, std::make_integer_sequence<int, kLanes>{})[0];
-}
-inline float lane_sum(vf v) { return lane_reduce(v, [](vf a, vf b) { return a + b; }); }
-inline float lane_max(vf v) { return lane_reduce(v, vmax); }
-
-// Lane sums of kLanes vectors as one vector, in kLanes - 1 folds of two shuffles and an add
-// (against kLanes separate halving sums). A fold of two vectors made of blocks of 2h lanes (each
-// block the partial sums of one input) halves every block and interleaves the halves: within
-// each block, h lanes from a then h from b. The levels h = kLanes / 2, ..., 1 leave lane l
-// holding the sum of input bit_reversed(l); callers feed the inputs in that order to get sums
-// in natural order.
-constexpr int bit_reversed(int l) {
-  int r = 0;
-  for (int bit = 1; bit < kLanes; bit <<= 1, l >>= 1) r = (r << 1) | (l & 1);
-  return r;
-}
-
-// Index, into the concatenation of a and b, of the element that output lane l takes in the
-// first (offset 0) or second (offset h) shuffle of a fold.
-constexpr int fold_source(int h, int l, int offset) {
-  const int block = l / (2 * h) * (2 * h), within = l % (2 * h);
-  return within < h ? block + within + offset : kLanes + block + within - h + offset;
-}
-
-template <int h, int... l>
-inline vf fold(vf a, vf b, std::integer_sequence<int, l...>) {
-  return __builtin_shufflevector(a, b, fold_source(h, l, 0)...) +
-         __builtin_shufflevector(a, b, fold_source(h, l, h)...);
-}
-
-// Folds x[0 .. 2h) into x[0 .. h), then on down to x[0].
-template <int h>
-inline void fold_level(vf* x) {
-  for (int i = 0; i < h; ++i)
-    x[i] = fold<h>(x[2 * i], x[2 * i + 1], std::make_integer_sequence<int, kLanes>{});
-  if constexpr (h > 1) fold_level<h / 2>(x);
-}
-
-inline vf transposed_sums(vf (&x)[kLanes]) {
-  fold_level<kLanes / 2>(x);
-  return x[0];
 }
 
 template <int... l>
@@ -668,33 +585,6 @@ void attend(const Problem& pr, const Tile& tile, int kv_head, Scratch& w) {
   }
 }
 
-// Runs work(item, scratch) for items [0, n) on up to `workers` threads: the caller plus tasks
-// scheduled on XLA's intra-op pool. Items are claimed through an atomic counter, so a task that
-// starts late (the pool busy elsewhere) finds nothing left and returns without touching the
-// call's buffers; the caller only waits for items already claimed. The counters live in a
-// shared_ptr because such a late task may run after this function returned.
-template <typename Work>
-void parallel_for(ffi::ThreadPool& pool, int workers, int64_t n, int max_rows, int head_dim,
-                  int kv_heads, const Work& work) {
-  struct Counters {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto counters = std::make_shared<Counters>();
-  auto run = [counters, n, max_rows, head_dim, kv_heads, &work] {
-    int64_t item = counters->next.fetch_add(1);
-    if (item >= n) return;
-    Scratch scratch(max_rows, head_dim, kv_heads);
-    for (; item < n; item = counters->next.fetch_add(1)) {
-      work(item, scratch);
-      if (counters->done.fetch_add(1) + 1 == n) counters->done.notify_all();
-    }
-  };
-  const int64_t helpers = std::min<int64_t>({workers - 1, pool.num_threads(), n - 1});
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([run] { run(); });
-  run();
-  for (int64_t done; (done = counters->done.load()) < n;) counters->done.wait(done);
-}
-
 // Merges the pieces of a split tile (consecutive in `pieces`) into out: per query row, the
 // pieces' sums rescaled to the largest max, as the online softmax would have.
 template <typename QT>
@@ -748,10 +638,12 @@ void run(ffi::ThreadPool& pool, int workers, const Problem& pr, const std::vecto
   }
   std::stable_sort(items.begin(), items.end(),
                    [](const Item& a, const Item& b) { return a.cost > b.cost; });
-  parallel_for(pool, workers, static_cast<int64_t>(items.size()), max_rows, pr.H, pr.K,
-               [&](int64_t i, Scratch& scratch) {
-                 attend<QT, CT>(pr, tiles[items[i].tile], items[i].kv_head, scratch);
-               });
+  parallel_for(
+      pool, workers, static_cast<int64_t>(items.size()),
+      [&] { return Scratch(max_rows, pr.H, pr.K); },
+      [&](int64_t i, Scratch& scratch) {
+        attend<QT, CT>(pr, tiles[items[i].tile], items[i].kv_head, scratch);
+      });
   for (const auto& [first, num_pieces] : split_tiles)
     merge_pieces<QT>(pr, &tiles[first], num_pieces);
 }
@@ -868,7 +760,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
   }
 
   // Too few items for the threads (small decode batches): split long contexts of few-row tiles.
-  const int workers = static_cast<int>(std::clamp<int64_t>(pool.num_threads() + 1, 1, num_threads));
+  const int workers = num_workers(pool, num_threads);
   const int64_t wanted = kItemsPerWorker * workers;
   int64_t have = 0;
   for (const Tile& tile : tiles) have += is_few_rows(tile, G) ? 1 : K;

@@ -15,76 +15,28 @@ faster (its layout is described at the top of the .cc file). Its threads are XLA
 intra-op pool, passed to the handler, rather than OpenMP's: no second pool competing with XLA's
 for the cores, no libgomp to load; ``num_threads`` caps them at the cores this process may use.
 
-The kernel is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``) for
-this machine (``-march=native``) and kept in ``cache_dir() / "kernels"`` under a name that
-hashes the source, the flags, the compiler's target (its predefined macros: version and ISA)
-and the jax version, so a shared cache never serves a binary built for another CPU or FFI ABI.
-Several processes may build at once: each compiles to a temporary file and renames it into
-place atomically.
+The kernel is compiled on first use for this machine and cached (``jaxllm.kernels.cpu_build``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxllm.kernels import cpu_build
 from jaxllm.kernels.paged_attention import reference
 
-from jaxllm.model_source import cache_dir
 from jaxllm.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
-_FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC")
 _TARGET = "jaxllm_paged_attention_cpu"
 _HEAD_DIM_MULTIPLE = 16  # the kernel's vector width in floats
-
-
-def _compiler() -> str:
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        raise RuntimeError(f"no C++ compiler: {os.environ.get('CXX', 'g++')!r} is not on PATH")
-    return compiler
-
-
-def _build() -> Path:
-    """Compiles the kernel into the cache unless a build with the same key is there; its path."""
-    compiler = _compiler()
-    target_macros = subprocess.run(
-        [compiler, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
-        capture_output=True, check=True, text=True).stdout
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join(
-        [source, " ".join(_FLAGS).encode(), target_macros.encode(), jax.__version__.encode()]))
-    library = cache_dir() / "kernels" / f"cpu_attention-{key.hexdigest()[:16]}.so"
-    if library.exists():
-        return library
-    library.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=library.parent, prefix=library.stem, suffix=".tmp")
-    os.close(fd)
-    try:
-        result = subprocess.run(
-            [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp],
-            capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {_SOURCE.name}:\n{result.stderr[-4000:]}")
-        os.replace(tmp, library)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    logger.info("built the CPU attention kernel: %s", library)
-    return library
 
 
 @functools.cache
@@ -94,14 +46,9 @@ def _target() -> str | None:
     Returns the custom-call target name, or None (the reason logged once) when it cannot be
     built or loaded.
     """
-    try:
-        library = ctypes.CDLL(str(_build()))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logger.warning("the CPU attention kernel is unavailable: %s", error)
-        return None
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.JaxllmPagedAttention),
-                                platform="cpu")
-    return _TARGET
+    registered = cpu_build.register(_SOURCE, {"JaxllmPagedAttention": _TARGET},
+                                    "CPU attention kernel")
+    return _TARGET if registered else None
 
 
 def is_available() -> bool:
@@ -113,11 +60,6 @@ def is_available() -> bool:
 def _warn_head_dim(head_dim: int) -> None:
     logger.warning("head dim %d is not a multiple of %d: the CPU attention kernel falls back to "
                    "the reference", head_dim, _HEAD_DIM_MULTIPLE)
-
-
-def _num_threads() -> int:
-    """The cores this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
@@ -157,5 +99,5 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
         q, k.astype(q.dtype), v.astype(q.dtype), k_cache, v_cache, jnp.asarray(layer, jnp.int32),
         inputs.token_rows, inputs.positions, inputs.block_tables, inputs.context_lens,
         inputs.slot_mapping, k.astype(k_cache.dtype), v.astype(v_cache.dtype),
-        scale=np.float32(scale), num_threads=np.int32(_num_threads()))
+        scale=np.float32(scale), num_threads=np.int32(cpu_build.num_threads()))
     return out, k_cache, v_cache

@@ -1,0 +1,50 @@
+// Work sharing over XLA:CPU's intra-op thread pool, for the FFI kernels of this directory.
+#ifndef JAXLLM_KERNELS_CPU_POOL_H_
+#define JAXLLM_KERNELS_CPU_POOL_H_
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jaxllm {
+
+// Runs work(item, state) for items [0, n) on up to `workers` threads: the caller plus tasks
+// scheduled on XLA's intra-op pool; each thread makes its own state (make_state()) once it has
+// claimed an item. Items are claimed through an atomic counter, so a task that starts late (the
+// pool busy elsewhere) finds nothing left and returns without touching the call's buffers; the
+// caller only waits for items already claimed. The counters live in a shared_ptr because such
+// a late task may run after this function returned.
+template <typename MakeState, typename Work>
+void parallel_for(xla::ffi::ThreadPool& pool, int workers, int64_t n, const MakeState& make_state,
+                  const Work& work) {
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  auto run = [counters, n, &make_state, &work] {
+    int64_t item = counters->next.fetch_add(1);
+    if (item >= n) return;
+    auto state = make_state();
+    for (; item < n; item = counters->next.fetch_add(1)) {
+      work(item, state);
+      if (counters->done.fetch_add(1) + 1 == n) counters->done.notify_all();
+    }
+  };
+  const int64_t helpers = std::min<int64_t>({workers - 1, pool.num_threads(), n - 1});
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([run] { run(); });
+  run();
+  for (int64_t done; (done = counters->done.load()) < n;) counters->done.wait(done);
+}
+
+// The threads a kernel may use: the caller and the pool's, capped at num_threads (the cores
+// this process may run on, from Python).
+inline int num_workers(xla::ffi::ThreadPool& pool, int32_t num_threads) {
+  return static_cast<int>(std::clamp<int64_t>(pool.num_threads() + 1, 1, num_threads));
+}
+
+}  // namespace jaxllm
+
+#endif  // JAXLLM_KERNELS_CPU_POOL_H_
