@@ -15,26 +15,48 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
+from jaxllm.kernels import cpu_matmul
 
 
 def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any = None,
                 preferred_element_type: Any = None) -> jax.Array:
-    """``lax.dot_general`` for the model's matmuls (``nn.Dense(dot_general=...)``).
+    """``lax.dot_general`` for the model's matmuls (``nn.Dense(dot_general=...)``, the tied head).
 
-    On CPU, bfloat16 operands accumulate in float32 and round once (as torch does): XLA:CPU
-    then runs them as one bf16 GEMM (YNNPACK), where a bf16-output dot ran an emulated loop
-    ~10x slower than float32. That GEMM still takes another slow path for a single row, so a
-    one-row bf16 product is computed on the row twice and the copy dropped (20 SmolLM2 MLP
-    matrices: 27 -> 3.3 ms; the tied 49k-row head: 52 -> 3.5 ms). Elsewhere it is the plain dot.
+    On CPU:
+      * products of few rows (decode steps) with weights stored [D, F] (Dense) or [F, D] (a
+        tied embedding table) go to the C++ kernel of ``jaxllm.kernels.cpu_matmul`` where it is
+        measured faster than XLA's dot: it streams the weights at close to the memory bandwidth
+        for every row count up to ~14, where XLA's dot slows with each row (SmolLM2's 30 MLP
+        matrices, chained: 1.1-1.3x at one row, ~2x at four);
+      * otherwise bfloat16 operands accumulate in float32 and round once (as torch does): XLA:CPU
+        then runs them as one bf16 GEMM (YNNPACK), where a bf16-output dot ran an emulated loop
+        ~10x slower than float32. That GEMM takes another slow path for a single row, so a
+        one-row bf16 product is computed on the row twice and the copy dropped.
+    Elsewhere it is the plain dot.
     """
-    if lhs.dtype != jnp.bfloat16 or jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu":
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    transposed = _weight_layout(lhs, rhs, dimension_numbers)
+    if (transposed is not None and cpu_matmul.is_faster(lhs.shape[0], rhs.dtype)
+            and cpu_matmul.supports(lhs, rhs, transposed, out_dtype) and cpu_matmul.is_available()):
+        return cpu_matmul.matmul(lhs, rhs, transposed=transposed, out_dtype=out_dtype)
+    if lhs.dtype != jnp.bfloat16:
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
     (lhs_contract, _), _ = dimension_numbers
     one_row = lhs.ndim == 2 and lhs.shape[0] == 1 and lhs_contract == (1,)
     operand = jnp.concatenate([lhs, lhs]) if one_row else lhs
     out = jax.lax.dot_general(operand, rhs, dimension_numbers, precision,
                               preferred_element_type=jnp.float32)
-    return (out[:1] if one_row else out).astype(preferred_element_type or lhs.dtype)
+    return (out[:1] if one_row else out).astype(out_dtype)
+
+
+def _weight_layout(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> bool | None:
+    """For x [R, D] against a 2-D weight: False for w [D, F], True for w [F, D]; else None."""
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    if lhs.ndim != 2 or rhs.ndim != 2 or lhs_batch or rhs_batch or tuple(lhs_contract) != (1,):
+        return None
+    return {(0,): False, (1,): True}.get(tuple(rhs_contract))
 
 
 class RMSNorm(nn.Module):
