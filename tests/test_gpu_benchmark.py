@@ -162,3 +162,21 @@ def test_gpu_engine_check_compares_two_attention_implementations(tiny_llama_dir,
     result = json.loads(line.split(":", 1)[1])
     assert result["identical"] == 3 and result["first_divergence"] is None
     assert result["max_logprob_diff"] == 0.0
+
+
+@pytest.mark.slow  # ~60 s on 2 CPU cores: the attention steps and the sweep compile
+def test_sections_runs_only_the_named_ones(tmp_path):
+    """--sections attention sweep: the kernel timings alone (no model, no engine), on CPU."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--sections", "attention", "sweep",
+         "--workdir", str(tmp_path / "work"), "--json", str(out)],
+        check=False, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAXLLM_CACHE=str(tmp_path / "cache")))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sections = json.loads(out.read_text())["sections"]
+    assert sorted(sections) == ["attention", "attention_sweep"]
+    assert sections["attention"]["decode"]["reference"]["ms"] > 0
+    assert sections["attention_sweep"]["4x48"]["reference"] > 0
+    rows = {r[0]: r[1] for r in _table(result.stdout)}
+    assert rows["HBM copy bandwidth GB/s"] == "not run"
