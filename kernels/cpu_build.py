@@ -2,7 +2,7 @@
 
 A kernel is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``) for
 this machine (``-march=native``) and kept in ``cache_dir() / "kernels"`` under a name that
-hashes the source and the headers it includes from this directory, the flags, the compiler's
+hashes the source and every header of this directory, the flags, the compiler's
 target (its predefined macros: version and ISA) and the jax version, so a shared cache never
 serves a binary built for another CPU or FFI ABI. Several processes may build at once: each
 compiles to a temporary file and renames it into place atomically.
@@ -26,7 +26,7 @@ from jaxllm.model_source import cache_dir
 logger = logging.getLogger(__name__)
 
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC")
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_pool.h", "cpu_vec.h"))
+HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))  # what the kernels may include
 
 
 def compiler() -> str:

@@ -12,15 +12,17 @@
 // products chained as in a model), XLA read the weights at ~21 GB/s for one row, ~14 GB/s for
 // two and ~8.5 GB/s for four, against ~30 GB/s that a plain reduction reads.
 //
-// Layout of the work: the weights are cut into contiguous pieces, one per thread (NN: ranges of
-// d, each thread summing into its own [R, F] partial, added up at the end; NT: ranges of output
-// columns). Each weight vector is loaded from memory once and used for every row of x:
-//   NN: four rows of w at a time (four sequential streams), each vector of four consecutive
-//       rows multiplied by the four x values of each row of x and added into y's float32
-//       accumulator row, which stays in L1 (F floats per row of x);
-//   NT: four output columns (four contiguous rows of w) at a time, dotted with up to four rows
-//       of x in 16 vector accumulators, each reduced horizontally once at the end.
-// Vectors are GCC vector extensions (-march=native picks the ISA).
+// Layout of the work: the weights are cut into contiguous pieces shared out over the threads
+// (NN: ranges of d, each summing into its own [R, F] float32 partial, added up at the end; NT:
+// ranges of whole 64-column groups). Each weight vector is loaded from memory once and used for
+// every row of x:
+//   NN: passes of kRowsPerPass rows of w (as many sequential streams), read across in register
+//       blocks of kBlockVecs vectors x up to 4 rows of x, the partial sums loaded and stored
+//       once per pass; the next pass's rows are prefetched as the block goes;
+//   NT: kLanes / RG output columns (contiguous rows of w) at a time against RG = 1, 2 or 4 rows
+//       of x: kLanes vector accumulators, summed by one transposing reduction tree; the next
+//       block's columns are prefetched as it goes.
+// The summation order of an output does not depend on R (batch invariant up to kMaxRows).
 
 #include <algorithm>
 #include <cstdint>
@@ -44,6 +46,14 @@ constexpr int kRowsPerPass = 16;     // NN: rows of w per pass
 constexpr int kBlockVecs = 4;        // NN: vectors of columns per register block
 constexpr int kColumnsPerPiece = 64; // work is shared out in pieces of whole 64-column groups
 
+// Prefetches the line of p[offset]; the address may lie past the weights (a prefetch never
+// faults), so it is computed as an integer, not as a pointer out of bounds.
+template <typename T>
+inline void prefetch(const T* p, int64_t offset) {
+  __builtin_prefetch(
+      reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + offset * sizeof(T)));
+}
+
 // y[r0:r0+RG, f:f+NB*W] += x[r0:r0+RG, d:d+nd] @ w[d:d+nd, f:f+NB*W], the accumulators in
 // registers: per row of w, NB vector loads, RG broadcasts and RG x NB fused multiply-adds.
 template <int RG, int NB, typename WT>
@@ -57,7 +67,7 @@ inline void nn_block(const float* x, const WT* w, float* y, int D, int F, int r0
     vf v[NB];
     for (int j = 0; j < NB; ++j) {
       v[j] = load_vec(row + j * kLanes);
-      __builtin_prefetch(row + int64_t{kRowsPerPass} * F + j * kLanes);  // the next pass's
+      prefetch(row, int64_t{kRowsPerPass} * F + j * kLanes);  // the next pass's
     }
     for (int i = 0; i < RG; ++i) {
       const vf a = vf{} + x[(r0 + i) * D + d + k];
@@ -113,7 +123,7 @@ inline void nt_block(const float* x, const WT* w, YT* y, int R, int D, int F, in
       v[j] = load_vec(rows[j] + d);
       // The next block's columns (the rows of w after these), a line at a time: more reads in
       // flight than the hardware prefetcher keeps for NC streams. (A prefetch never faults.)
-      __builtin_prefetch(rows[j] + int64_t{NC} * D + d);
+      prefetch(rows[j], int64_t{NC} * D + d);
     }
     for (int i = 0; i < RG; ++i) {
       const vf xv = load_vec(x + (r0 + i) * D + d);

@@ -28,6 +28,7 @@ MAX_ROWS = 16          # the kernel's kMaxRows
 # matrices and the tied head, 2-core AVX-512 VM): float32 1.1-2x up to 14 rows, 0.9x at 16;
 # bfloat16 (against XLA's float32-accumulating dot) 1.7-3x up to 4 rows, 0.35-0.7x at 10.
 _FASTER_UP_TO = {jnp.dtype(jnp.float32): 14, jnp.dtype(jnp.bfloat16): 4}
+_MAX_PARTIAL_BYTES = 1 << 20   # NN's partial sums beyond half of this machine's 2 MB L2: XLA
 _COLUMN_MULTIPLE = 16  # the kernel's kColumnMultiple: NN's F, NT's D
 _DTYPES = (jnp.float32, jnp.bfloat16)
 
@@ -54,9 +55,14 @@ def supports(x: jax.Array, w: jax.Array, transposed: bool, out_dtype: jnp.dtype)
             and all(jnp.dtype(t) in _DTYPES for t in (x.dtype, w.dtype, out_dtype)))
 
 
-def is_faster(rows: int, weight_dtype: jnp.dtype) -> bool:
-    """Whether the kernel is measured faster than XLA's dot for this many rows of x."""
-    return 1 <= rows <= _FASTER_UP_TO.get(jnp.dtype(weight_dtype), 0)
+def is_faster(rows: int, weight_dtype: jnp.dtype, out_columns: int, transposed: bool) -> bool:
+    """Whether the kernel is measured faster than XLA's dot for this product: few enough rows
+    for the weight dtype and, in the NN layout, float32 partial sums [rows, out_columns] that
+    stay cache-sized (a pass of 16 weight rows loads and stores them; measured up to 1536
+    columns, where they take 86 kB at 14 rows)."""
+    if not 1 <= rows <= _FASTER_UP_TO.get(jnp.dtype(weight_dtype), 0):
+        return False
+    return transposed or rows * out_columns * 4 <= _MAX_PARTIAL_BYTES
 
 
 def matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False,

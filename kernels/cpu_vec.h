@@ -40,6 +40,10 @@ inline void from_f32(float x, float* dst) { *dst = x; }
 inline void from_f32(float x, BF16* dst) {  // round to nearest even, as XLA's convert
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) {  // NaN: keep it one (rounding could carry out)
+    dst->bits = static_cast<uint16_t>((bits >> 16) | 0x40u);
+    return;
+  }
   dst->bits = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 

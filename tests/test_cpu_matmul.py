@@ -30,13 +30,15 @@ def _expected(x, w, transposed: bool) -> np.ndarray:
     return x64 @ (w64.T if transposed else w64)
 
 
-# Rows 1..16 (the kernel's groups of 4 and their remainders, NT's 1 / 2 / 4-row blocks); D with
-# a tail past NN's 16-row passes and 4-row steps (70 = 4 * 16 + 6) and F with one past its
-# 64-column blocks (80); NT's F not a multiple of any block (37) and D over several vectors.
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16])
-@pytest.mark.parametrize("transposed,d,f", [(False, 70, 80), (False, 576, 1536),
-                                            (True, 64, 37), (True, 576, 1000)],
-                         ids=["nn-tails", "nn-smollm2", "nt-tails", "nt-wide"])
+# Rows 1..16 (the kernel's groups of 4 and every remainder after a full group, NT's 1 / 2 /
+# 4-row blocks); D with a short last 16-row pass (70) and split into pieces for the threads with
+# a short pass in each (200: pieces of 100 on 2 threads), F with a tail past its 64-column
+# register blocks (80); NT's F not a multiple of any block (37) and D over several vectors.
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 14, 16])
+@pytest.mark.parametrize("transposed,d,f", [(False, 70, 80), (False, 200, 80),
+                                            (False, 576, 1536), (True, 64, 37),
+                                            (True, 576, 1000)],
+                         ids=["nn-tails", "nn-pieces", "nn-smollm2", "nt-tails", "nt-wide"])
 def test_float32_matches_float64_numpy(rows, transposed, d, f):
     x, w = _operands(rows, d, f, transposed, jnp.float32, seed=rows)
     got = jax.jit(functools.partial(cpu_matmul.matmul, transposed=transposed))(x, w)
@@ -44,26 +46,27 @@ def test_float32_matches_float64_numpy(rows, transposed, d, f):
     np.testing.assert_allclose(np.asarray(got), _expected(x, w, transposed), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 6])
+@pytest.mark.parametrize("transposed,d,f", [(False, 128, 80), (True, 96, 37)], ids=["nn", "nt"])
+def test_bfloat16_operands_accumulate_in_float32(rows, transposed, d, f):
+    x, w = _operands(rows, d, f, transposed, jnp.bfloat16, seed=7 + rows)
+    wide = cpu_matmul.matmul(x, w, transposed=transposed, out_dtype=jnp.float32)
+    assert wide.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(wide), _expected(x, w, transposed), rtol=1e-5, atol=1e-4)
+    narrow = cpu_matmul.matmul(x, w, transposed=transposed)   # x's dtype: bf16
+    assert narrow.dtype == jnp.bfloat16
+    # Rounded once, to nearest even, from the same float32 sums (as XLA converts).
+    np.testing.assert_array_equal(np.asarray(narrow), np.asarray(wide.astype(jnp.bfloat16)))
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(jnp.float32, jnp.bfloat16),
+                                             (jnp.bfloat16, jnp.float32)])
 @pytest.mark.parametrize("transposed", [False, True], ids=["nn", "nt"])
-@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
-def test_bfloat16_operands_accumulate_in_float32(transposed, out_dtype):
-    x, w = _operands(3, 96, 48, transposed, jnp.bfloat16, seed=7)
-    got = cpu_matmul.matmul(x, w, transposed=transposed, out_dtype=out_dtype)
-    assert got.dtype == out_dtype
-    want = _expected(x, w, transposed)
-    if out_dtype == jnp.float32:
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
-    else:  # rounded once, to nearest: as XLA converts the float32 sum
-        np.testing.assert_array_equal(np.asarray(got),
-                                      np.asarray(jnp.asarray(want, jnp.float32).astype(jnp.bfloat16)))
-
-
-def test_mixed_dtypes_float32_x_with_bfloat16_weights():
-    x, _ = _operands(2, 64, 32, False, jnp.float32, seed=3)
-    _, w = _operands(2, 64, 32, False, jnp.bfloat16, seed=3)
-    got = cpu_matmul.matmul(x, w)
-    assert got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), _expected(x, w, False), rtol=1e-5, atol=1e-4)
+def test_mixed_operand_dtypes(x_dtype, w_dtype, transposed):
+    x, _ = _operands(2, 64, 32, transposed, x_dtype, seed=3)
+    _, w = _operands(2, 64, 32, transposed, w_dtype, seed=3)
+    got = cpu_matmul.matmul(x, w, transposed=transposed, out_dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), _expected(x, w, transposed), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("x_shape,w_shape,transposed,why", [
@@ -87,12 +90,15 @@ def test_float16_is_unsupported():
         cpu_matmul.matmul(x, w)
 
 
-@pytest.mark.parametrize("rows,dtype,expected", [
-    (1, jnp.float32, True), (14, jnp.float32, True), (16, jnp.float32, False),
-    (4, jnp.bfloat16, True), (5, jnp.bfloat16, False), (0, jnp.float32, False),
+@pytest.mark.parametrize("rows,dtype,columns,transposed,expected", [
+    (1, jnp.float32, 1536, False, True), (14, jnp.float32, 1536, False, True),
+    (16, jnp.float32, 1536, False, False), (4, jnp.bfloat16, 1536, False, True),
+    (5, jnp.bfloat16, 1536, False, False), (0, jnp.float32, 1536, False, False),
+    # NN's partial sums [rows, columns] must stay cache-sized; NT keeps none.
+    (14, jnp.float32, 32000, False, False), (14, jnp.float32, 49152, True, True),
 ])
-def test_is_faster_thresholds(rows, dtype, expected):
-    assert cpu_matmul.is_faster(rows, dtype) is expected
+def test_is_faster_thresholds(rows, dtype, columns, transposed, expected):
+    assert cpu_matmul.is_faster(rows, dtype, columns, transposed) is expected
 
 
 def _custom_call_targets(fn, *args) -> str:
@@ -108,6 +114,28 @@ def test_model_dot_general_routes_few_rows_to_the_kernel(rows, uses_kernel, dims
     assert ("jaxllm_matmul_cpu" in text) is uses_kernel
     np.testing.assert_allclose(np.asarray(jax.jit(fn)(x, w)), _expected(x, w, transposed),
                                rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows,uses_kernel", [(4, True), (5, False)])
+def test_model_dot_general_routes_bfloat16_and_keeps_its_output_dtype(rows, uses_kernel):
+    x, w = _operands(rows, 64, 48, False, jnp.bfloat16, seed=rows)
+    for preferred, dtype in ((None, jnp.bfloat16), (jnp.float32, jnp.float32)):
+        fn = functools.partial(layers.dot_general, dimension_numbers=NN,
+                               preferred_element_type=preferred)
+        assert ("jaxllm_matmul_cpu" in _custom_call_targets(fn, x, w)) is uses_kernel
+        got = jax.jit(fn)(x, w)
+        assert got.dtype == dtype
+        np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), _expected(x, w, False),
+                                   rtol=1e-2, atol=1e-1)
+
+
+def test_model_dot_general_output_dtype_follows_the_operands():
+    """Mixed operands give lax.dot_general's result type, kernel or not."""
+    x, _ = _operands(2, 64, 48, False, jnp.bfloat16)
+    _, w = _operands(2, 64, 48, False, jnp.float32)
+    fn = functools.partial(layers.dot_general, dimension_numbers=NN)
+    assert jax.eval_shape(fn, x, w).dtype == jax.eval_shape(
+        functools.partial(jax.lax.dot_general, dimension_numbers=NN), x, w).dtype == jnp.float32
 
 
 def test_model_dot_general_keeps_batched_or_odd_shapes_on_xla():
