@@ -167,9 +167,10 @@ void nn(ffi::ThreadPool& pool, int workers, const float* x, const void* w_data, 
         int R, int D, int F) {
   const WT* w = static_cast<const WT*>(w_data);
   // Pieces of d at least 64 rows long; piece 0 sums into `sums`, the others into partials.
+  // (More, smaller pieces, claimed as threads come free, measured 5-25% slower.)
   const int pieces = std::max(1, std::min(workers, D / 64));
   std::vector<float> sums(int64_t{pieces} * R * F, 0.0f);
-  jaxllm::parallel_for(pool, pieces, pieces, [] { return NoState{}; },
+  jaxllm::parallel_for(pool, workers, pieces, [] { return NoState{}; },
                        [&](int64_t i, NoState&) {
                          const int d0 = int64_t{D} * i / pieces, d1 = int64_t{D} * (i + 1) / pieces;
                          nn_range(x, w, sums.data() + i * R * F, R, D, F, d0, d1);
