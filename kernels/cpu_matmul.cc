@@ -30,14 +30,14 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
-#include "cpu_pool.h"
+#include "cpu_ffi_common.h"
 #include "cpu_vec.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-using namespace jaxllm;  // vectors (cpu_vec.h) and the pool (cpu_pool.h)
+using namespace jaxllm;  // vectors (cpu_vec.h) and the pool and dims_str (cpu_ffi_common.h)
 
 constexpr int kColumnMultiple = 16;  // NN: F, NT: D must be multiples of it (cpu_matmul.py)
 static_assert(kColumnMultiple % kLanes == 0, "whole vectors");
@@ -166,7 +166,7 @@ template <typename WT, typename YT>
 void nn(ffi::ThreadPool& pool, int workers, const float* x, const void* w_data, void* y_data,
         int R, int D, int F) {
   const WT* w = static_cast<const WT*>(w_data);
-  // Pieces of d at least 64 rows long; piece 0 sums into `sums`, the others into partials.
+  // Pieces of d at least 64 rows long, one per worker, each summing into its slice of `sums`.
   // (More, smaller pieces, claimed as threads come free, measured 5-25% slower.)
   const int pieces = std::max(1, std::min(workers, D / 64));
   std::vector<float> sums(int64_t{pieces} * R * F, 0.0f);
@@ -209,12 +209,6 @@ Fn pick_out(bool transposed, ffi::DataType y) {
     case ffi::DataType::BF16: return transposed ? nt<WT, BF16> : nn<WT, BF16>;
     default: return nullptr;
   }
-}
-
-std::string dims_str(ffi::Span<const int64_t> dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
 }
 
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, bool transposed,

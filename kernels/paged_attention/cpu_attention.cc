@@ -70,14 +70,14 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
-#include "../cpu_pool.h"
+#include "../cpu_ffi_common.h"
 #include "../cpu_vec.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-using namespace jaxllm;  // vectors (cpu_vec.h) and the pool (cpu_pool.h)
+using namespace jaxllm;  // vectors (cpu_vec.h) and the pool and dims_str (cpu_ffi_common.h)
 
 // Register tiles are sized to the register file: 32 vectors with AVX-512, 16 else. (Vectors of
 // 16 floats on AVX2 spilled the 16-accumulator tiles: 8x slower.)
@@ -666,12 +666,6 @@ RunFn pick_run(ffi::DataType q, ffi::DataType cache) {
     case ffi::DataType::BF16: return pick_cache_type<BF16>(cache);
     default: return nullptr;
   }
-}
-
-std::string dims_str(ffi::Span<const int64_t> dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
 }
 
 ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,

@@ -1,11 +1,13 @@
-// Work sharing over XLA:CPU's intra-op thread pool, for the FFI kernels of this directory.
-#ifndef JAXLLM_KERNELS_CPU_POOL_H_
-#define JAXLLM_KERNELS_CPU_POOL_H_
+// What the FFI kernels of this directory share besides vectors (cpu_vec.h): work sharing over
+// XLA:CPU's intra-op thread pool, and shapes written out for error messages.
+#ifndef JAXLLM_KERNELS_CPU_FFI_COMMON_H_
+#define JAXLLM_KERNELS_CPU_FFI_COMMON_H_
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -45,6 +47,13 @@ inline int num_workers(xla::ffi::ThreadPool& pool, int32_t num_threads) {
   return static_cast<int>(std::clamp<int64_t>(pool.num_threads() + 1, 1, num_threads));
 }
 
+// "[d0, d1, ...]"
+inline std::string dims_str(xla::ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
 }  // namespace jaxllm
 
-#endif  // JAXLLM_KERNELS_CPU_POOL_H_
+#endif  // JAXLLM_KERNELS_CPU_FFI_COMMON_H_
