@@ -45,24 +45,30 @@ def is_available() -> bool:
     return _target() is not None
 
 
+def _contracted_and_columns(w: jax.Array, transposed: bool) -> tuple[int, int]:
+    """(D, F) of a weight stored [D, F], or [F, D] when ``transposed``."""
+    return (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
+
+
 def supports(x: jax.Array, w: jax.Array, transposed: bool, out_dtype: jnp.dtype) -> bool:
     """Whether ``matmul`` takes these operands: x [R, D] with 1 <= R <= MAX_ROWS, w [D, F] (or
     [F, D] transposed) with the vector-width multiple the kernel needs, float32 or bfloat16."""
     if x.ndim != 2 or w.ndim != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
         return False
-    d, f = (w.shape[1], w.shape[0]) if transposed else w.shape
+    d, f = _contracted_and_columns(w, transposed)
     return (x.shape[1] == d and (d if transposed else f) % _COLUMN_MULTIPLE == 0
             and all(jnp.dtype(t) in _DTYPES for t in (x.dtype, w.dtype, out_dtype)))
 
 
-def is_faster(rows: int, weight_dtype: jnp.dtype, out_columns: int, transposed: bool) -> bool:
-    """Whether the kernel is measured faster than XLA's dot for this product: few enough rows
-    for the weight dtype and, in the NN layout, float32 partial sums [rows, out_columns] that
-    stay cache-sized (a pass of 16 weight rows loads and stores them; measured up to 1536
+def is_faster(x: jax.Array, w: jax.Array, transposed: bool) -> bool:
+    """Whether the kernel is measured faster than XLA's dot for x [R, D] against this weight:
+    few enough rows for the weight dtype and, in the NN layout, float32 partial sums [R, F]
+    that stay cache-sized (a pass of 16 weight rows loads and stores them; measured up to 1536
     columns, where they take 86 kB at 14 rows)."""
-    if not 1 <= rows <= _FASTER_UP_TO.get(jnp.dtype(weight_dtype), 0):
+    rows = x.shape[0]
+    if not 1 <= rows <= _FASTER_UP_TO.get(jnp.dtype(w.dtype), 0):
         return False
-    return transposed or rows * out_columns * 4 <= _MAX_PARTIAL_BYTES
+    return transposed or rows * _contracted_and_columns(w, transposed)[1] * 4 <= _MAX_PARTIAL_BYTES
 
 
 def matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False,
@@ -90,6 +96,6 @@ def matmul(x: jax.Array, w: jax.Array, *, transposed: bool = False,
     target = _target()
     if target is None:
         raise RuntimeError("the CPU matmul kernel could not be built; see the log")
-    f = w.shape[0] if transposed else w.shape[1]
+    _, f = _contracted_and_columns(w, transposed)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], f), out_dtype))
     return call(x, w, transposed=transposed, num_threads=np.int32(cpu_build.num_threads()))

@@ -98,7 +98,9 @@ def test_float16_is_unsupported():
     (14, jnp.float32, 32000, False, False), (14, jnp.float32, 49152, True, True),
 ])
 def test_is_faster_thresholds(rows, dtype, columns, transposed, expected):
-    assert cpu_matmul.is_faster(rows, dtype, columns, transposed) is expected
+    x = jax.ShapeDtypeStruct((rows, 64), dtype)
+    w = jax.ShapeDtypeStruct((columns, 64) if transposed else (64, columns), dtype)
+    assert cpu_matmul.is_faster(x, w, transposed) is expected
 
 
 def _custom_call_targets(fn, *args) -> str:

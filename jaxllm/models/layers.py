@@ -38,9 +38,7 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precisio
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
     transposed = _weight_layout(lhs, rhs, dimension_numbers)
-    if (transposed is not None
-            and cpu_matmul.is_faster(lhs.shape[0], rhs.dtype, rhs.shape[0 if transposed else 1],
-                                     transposed)
+    if (transposed is not None and cpu_matmul.is_faster(lhs, rhs, transposed)
             and cpu_matmul.supports(lhs, rhs, transposed, out_dtype) and cpu_matmul.is_available()):
         return cpu_matmul.matmul(lhs, rhs, transposed=transposed, out_dtype=out_dtype)
     if lhs.dtype != jnp.bfloat16:
