@@ -11,6 +11,7 @@ compiles to a temporary file and renames it into place atomically.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -37,15 +38,19 @@ def compiler() -> str:
     return found
 
 
+@functools.cache
+def _target_macros(cxx: str) -> str:
+    """The compiler's predefined macros for this machine (version and ISA), once per process."""
+    return subprocess.run([cxx, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
+                          capture_output=True, check=True, text=True).stdout
+
+
 def build(source: Path) -> Path:
     """Compiles ``source`` into the cache unless a build with the same key is there; its path."""
     cxx = compiler()
-    target_macros = subprocess.run(
-        [cxx, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
-        capture_output=True, check=True, text=True).stdout
     key = hashlib.sha256(b"\0".join(
         [source.read_bytes(), *(h.read_bytes() for h in HEADERS), " ".join(FLAGS).encode(),
-         target_macros.encode(), jax.__version__.encode()]))
+         _target_macros(cxx).encode(), jax.__version__.encode()]))
     library = cache_dir() / "kernels" / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if library.exists():
         return library
