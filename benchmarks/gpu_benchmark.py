@@ -37,9 +37,10 @@ and under a time budget (SIGALRM):
               chunk, pipeline stages) against the reference at four decode shapes, timed as in
               ``attention``: the data behind the kernel's defaults, printed as its own table.
 
-``--sections`` runs a subset (``jaxllm`` needs the model that ``hf`` saves). The JSON (``--json``, default ``$OUT/gpu_bench.json`` when ``$OUT`` is set) is rewritten after
-every section; ``--report PATH`` prints the table of a saved (maybe partial) run. The markdown
-table (metric, jaxllm, peer, ratio/floor) is printed last. ``--smoke`` runs it all on CPU with a
+``--sections`` runs a subset (``jaxllm`` needs the model that ``hf`` saves). The JSON
+(``--json``, default ``$OUT/gpu_bench.json`` when ``$OUT`` is set) is rewritten after every
+section; ``--report PATH`` prints the table of a saved (maybe partial) run. The markdown table
+(metric, jaxllm, peer, ratio/floor) is printed last. ``--smoke`` runs it all on CPU with a
 2-layer, hidden-64 model and a few requests (pallas_gpu skipped): a test of the script itself.
 """
 
@@ -403,18 +404,38 @@ def attention_case(rows: int, context: int, new: int, model: dict, block_size: i
 CALLS_PER_JIT = 8  # dependent attention calls per timed jit call
 
 
-def time_attention(fn: Callable, case: dict, iters: int) -> tuple[float, Any]:
-    """(best ms per attention call, the output of one call).
+def _one_call(fn: Callable, case: dict) -> Callable:
+    return lambda q, k, v, kc, vc, layer, inputs: fn(q, k, v, kc, vc, layer, inputs,
+                                                     scale=case["scale"])
+
+
+def _case_args(case: dict) -> tuple:
+    """(q, k, v, k_cache, v_cache, layer, inputs), the caches fresh copies to donate."""
+    import jax.numpy as jnp
+
+    return (case["q"], case["k"], case["v"], jnp.copy(case["k_cache"]), jnp.copy(case["v_cache"]),
+            jnp.int32(0), case["inputs"])
+
+
+def attention_output(fn: Callable, case: dict) -> np.ndarray:
+    """The output of one call, in float32."""
+    import jax
+    import jax.numpy as jnp
+
+    out, _, _ = jax.jit(_one_call(fn, case), donate_argnums=(3, 4))(*_case_args(case))
+    return np.asarray(out.astype(jnp.float32))
+
+
+def time_attention(fn: Callable, case: dict, iters: int) -> float:
+    """Best ms per attention call.
 
     The timed function makes CALLS_PER_JIT dependent calls (each output is the next query) in
     one jit with the cache donated, so a call of ~0.1 ms is timed on the device rather than as
     the host's dispatch of it; best of 3 repeats of ``iters`` such functions.
     """
     import jax
-    import jax.numpy as jnp
 
-    def one(q, k, v, kc, vc, layer, inputs):
-        return fn(q, k, v, kc, vc, layer, inputs, scale=case["scale"])
+    one = _one_call(fn, case)
 
     def chained(q, k, v, kc, vc, layer, inputs):
         def body(_, carry):
@@ -422,11 +443,7 @@ def time_attention(fn: Callable, case: dict, iters: int) -> tuple[float, Any]:
             return one(q, k, v, kc, vc, layer, inputs)
         return jax.lax.fori_loop(0, CALLS_PER_JIT, body, (q, kc, vc))
 
-    q, k, v, inputs = case["q"], case["k"], case["v"], case["inputs"]
-    layer = jnp.int32(0)
-    kc, vc = jnp.copy(case["k_cache"]), jnp.copy(case["v_cache"])
-    first, kc, vc = jax.jit(one, donate_argnums=(3, 4))(q, k, v, kc, vc, layer, inputs)
-    first = np.asarray(first.astype(jnp.float32))
+    q, k, v, kc, vc, layer, inputs = _case_args(case)
     step = jax.jit(chained, donate_argnums=(3, 4))
     out, kc, vc = step(q, k, v, kc, vc, layer, inputs)          # compile
     best = float("inf")
@@ -437,7 +454,7 @@ def time_attention(fn: Callable, case: dict, iters: int) -> tuple[float, Any]:
             out, kc, vc = step(q, k, v, kc, vc, layer, inputs)
         jax.block_until_ready((out, kc, vc))
         best = min(best, (time.perf_counter() - start) / (iters * CALLS_PER_JIT))
-    return 1000 * best, first
+    return 1000 * best
 
 
 def attention_section(plan: Plan, platform: str, seed: int) -> Callable:
@@ -465,8 +482,8 @@ def attention_section(plan: Plan, platform: str, seed: int) -> Callable:
                     continue
 
                 def measure(impl=impl, case=case, outputs=outputs):
-                    ms, outputs[impl] = time_attention(get_attention(impl), case, plan.timing_iters)
-                    return {"ms": ms}
+                    outputs[impl] = attention_output(get_attention(impl), case)
+                    return {"ms": time_attention(get_attention(impl), case, plan.timing_iters)}
                 run_part(timings, impl, measure, then=lambda: None)
             if "ms" in timings["reference"] and "ms" in timings.get("pallas_gpu", {}):
                 timings["speedup"] = timings["reference"]["ms"] / timings["pallas_gpu"]["ms"]
@@ -498,7 +515,7 @@ def attention_sweep_section(plan: Plan, platform: str, seed: int) -> Callable:
 
             def measure(case=case) -> dict:
                 timings = {"reference": time_attention(get_attention("reference"), case,
-                                                       plan.timing_iters)[0]}
+                                                       plan.timing_iters)}
                 if platform != "gpu":
                     return {**timings, "pallas_gpu": f"skipped: needs a GPU; platform is {platform}"}
                 kernel = get_attention("pallas_gpu")
@@ -506,7 +523,7 @@ def attention_sweep_section(plan: Plan, platform: str, seed: int) -> Callable:
                     name = _variant_name(options)
                     try:
                         timings[name] = time_attention(functools.partial(kernel, **options), case,
-                                                       plan.timing_iters)[0]
+                                                       plan.timing_iters)
                     except Exception as exc:  # noqa: BLE001 - one variant failing is a result
                         timings[name] = f"FAILED: {_error(exc)}"
                 return timings
