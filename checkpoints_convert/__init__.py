@@ -6,9 +6,9 @@
 
 from typing import Any
 
-from .hf_safetensors import load_params, weight_map
+from .hf_safetensors import load_params
 
-__all__ = ["gguf_to_hf", "load_params", "weight_map"]
+__all__ = ["gguf_to_hf", "load_params"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,23 +1,24 @@
-"""Llama-architecture GGUF file -> ordinary HF model directory (safetensors + config + tokenizer).
+"""GGUF file -> ordinary HF model directory (safetensors + config + tokenizer), for every family.
 
-The output loads with ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` and with
-``load_params``. Every tensor is written as float32: dequantized Q8_0/Q4_0/Q4_1 blocks and
-F16/BF16 values are all exact in float32, so the directory is a lossless view of the GGUF
-(it costs 2x the disk of bf16 for a BF16 source; the engine casts to its dtype on load anyway).
+The family comes from ``general.architecture`` (``jaxllm.models.registry``); its module says
+how llama.cpp wrote it (``ModelFamily.gguf``: the HF config from the metadata, and each GGUF
+tensor's HF name and transform). The output loads with ``transformers.AutoModelForCausalLM`` /
+``AutoTokenizer`` and with the engine's own loader. Every tensor is written as float32,
+dequantized with the ``gguf`` package's own routines: every type it dequantizes
+(``SUPPORTED_TYPES``: the legacy 4/5/8-bit blocks and the K-quants real files use) is exact in
+float32, so the directory is a lossless view of the GGUF (the engine casts to its dtype on load).
 
 Nothing here imports torch: transformers' own GGUF readers (``AutoConfig``/``AutoTokenizer`` with
-``gguf_file=``) need torch installed, so the config is rebuilt from an explicit metadata map and
-the tokenizer from transformers' torch-free GGUF tokenizer builder.
+``gguf_file=``) need torch installed, so the config is rebuilt by the family and the tokenizer
+from transformers' torch-free GGUF tokenizer builder.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,84 +26,29 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
-from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
-from .hf_safetensors import INDEX_FILE, SINGLE_FILE, identity, name_mismatches
+from .hf_safetensors import INDEX_FILE, SINGLE_FILE, name_mismatches
+from .weight_spec import Transform
 
+_T = GGMLQuantizationType
 SUPPORTED_TYPES = frozenset({
-    GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
-    GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+    _T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1,
+    _T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K,
 })
 
 # Bounds peak memory: one shard of float32 tensors is held at a time.
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-
-Transform = Callable[[np.ndarray], np.ndarray]
-
-# GGUF metadata key after "llama." -> LlamaConfig field. Absent optional keys keep LlamaConfig's
-# derivation (head_dim = hidden / heads, kv heads = heads).
-_LLAMA_CONFIG_KEYS = {
-    "context_length": "max_position_embeddings",
-    "block_count": "num_hidden_layers",
-    "feed_forward_length": "intermediate_size",
-    "embedding_length": "hidden_size",
-    "attention.head_count": "num_attention_heads",
-    "attention.head_count_kv": "num_key_value_heads",
-    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
-    "rope.dimension_count": "head_dim",  # Llama rotates the whole head
-    "vocab_size": "vocab_size",
-}
 
 # Token ids on which generation stops; Llama 3 files name end-of-turn apart from end-of-text.
 _STOP_TOKEN_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                     "tokenizer.ggml.eom_token_id")
 
 
-def unpermute_rope(w: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undoes llama.cpp's q/k row permutation (interleaved rotary pairs -> HF's rotate-half halves).
-
-    llama.cpp's converter applies ``w.reshape(n, 2, H // 2, D).swapaxes(1, 2)``; this is its inverse,
-    the same as transformers' ``LlamaTensorProcessor._reverse_permute_weights``.
-
-    Args:
-        w: [num_heads * H, D] weight (or [num_heads * H] bias) in llama.cpp order.
-        num_heads: query heads for q, kv heads for k.
-    """
-    head_dim = w.shape[0] // num_heads
-    return w.reshape(num_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def tensor_map(num_layers: int, num_heads: int, num_kv_heads: int) -> dict[str, tuple[str, Transform]]:
-    """GGUF tensor name -> (HF tensor name, transform) for a Llama model. ``output.weight`` is
-    absent from files with tied embeddings."""
-    unpermute_q = functools.partial(unpermute_rope, num_heads=num_heads)
-    unpermute_k = functools.partial(unpermute_rope, num_heads=num_kv_heads)
-    per_layer = {
-        "attn_norm.weight": ("input_layernorm.weight", identity),
-        "attn_q.weight": ("self_attn.q_proj.weight", unpermute_q),
-        "attn_k.weight": ("self_attn.k_proj.weight", unpermute_k),
-        "attn_v.weight": ("self_attn.v_proj.weight", identity),
-        "attn_output.weight": ("self_attn.o_proj.weight", identity),
-        "ffn_norm.weight": ("post_attention_layernorm.weight", identity),
-        "ffn_gate.weight": ("mlp.gate_proj.weight", identity),
-        "ffn_up.weight": ("mlp.up_proj.weight", identity),
-        "ffn_down.weight": ("mlp.down_proj.weight", identity),
-    }
-    mapping = {
-        "token_embd.weight": ("model.embed_tokens.weight", identity),
-        "output_norm.weight": ("model.norm.weight", identity),
-        "output.weight": ("lm_head.weight", identity),
-    }
-    for i in range(num_layers):
-        for gguf_suffix, (hf_suffix, transform) in per_layer.items():
-            mapping[f"blk.{i}.{gguf_suffix}"] = (f"model.layers.{i}.{hf_suffix}", transform)
-    return mapping
-
-
 def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Converts a Llama GGUF file into an HF directory at ``out_dir``.
+    """Converts a GGUF file of a supported family into an HF directory at ``out_dir``.
 
     Writes ``model.safetensors`` (float32; sharded with an index past ``max_shard_bytes``),
     ``config.json``, ``generation_config.json`` and the tokenizer files with the chat template.
@@ -114,18 +60,18 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     Raises:
         FileExistsError: ``out_dir`` already exists.
-        ValueError: not a Llama GGUF, an unsupported tensor type, or missing/unexpected tensors.
+        ValueError: an unsupported architecture or tensor type, or missing/unexpected tensors.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; remove it or pick another output directory")
     reader = GGUFReader(gguf_path)
     metadata = {key: field.contents() for key, field in reader.fields.items()}
-    if metadata.get("general.architecture") != "llama":
-        raise ValueError(f"{gguf_path}: architecture {metadata.get('general.architecture')!r} is not "
-                         "supported (only 'llama')")
-    config = _hf_config(metadata, reader.tensors)
-    plan = _plan_tensors(gguf_path, reader.tensors, config)
+    from jaxllm.models.registry import get_gguf_family
+
+    family = get_gguf_family(metadata.get("general.architecture")).gguf
+    config = family.hf_config(metadata, [t.name for t in reader.tensors])
+    plan = _plan_tensors(gguf_path, reader.tensors, family.tensor_map(config))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its 0700 mode would survive the rename and hide a shared cache.
@@ -143,34 +89,9 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     return out_dir
 
 
-def _hf_config(metadata: dict[str, Any], tensors: list[ReaderTensor]) -> LlamaConfig:
-    scaling = metadata.get("llama.rope.scaling.type", "none")
-    if scaling != "none":
-        raise ValueError(f"rope scaling {scaling!r} in GGUF metadata is not supported")
-    fields = {hf_key: metadata[f"llama.{key}"] for key, hf_key in _LLAMA_CONFIG_KEYS.items()
-              if f"llama.{key}" in metadata}
-    fields.setdefault("vocab_size", len(metadata["tokenizer.ggml.tokens"]))
-    return LlamaConfig(
-        **fields,
-        architectures=["LlamaForCausalLM"],
-        rope_parameters={"rope_type": "default",
-                         "rope_theta": float(metadata.get("llama.rope.freq_base", 10000.0))},
-        # llama.cpp writes the output projection only when it is not the embedding matrix.
-        tie_word_embeddings=all(t.name != "output.weight" for t in tensors),
-        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
-        pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
-        dtype="float32",
-    )
-
-
 def _plan_tensors(gguf_path: Path, tensors: list[ReaderTensor],
-                  config: LlamaConfig) -> list[tuple[ReaderTensor, str, Transform]]:
+                  mapping: dict[str, tuple[str, Transform]]) -> list[tuple[ReaderTensor, str, Transform]]:
     """Checks names and types of every tensor before anything is written."""
-    mapping = tensor_map(config.num_hidden_layers, config.num_attention_heads,
-                         config.num_key_value_heads)
-    if config.tie_word_embeddings:
-        del mapping["output.weight"]
     problems = name_mismatches(mapping, (t.name for t in tensors))
     unsupported = sorted({t.tensor_type.name for t in tensors if t.tensor_type not in SUPPORTED_TYPES})
     if unsupported:

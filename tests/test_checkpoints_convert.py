@@ -20,9 +20,14 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufC
                           LlamaForCausalLM)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from jaxllm.checkpoints_convert import gguf_to_hf, load_params
+from gguf_blocks import quantize
+
+from jaxllm.checkpoints_convert import gguf_to_hf
 from jaxllm.checkpoints_convert.__main__ import main as cli_main
 from jaxllm.config import ModelConfig
+from jaxllm.models.llama import FAMILY as LLAMA
+
+load_params = LLAMA.load_params
 
 # Tiny Llama: V vocab, D hidden, F MLP, L layers, N query heads, K kv heads, H head dim.
 V, D, F, L, N, K = 259, 64, 128, 2, 4, 2
@@ -48,23 +53,27 @@ def _save_tiny_llama(path: Path, *, tie: bool = True, attention_bias: bool = Fal
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     state = {k: v.float().numpy() for k, v in model.state_dict().items()}
-    return state, ModelConfig.from_hf(config)
+    return state, LLAMA.config_from_hf(config)
 
 
 def _expected_tree(state: dict[str, np.ndarray], config: ModelConfig) -> dict:
     def stacked(suffix, transform):
         return np.stack([transform(state[f"model.layers.{i}.{suffix}"]) for i in range(L)])
 
-    layers: dict = {"input_layernorm": {"scale": stacked("input_layernorm.weight", np.asarray)},
-                    "post_attention_layernorm": {"scale": stacked("post_attention_layernorm.weight",
-                                                                  np.asarray)}}
+    """The tree of ``causal_lm``'s docstring, built from the HF names by hand: q | k | v fused
+    along the output axis, norms named by role."""
+    layers: dict = {"input_norm": {"scale": stacked("input_layernorm.weight", np.asarray)},
+                    "pre_mlp_norm": {"scale": stacked("post_attention_layernorm.weight", np.asarray)}}
     for linear in LINEARS:
         block, proj = linear.split(".")
         leaf = {"kernel": stacked(f"{linear}.weight", np.transpose)}
-        has_bias = config.attention_bias if block == "self_attn" else config.mlp_bias
+        has_bias = config.qkv_bias if block == "self_attn" else config.mlp_bias
         if has_bias:
             leaf["bias"] = stacked(f"{linear}.bias", np.asarray)
         layers.setdefault(block, {})[proj] = leaf
+    attention = layers["self_attn"]
+    parts = [attention.pop(name) for name in ("q_proj", "k_proj", "v_proj")]
+    attention["qkv_proj"] = {leaf: np.concatenate([p[leaf] for p in parts], axis=-1) for leaf in parts[0]}
     tree = {"embed_tokens": {"embedding": state["model.embed_tokens.weight"]}, "layers": layers,
             "norm": {"scale": state["model.norm.weight"]}}
     if not config.tie_word_embeddings:
@@ -97,7 +106,7 @@ def test_load_params_equals_torch_weights(tmp_path, tie, attention_bias, mlp_bia
     params = load_params(tmp_path, config, np.float32)
 
     _assert_trees_equal(params, _expected_tree(state, config))
-    assert params["layers"]["self_attn"]["k_proj"]["kernel"].shape == (L, D, K * H)
+    assert params["layers"]["self_attn"]["qkv_proj"]["kernel"].shape == (L, D, (N + 2 * K) * H)
     assert all(leaf.dtype == np.float32 and leaf.flags.c_contiguous
                for leaf in _leaves(params))
 
@@ -194,7 +203,7 @@ def write_tiny_gguf(path: Path, qtype: Q, *, tie: bool = True,
     def add_tensor(gguf_name, w, permute_heads=None):
         stored = w if permute_heads is None else _llama_cpp_permute(w, permute_heads)
         qt = qtype if w.ndim == 2 else Q.F32
-        writer.add_tensor(gguf_name, gguf.quants.quantize(stored.astype(np.float32), qt), raw_dtype=qt)
+        writer.add_tensor(gguf_name, quantize(stored, qt, rng), raw_dtype=qt)
 
     add_tensor("token_embd.weight", hf["model.embed_tokens.weight"])
     for i in range(L):
@@ -281,14 +290,14 @@ def test_gguf_to_hf_shards_and_loads_with_load_params(tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert set(index["weight_map"]) == set(original)
-    config = ModelConfig.from_hf(AutoConfig.from_pretrained(out))
+    config = LLAMA.config_from_hf(AutoConfig.from_pretrained(out))
     params = load_params(out, config)
     _assert_trees_equal(params, _expected_tree(original, config))  # F32: exact
 
 
 def test_gguf_to_hf_rejects_unsupported_type_naming_it(tmp_path):
-    write_tiny_gguf(tmp_path / "tiny.gguf", Q.Q5_0)
-    with pytest.raises(ValueError, match=r"unsupported tensor types \['Q5_0'\]"):
+    write_tiny_gguf(tmp_path / "tiny.gguf", Q.IQ4_NL)
+    with pytest.raises(ValueError, match=r"unsupported tensor types \['IQ4_NL'\] \(supported: .*'Q4_K'"):
         gguf_to_hf(tmp_path / "tiny.gguf", tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
 
@@ -322,13 +331,13 @@ def test_gguf_to_hf_refuses_existing_out_dir(tmp_path):
 
 
 def test_gguf_to_hf_rejects_other_architectures(tmp_path):
-    writer = gguf.GGUFWriter(tmp_path / "other.gguf", "qwen2")
+    writer = gguf.GGUFWriter(tmp_path / "other.gguf", "mamba")
     writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ValueError, match="'qwen2' is not supported"):
+    with pytest.raises(ValueError, match=r"'mamba' is not supported; supported: gemma3, llama, phi3, qwen2, qwen3"):
         gguf_to_hf(tmp_path / "other.gguf", tmp_path / "hf")
 
 

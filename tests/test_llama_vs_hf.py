@@ -61,7 +61,7 @@ def test_model_logits_match_hf_at_every_step(tiny, scan_layers):
         runner = ModelRunner(None, engine.model_runner.params, kv_cache, c.block_size,
                              c.max_num_batched_tokens, 4, c.max_model_len // c.block_size,
                              c.max_model_len, engine.model_config.vocab_size,
-                             engine.model_runner.rope_inv_freq)
+                             engine.model_runner.rotary)
         rng = np.random.default_rng(1)
         for i, n in enumerate((3, 17, 45)):
             prompt = tuple(rng.integers(0, 256, n).tolist())

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from jaxllm.model_runner import ModelRunner
+from jaxllm.models.rope import RopeSpec, RotaryTables
 from jaxllm.packing import pack, unpack
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import ScheduledBatch, ScheduledSequence
@@ -13,14 +14,16 @@ from jaxllm.sequence import Request, Sequence
 
 BLOCK_SIZE = 4
 VOCAB = 32
-INV_FREQ = np.array([1.0, 0.25, 0.01], np.float32)   # a rotary head dim of 6
+# Two rotary tables (as Gemma 3's global and local layers), a rotary head dim of 6; the second
+# scaled linearly by 4.
+ROPE = (RopeSpec(6, theta=100.0), RopeSpec(6, theta=10.0, scaling=(("factor", 4.0), ("rope_type", "linear"))))
 
 
 def make_runner() -> ModelRunner:
     # prepare_inputs never touches the step, the params or the device cache.
     return ModelRunner(step=None, params=None, kv_cache=None, block_size=BLOCK_SIZE,
                        max_num_batched_tokens=16, max_num_seqs=4, max_blocks_per_seq=8,
-                       max_model_len=128, vocab_size=VOCAB, rope_inv_freq=INV_FREQ)
+                       max_model_len=128, vocab_size=VOCAB, rotary=RotaryTables(ROPE))
 
 
 def make_seq(request_id, prompt, outputs=(), *, num_computed, block_ids, seed=0, **params) -> Sequence:
@@ -52,22 +55,26 @@ def test_model_runner_prepare_inputs_layout():
     get = lambda x: np.asarray(x).tolist()                              # noqa: E731
     # The policy of a 16-token, 4-row, 8-block runner: 6 tokens in 3 rows -> (8, 4, 8).
     assert get(inputs.token_ids) == [14, 15, 29, 40, 41, 42, 0, 0]
-    assert get(inputs.positions) == [4, 5, 9, 0, 1, 2, 0, 0]
+    assert get(inputs.attention.positions) == [4, 5, 9, 0, 1, 2, 0, 0]
     # slot = block_ids[pos // 4] * 4 + pos % 4; padding tokens write to block 0.
-    assert get(inputs.slot_mapping) == [3 * 4 + 0, 3 * 4 + 1, 9 * 4 + 1, 24, 25, 26, 0, 1]
-    assert get(inputs.token_rows) == [0, 0, 1, 2, 2, 2, -1, -1]
+    assert get(inputs.attention.slot_mapping) == [3 * 4 + 0, 3 * 4 + 1, 9 * 4 + 1, 24, 25, 26, 0, 1]
+    assert get(inputs.attention.token_rows) == [0, 0, 1, 2, 2, 2, -1, -1]
     # Tables hold the blocks of the cached context only; padding rows are all block 0.
-    assert get(inputs.block_tables) == [[7] + [0] * 7, [5, 2, 9] + [0] * 5, [0] * 8, [0] * 8]
-    assert get(inputs.context_lens) == [4, 9, 0, 0]
+    assert get(inputs.attention.block_tables) == [[7] + [0] * 7, [5, 2, 9] + [0] * 5, [0] * 8, [0] * 8]
+    assert get(inputs.attention.context_lens) == [4, 9, 0, 0]
     assert get(inputs.logits_indices) == [1, 2, 5, 0]
-    # Rotary cos | sin of each token's angles position x inv_freq, in float32 (padding: position 0).
-    angles = np.multiply.outer(np.float32([4, 5, 9, 0, 1, 2, 0, 0]), INV_FREQ)
-    np.testing.assert_allclose(inputs.rotary, np.concatenate([np.cos(angles), np.sin(angles)], 1),
-                               rtol=1e-6, atol=1e-6)
-    assert inputs.rotary.dtype == np.float32
+    # Rotary cos | sin of each token's angles position x inv_freq, per table, in float32
+    # (padding: position 0); inv_freq = theta ** -(0, 2, 4) / 6, the second divided by 4.
+    positions = np.float32([4, 5, 9, 0, 1, 2, 0, 0])
+    for table, (theta, factor) in enumerate([(100.0, 1.0), (10.0, 4.0)]):
+        angles = np.multiply.outer(positions, theta ** -(np.arange(0, 6, 2) / 6) / factor)
+        np.testing.assert_allclose(inputs.rotary[table], np.concatenate([np.cos(angles), np.sin(angles)], 1),
+                                   rtol=1e-6, atol=1e-6)
+    assert inputs.rotary.shape == (2, 8, 6) and inputs.rotary.dtype == np.float32
     assert all(np.asarray(x).dtype == np.int32 for x in (
-        inputs.token_ids, inputs.positions, inputs.slot_mapping, inputs.token_rows,
-        inputs.block_tables, inputs.context_lens, inputs.logits_indices))
+        inputs.token_ids, inputs.attention.positions, inputs.attention.slot_mapping,
+        inputs.attention.token_rows, inputs.attention.block_tables, inputs.attention.context_lens,
+        inputs.logits_indices))
 
     np.testing.assert_allclose(sampling.temperature, [0.7, 0.0, 1.0, 0.0])
     assert get(sampling.top_k) == [5, 0, 0, 0]
@@ -88,11 +95,11 @@ def test_model_runner_prepare_inputs_leaves_no_stale_values_from_a_bigger_step()
     runner.prepare_inputs(three_row_batch())
     inputs, sampling, _ = runner.prepare_inputs(one_decode_batch())
     assert np.asarray(inputs.token_ids).tolist() == [6]
-    assert np.asarray(inputs.positions).tolist() == [5]
-    assert np.asarray(inputs.slot_mapping).tolist() == [4 * 4 + 1]
-    assert np.asarray(inputs.token_rows).tolist() == [0]
-    assert np.asarray(inputs.block_tables).tolist() == [[8, 4] + [0] * 6]
-    assert np.asarray(inputs.context_lens).tolist() == [5]
+    assert np.asarray(inputs.attention.positions).tolist() == [5]
+    assert np.asarray(inputs.attention.slot_mapping).tolist() == [4 * 4 + 1]
+    assert np.asarray(inputs.attention.token_rows).tolist() == [0]
+    assert np.asarray(inputs.attention.block_tables).tolist() == [[8, 4] + [0] * 6]
+    assert np.asarray(inputs.attention.context_lens).tolist() == [5]
     assert np.asarray(inputs.logits_indices).tolist() == [0]
     np.testing.assert_allclose(sampling.temperature, [1.0])
     assert np.asarray(sampling.top_k).tolist() == [0]
@@ -128,7 +135,7 @@ def test_model_runner_prepare_inputs_fills_the_largest_buckets():
     inputs, sampling, _ = runner.prepare_inputs(
         ScheduledBatch([ScheduledSequence(s, 4) for s in seqs], preempted=[]))
     assert np.asarray(inputs.token_ids).shape == (16,)
-    assert np.asarray(inputs.token_rows).tolist() == [r for r in range(4) for _ in range(4)]
-    assert np.asarray(inputs.block_tables).shape == (4, 8)
+    assert np.asarray(inputs.attention.token_rows).tolist() == [r for r in range(4) for _ in range(4)]
+    assert np.asarray(inputs.attention.block_tables).shape == (4, 8)
     assert np.asarray(sampling.temperature).shape == (4,)
     assert np.asarray(inputs.logits_indices).tolist() == [3, 7, 11, 15]

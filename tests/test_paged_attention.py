@@ -1,5 +1,8 @@
 """The reference ragged paged attention against plain dense causal attention, cache included.
 
+Every case also runs with sliding windows shorter than some rows' context and new tokens
+(``WINDOWS``), against dense attention masked the way transformers masks it.
+
 Each case builds sequences with ``context_len`` tokens already in the cache (written there by
 the test, at slots of random non-contiguous blocks) and ``num_new`` tokens in this step, lays
 them out the way the model runner does (flat tokens, padding tokens with row -1 writing into
@@ -17,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm.kernels.paged_attention.metadata import AttentionMetadata
 from jaxllm.kernels.paged_attention.reference import paged_attention, write_kv
-from jaxllm.step_inputs import StepInputs
 
 NUM_LAYERS = 2
 
@@ -31,6 +34,9 @@ SCENARIOS = {
 }
 # Every scenario is padded to the same shapes, so each grid point compiles once (~1.2 s on CPU).
 NUM_TOKENS, NUM_ROWS, MAX_CONTEXT = 24, 8, 17
+# Sliding windows: None (full attention), 1 (only itself), 4 (shorter than most contexts and
+# than the 9-token prefill), 0 (a traced "no window" layer under a scan).
+WINDOWS = [None, 1, 4, 0]
 
 # (block_size, num_heads, num_kv_heads, head_dim): every pair of block size, head layout
 # (GQA ratio 1, 2, 3) and head dim appears at least once.
@@ -48,14 +54,18 @@ def padded_sizes(block_size: int) -> dict:
 
 
 def dense_causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
-                           query_offset: int) -> np.ndarray:
-    """q: [Q, N, H] at positions query_offset.., k/v: [C, K, H] at positions 0..; float64."""
+                           query_offset: int, window: int | None = None) -> np.ndarray:
+    """q: [Q, N, H] at positions query_offset.., k/v: [C, K, H] at positions 0..; float64.
+    With a window W > 0, query position p sees keys p - W < key <= p (transformers' mask)."""
     num_q, num_heads, _ = q.shape
     group = num_heads // k.shape[1]
     k = np.repeat(k, group, axis=1)                                   # query head n -> kv head n // G
     v = np.repeat(v, group, axis=1)
     scores = np.einsum("qnh,cnh->nqc", q, k) * scale
-    causal = np.arange(k.shape[0])[None, :] <= (query_offset + np.arange(num_q))[:, None]
+    key_pos, query_pos = np.arange(k.shape[0])[None, :], (query_offset + np.arange(num_q))[:, None]
+    causal = key_pos <= query_pos
+    if window:
+        causal &= key_pos > query_pos - window
     scores = np.where(causal[None], scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -116,22 +126,22 @@ def build_case(rng, rows, block_size, num_heads, num_kv_heads, head_dim, *,
 
     q = np.concatenate([np.concatenate(seq_q),
                         rng.normal(size=(num_pad_tokens, num_heads, head_dim)).astype(np.float32)])
-    inputs = StepInputs(
-        token_ids=jnp.zeros(num_tokens, jnp.int32), positions=jnp.asarray(positions, jnp.int32),
-        slot_mapping=jnp.asarray(slots, jnp.int32), token_rows=jnp.asarray(token_rows, jnp.int32),
-        block_tables=jnp.asarray(block_tables), context_lens=jnp.asarray(context_lens),
-        logits_indices=jnp.asarray(logits_indices), rotary=jnp.zeros((num_tokens, 0)))  # unused
+    metadata = AttentionMetadata(
+        positions=jnp.asarray(positions, jnp.int32), slot_mapping=jnp.asarray(slots, jnp.int32),
+        token_rows=jnp.asarray(token_rows, jnp.int32), block_tables=jnp.asarray(block_tables),
+        context_lens=jnp.asarray(context_lens))
     return dict(q=q, k=new_part(seq_k, (num_kv_heads, head_dim)),
                 v=new_part(seq_v, (num_kv_heads, head_dim)), k_cache=k_cache, v_cache=v_cache,
-                inputs=inputs, layer=layer, num_real=num_real, slots=np.asarray(slots[:num_real]),
+                metadata=metadata, layer=layer, num_real=num_real, slots=np.asarray(slots[:num_real]),
                 seq_q=seq_q, seq_k=seq_k, seq_v=seq_v)
 
 
-def check_case(case, rows, scale, out, k_cache, v_cache):
+def check_case(case, rows, scale, out, k_cache, v_cache, window=None):
     out = np.asarray(out)
     expected = np.concatenate([
         dense_causal_attention(case["seq_q"][row].astype(np.float64), case["seq_k"][row].astype(np.float64),
-                               case["seq_v"][row].astype(np.float64), scale, query_offset=ctx)
+                               case["seq_v"][row].astype(np.float64), scale, query_offset=ctx,
+                               window=window)
         for row, (ctx, _) in enumerate(rows)])
     np.testing.assert_allclose(out[:case["num_real"]], expected, atol=1e-5, rtol=1e-5)
     assert not np.isnan(out).any()
@@ -153,6 +163,18 @@ def check_case(case, rows, scale, out, k_cache, v_cache):
 _paged_attention_jit = jax.jit(paged_attention, static_argnames="scale")
 
 
+def call_windowed(fn, case, scale, window):
+    """fn(...) on a case under jit with ``layer`` traced, and the window static (None) or
+    traced (an int32 scalar, as under a scan over layers of different kinds)."""
+    if window is None:
+        return jax.jit(lambda *a: fn(*a, scale=scale))(
+            case["q"], case["k"], case["v"], case["k_cache"], case["v_cache"], case["layer"],
+            case["metadata"])
+    return jax.jit(lambda *a, w: fn(*a, scale=scale, sliding_window=w))(
+        case["q"], case["k"], case["v"], case["k_cache"], case["v_cache"], case["layer"],
+        case["metadata"], w=jnp.int32(window))
+
+
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 @pytest.mark.parametrize("block_size, num_heads, num_kv_heads, head_dim", GRID)
 def test_paged_attention_matches_dense_causal_attention(block_size, num_heads, num_kv_heads,
@@ -166,9 +188,24 @@ def test_paged_attention_matches_dense_causal_attention(block_size, num_heads, n
     # Under jit, as in the step: ``layer`` is traced.
     out, k_cache, v_cache = _paged_attention_jit(
         case["q"], case["k"], case["v"], case["k_cache"], case["v_cache"], case["layer"],
-        case["inputs"], scale=scale)
+        case["metadata"], scale=scale)
     assert out.shape == case["q"].shape and out.dtype == jnp.float32
     check_case(case, rows, scale, out, k_cache, v_cache)
+
+
+@pytest.mark.parametrize("window", WINDOWS[1:])
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_paged_attention_sliding_window_matches_dense_masked_attention(scenario, window):
+    """Windowed decode, prefill and mixed steps: keys older than the window are masked in the
+    cached context and among the step's own tokens alike (window 0 = full attention)."""
+    block_size, num_heads, num_kv_heads, head_dim = 4, 6, 2, 16
+    rng = np.random.default_rng(zlib.crc32(repr((scenario, window)).encode()))
+    rows = SCENARIOS[scenario]
+    case = build_case(rng, rows, block_size, num_heads, num_kv_heads, head_dim,
+                      num_tokens=NUM_TOKENS, num_rows=NUM_ROWS, **padded_sizes(block_size))
+    scale = 0.7 * head_dim ** -0.5
+    out, k_cache, v_cache = call_windowed(paged_attention, case, scale, window)
+    check_case(case, rows, scale, out, k_cache, v_cache, window=window)
 
 
 def test_write_kv_writes_one_layer_at_the_given_slots():

@@ -8,7 +8,8 @@ to two parts of its own sequence, combined in one softmax:
   * the context already in the cache (positions < context_lens[row]), gathered by block table;
   * the tokens of this step (same row, position <= its own), straight from k and v.
 Splitting it this way keeps a fresh prefill from gathering its own tokens back out of the cache:
-the gather costs T * C, and C only covers what was cached before the step.
+the gather costs T * C, and C only covers what was cached before the step. A sliding window
+(``metadata.window_starts``) masks both parts further: keys before p - W + 1 are dropped.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxllm.step_inputs import StepInputs
+from jaxllm.kernels.paged_attention.metadata import AttentionMetadata, window_starts
 
 _MASKED = -1e30  # finite, so a row with nothing to attend to gives no NaN
 
@@ -34,8 +35,9 @@ def write_kv(cache: jax.Array, new: jax.Array, layer: int | jax.Array,
 
 
 def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
-                    v_cache: jax.Array, layer: int | jax.Array, inputs: StepInputs,
-                    *, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+                    v_cache: jax.Array, layer: int | jax.Array, metadata: AttentionMetadata,
+                    *, scale: float, sliding_window: int | jax.Array | None = None
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Causal attention of a ragged batch over a paged KV cache; writes the new K/V.
 
     Args:
@@ -43,9 +45,9 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
         k, v: [T, K, H] keys and values of this step's tokens.
         k_cache, v_cache: [L, B, Z, K, H] the whole cache.
         layer: which layer's cache to read and write.
-        inputs: the step's token layout (slot_mapping, token_rows, positions, block_tables,
-            context_lens).
+        metadata: the step's token layout.
         scale: softmax scale, usually head_dim ** -0.5.
+        sliding_window: this layer's window W (see ``metadata``); None or <= 0: full attention.
 
     Returns:
         (out [T, N, H] in q's dtype, updated k_cache, updated v_cache).
@@ -53,17 +55,21 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
-    k_cache = write_kv(k_cache, k, layer, inputs.slot_mapping)
-    v_cache = write_kv(v_cache, v, layer, inputs.slot_mapping)
+    k_cache = write_kv(k_cache, k, layer, metadata.slot_mapping)
+    v_cache = write_kv(v_cache, v, layer, metadata.slot_mapping)
 
-    rows = inputs.token_rows
-    blocks = inputs.block_tables[rows]                                     # [T, P]
+    rows = metadata.token_rows
+    blocks = metadata.block_tables[rows]                                     # [T, P]
     k_ctx = k_cache[layer, blocks].reshape(num_tokens, -1, num_kv_heads, head_dim)  # [T, C, K, H]
     v_ctx = v_cache[layer, blocks].reshape(num_tokens, -1, num_kv_heads, head_dim)
     ctx_len = k_ctx.shape[1]
-    ctx_mask = jnp.arange(ctx_len)[None, :] < inputs.context_lens[rows][:, None]   # [T, C]
-    pos = inputs.positions
+    ctx_mask = jnp.arange(ctx_len)[None, :] < metadata.context_lens[rows][:, None]   # [T, C]
+    pos = metadata.positions
     new_mask = (rows[:, None] == rows[None, :]) & (pos[None, :] <= pos[:, None])  # [T, T]
+    if sliding_window is not None:
+        start = window_starts(pos, sliding_window)[:, None]                          # [T, 1]
+        ctx_mask &= jnp.arange(ctx_len)[None, :] >= start
+        new_mask &= pos[None, :] >= start
 
     f32 = jnp.float32
     # Each part is laid out with its batch dims leading so XLA runs plain batched matmuls:
