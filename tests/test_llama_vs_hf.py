@@ -6,17 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from conftest import make_tiny_llama
+from hf_compare import hf_greedy, logits_match
 
 from jaxllm import Engine, SamplingParams
-from jaxllm.kv_cache import allocate_kv_cache
-from jaxllm.kv_cache_manager import KVCacheManager
-from jaxllm.model_runner import ModelRunner
 from jaxllm.models.layers import dot_general
-from jaxllm.scheduler import Scheduler
-from jaxllm.sequence import Request, Sequence
-
-from conftest import make_tiny_llama
 
 CONFIGS = {
     "gqa_untied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
@@ -40,53 +34,12 @@ def tiny(request, tmp_path_factory):
     return path, model
 
 
-def _hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=num_tokens,
-                             min_new_tokens=num_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
 def test_model_logits_match_hf_at_every_step(tiny, scan_layers):
     """Prefill (chunked: budget 32 < prompt) and every decode step, through the paged path."""
     path, hf_model = tiny
     with Engine(str(path), scan_layers=scan_layers, **ENGINE_OPTIONS) as engine:
-        import jax
-
-        c = engine.config
-        forward = jax.jit(lambda p, kv, x: engine.model.apply({"params": p}, kv, x))
-        kv_cache = allocate_kv_cache(engine.model_config, c.num_blocks, c.block_size, c.dtype)
-        scheduler = Scheduler(KVCacheManager(c.num_blocks, c.block_size), 4, c.max_num_batched_tokens)
-        runner = ModelRunner(None, engine.model_runner.params, kv_cache, c.block_size,
-                             c.max_num_batched_tokens, 4, c.max_model_len // c.block_size,
-                             c.max_model_len, engine.model_config.vocab_size,
-                             engine.model_runner.rotary)
-        rng = np.random.default_rng(1)
-        for i, n in enumerate((3, 17, 45)):
-            prompt = tuple(rng.integers(0, 256, n).tolist())
-            scheduler.add(Sequence.from_request(Request(
-                str(i), None, prompt, SamplingParams(temperature=0), 0, frozenset(), 0.0)))
-        num_checked = 0
-        while scheduler.has_unfinished:
-            batch = scheduler.schedule()
-            inputs, _, _ = runner.prepare_inputs(batch)
-            runner.kv_cache, logits = forward(runner.params, runner.kv_cache, inputs)
-            logits = np.asarray(logits)
-            for row, item in enumerate(batch.scheduled):
-                seq = item.seq
-                completes = item.completes_prefill
-                seq.num_computed_tokens += item.num_new_tokens
-                if not completes:
-                    continue
-                with torch.no_grad():
-                    expected = hf_model(torch.tensor([seq.token_ids])).logits[0, -1].numpy()
-                np.testing.assert_allclose(logits[row], expected, atol=1e-4, rtol=0)
-                num_checked += 1
-                seq.token_ids.append(int(expected.argmax()))
-                if seq.num_output_tokens == 12:
-                    scheduler.finish(seq, "length")
-        assert num_checked == 3 * 12
+        assert logits_match(engine, hf_model, (3, 17, 45), num_decodes=12) == 3 * 12
 
 
 def test_engine_greedy_32_tokens_match_hf_generate(tiny):
@@ -97,7 +50,7 @@ def test_engine_greedy_32_tokens_match_hf_generate(tiny):
     with Engine(str(path), **ENGINE_OPTIONS) as engine:
         outputs = engine.generate(prompts, params, use_tqdm=False)
     for prompt, output in zip(prompts, outputs):
-        assert output.outputs[0].token_ids == _hf_greedy(hf_model, prompt, 32)
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 32)
         assert output.outputs[0].finish_reason == "length"
         assert output.prompt_token_ids == prompt
 
