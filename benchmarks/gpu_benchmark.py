@@ -36,6 +36,10 @@ and under a time budget (SIGALRM):
   attention_sweep  pallas_gpu decode with each of SWEEP_VARIANTS (context splits, warps, key
               chunk, pipeline stages) against the reference at four decode shapes, timed as in
               ``attention``: the data behind the kernel's defaults, printed as its own table.
+              Then sliding-window decodes (64 rows x 4096 context, window 512, as in Gemma 3's
+              local layers): the reference and pallas_gpu with and without the window, the
+              window static and as a run-time operand (a scanned model's traced window), and
+              the max |difference| of the windowed outputs.
 
 ``--sections`` runs a subset (``jaxllm`` needs the model that ``hf`` saves). The JSON
 (``--json``, default ``$OUT/gpu_bench.json`` when ``$OUT`` is set) is rewritten after every
@@ -49,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -98,6 +103,7 @@ class Plan:
     attention: tuple[str, ...]
     budgets: dict                     # seconds per section
     sweep_decode: tuple[tuple[int, int], ...] = ()   # (rows, context) of the decode sweep
+    sweep_window: tuple[tuple[int, int, int], ...] = ()   # (rows, context, window) decodes
     scan_layers: bool | None = None   # None: the platform default (scanned on GPU)
 
 
@@ -106,12 +112,14 @@ GPU_PLAN = Plan(model=TINYLLAMA, concurrency=(64, 256), prompt_len=128, output_l
                 block_size=16, attn_decode=(64, 1024), attn_prefill=(512, 512), hbm_bytes=2 << 30,
                 timing_iters=20, attention=("pallas_gpu", "reference"),
                 sweep_decode=((64, 256), (256, 256), (64, 1024), (1, 2048)),
-                budgets={"hf": 150, "hbm": 30, "attention": 60, "jaxllm": 150, "sweep": 150})
+                sweep_window=((64, 4096, 512),),
+                budgets={"hf": 150, "hbm": 30, "attention": 60, "jaxllm": 150, "sweep": 180})
 # Few shape buckets (each costs a compilation), and scanned layers as on a GPU (faster to compile).
 SMOKE_PLAN = Plan(model=TINY, concurrency=(2, 4), prompt_len=8, output_len=8, batch1_output_len=8,
                   max_num_batched_tokens=32, max_model_len=32, block_size=16, attn_decode=(4, 48),
                   attn_prefill=(16, 16), hbm_bytes=16 << 20, timing_iters=2,
-                  attention=("reference",), sweep_decode=((4, 48),), scan_layers=True,
+                  attention=("reference",), sweep_decode=((4, 48),), sweep_window=((4, 48, 16),),
+                  scan_layers=True,
                   budgets={"hf": 120, "hbm": 30, "attention": 60, "jaxllm": 120, "sweep": 60})
 
 
@@ -365,12 +373,12 @@ def hbm_section(plan: Plan, model_dir: Path) -> Callable:
 
 # ---------------------------------------------------------------- attention kernels
 def attention_case(rows: int, context: int, new: int, model: dict, block_size: int, seed: int):
-    """q, k, v, k_cache, v_cache and StepInputs of ``rows`` rows, each with ``context`` cached
-    tokens and ``new`` tokens in this step, laid out as ModelRunner does (block tables hold the
-    cached context's blocks; blocks scattered over the pool; block 0 never used)."""
+    """q, k, v, k_cache, v_cache and AttentionMetadata of ``rows`` rows, each with ``context``
+    cached tokens and ``new`` tokens in this step, laid out as ModelRunner does (block tables
+    hold the cached context's blocks; blocks scattered over the pool; block 0 never used)."""
     import jax.numpy as jnp
 
-    from jaxllm.step_inputs import StepInputs
+    from jaxllm.kernels.paged_attention.metadata import AttentionMetadata
 
     heads, kv_heads = model["num_attention_heads"], model["num_key_value_heads"]
     head_dim = model["hidden_size"] // heads
@@ -385,12 +393,10 @@ def attention_case(rows: int, context: int, new: int, model: dict, block_size: i
     width = max(1, -(-context // block_size))
     tables = np.zeros((rows, width), np.int32)
     tables[:, :-(-context // block_size)] = block_ids[:, :-(-context // block_size)]
-    inputs = StepInputs(
-        token_ids=jnp.zeros(num_tokens, jnp.int32), positions=jnp.asarray(positions),
-        slot_mapping=jnp.asarray(slots, jnp.int32), token_rows=jnp.asarray(token_rows),
-        block_tables=jnp.asarray(tables), context_lens=jnp.full(rows, context, jnp.int32),
-        logits_indices=jnp.asarray(np.arange(rows, dtype=np.int32) * new + new - 1),
-        rotary=jnp.zeros((num_tokens, 0)))  # attention does not read it
+    metadata = AttentionMetadata(
+        positions=jnp.asarray(positions), slot_mapping=jnp.asarray(slots, jnp.int32),
+        token_rows=jnp.asarray(token_rows), block_tables=jnp.asarray(tables),
+        context_lens=jnp.full(rows, context, jnp.int32))
 
     def normal(*shape):
         return jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16)
@@ -398,23 +404,23 @@ def attention_case(rows: int, context: int, new: int, model: dict, block_size: i
     cache_shape = (1, num_blocks, block_size, kv_heads, head_dim)
     return {"q": normal(num_tokens, heads, head_dim), "k": normal(num_tokens, kv_heads, head_dim),
             "v": normal(num_tokens, kv_heads, head_dim), "k_cache": normal(*cache_shape),
-            "v_cache": normal(*cache_shape), "inputs": inputs, "scale": head_dim ** -0.5}
+            "v_cache": normal(*cache_shape), "metadata": metadata, "scale": head_dim ** -0.5}
 
 
 CALLS_PER_JIT = 8  # dependent attention calls per timed jit call
 
 
 def _one_call(fn: Callable, case: dict) -> Callable:
-    return lambda q, k, v, kc, vc, layer, inputs: fn(q, k, v, kc, vc, layer, inputs,
-                                                     scale=case["scale"])
+    return lambda q, k, v, kc, vc, layer, metadata: fn(q, k, v, kc, vc, layer, metadata,
+                                                       scale=case["scale"])
 
 
 def _case_args(case: dict) -> tuple:
-    """(q, k, v, k_cache, v_cache, layer, inputs), the caches fresh copies to donate."""
+    """(q, k, v, k_cache, v_cache, layer, metadata), the caches fresh copies to donate."""
     import jax.numpy as jnp
 
     return (case["q"], case["k"], case["v"], jnp.copy(case["k_cache"]), jnp.copy(case["v_cache"]),
-            jnp.int32(0), case["inputs"])
+            jnp.int32(0), case["metadata"])
 
 
 def attention_output(fn: Callable, case: dict) -> np.ndarray:
@@ -437,21 +443,21 @@ def time_attention(fn: Callable, case: dict, iters: int) -> float:
 
     one = _one_call(fn, case)
 
-    def chained(q, k, v, kc, vc, layer, inputs):
+    def chained(q, k, v, kc, vc, layer, metadata):
         def body(_, carry):
             q, kc, vc = carry
-            return one(q, k, v, kc, vc, layer, inputs)
+            return one(q, k, v, kc, vc, layer, metadata)
         return jax.lax.fori_loop(0, CALLS_PER_JIT, body, (q, kc, vc))
 
-    q, k, v, kc, vc, layer, inputs = _case_args(case)
+    q, k, v, kc, vc, layer, metadata = _case_args(case)
     step = jax.jit(chained, donate_argnums=(3, 4))
-    out, kc, vc = step(q, k, v, kc, vc, layer, inputs)          # compile
+    out, kc, vc = step(q, k, v, kc, vc, layer, metadata)        # compile
     best = float("inf")
     for _ in range(3):
         jax.block_until_ready((out, kc, vc))
         start = time.perf_counter()
         for _ in range(iters):
-            out, kc, vc = step(q, k, v, kc, vc, layer, inputs)
+            out, kc, vc = step(q, k, v, kc, vc, layer, metadata)
         jax.block_until_ready((out, kc, vc))
         best = min(best, (time.perf_counter() - start) / (iters * CALLS_PER_JIT))
     return 1000 * best
@@ -501,11 +507,23 @@ def _variant_name(options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
 
 
+def _time_variants(kernel: Callable, variants: dict[str, dict], case: dict, iters: int) -> dict:
+    """Best ms per call of ``kernel`` with each variant's options, or why that variant failed."""
+    timings: dict[str, Any] = {}
+    for name, options in variants.items():
+        try:
+            timings[name] = time_attention(functools.partial(kernel, **options), case, iters)
+        except Exception as exc:  # noqa: BLE001 - one variant failing is a result
+            timings[name] = f"FAILED: {_error(exc)}"
+    return timings
+
+
 def attention_sweep_section(plan: Plan, platform: str, seed: int) -> Callable:
     """pallas_gpu decode at ``plan.sweep_decode`` shapes with each of SWEEP_VARIANTS, vs the
-    reference; one part per shape, saved as soon as it is measured."""
+    reference, then the ``plan.sweep_window`` decodes with and without their window; one part
+    per shape, saved as soon as it is measured."""
     def body(entry: dict, part: Callable) -> None:
-        import functools
+        import jax.numpy as jnp
 
         from jaxllm.kernels import get_attention
 
@@ -518,16 +536,40 @@ def attention_sweep_section(plan: Plan, platform: str, seed: int) -> Callable:
                                                        plan.timing_iters)}
                 if platform != "gpu":
                     return {**timings, "pallas_gpu": f"skipped: needs a GPU; platform is {platform}"}
-                kernel = get_attention("pallas_gpu")
-                for options in SWEEP_VARIANTS:
-                    name = _variant_name(options)
-                    try:
-                        timings[name] = time_attention(functools.partial(kernel, **options), case,
-                                                       plan.timing_iters)
-                    except Exception as exc:  # noqa: BLE001 - one variant failing is a result
-                        timings[name] = f"FAILED: {_error(exc)}"
-                return timings
+                variants = {_variant_name(options): options for options in SWEEP_VARIANTS}
+                return {**timings, **_time_variants(get_attention("pallas_gpu"), variants, case,
+                                                    plan.timing_iters)}
             part(f"{rows}x{context}", measure)
+
+        for rows, context, window in plan.sweep_window:
+            case = attention_case(rows=rows, context=context - 1, new=1, model=plan.model,
+                                  block_size=plan.block_size, seed=seed)
+
+            def measure_window(case=case, window=window) -> dict:
+                reference = get_attention("reference")
+                windowed_reference = functools.partial(reference, sliding_window=window)
+                timings = {
+                    "reference": time_attention(reference, case, plan.timing_iters),
+                    f"reference, window={window}": time_attention(windowed_reference, case,
+                                                                  plan.timing_iters)}
+                if platform != "gpu":
+                    return {**timings, "pallas_gpu": f"skipped: needs a GPU; platform is {platform}"}
+                kernel = get_attention("pallas_gpu")
+                # An array window is what a scanned model passes: read by the kernel at run
+                # time, and the context splits sized for the whole context, not the window.
+                variants = {"full attention": {},
+                            f"window={window}": {"sliding_window": window},
+                            f"window={window} as an operand": {"sliding_window": jnp.int32(window)}}
+                timings.update(_time_variants(kernel, variants, case, plan.timing_iters))
+                windowed_kernel = functools.partial(kernel, sliding_window=window)
+                try:
+                    timings["max_abs_diff"] = float(np.abs(
+                        attention_output(windowed_kernel, case)
+                        - attention_output(windowed_reference, case)).max())
+                except Exception as exc:  # noqa: BLE001 - the timings above still stand
+                    timings["max_abs_diff"] = f"FAILED: {_error(exc)}"
+                return timings
+            part(f"{rows}x{context} window {window}", measure_window)
     return body
 
 
@@ -669,7 +711,7 @@ def print_sweep(results: dict) -> None:
     if sweep is None:
         print(f"\n(decode sweep: {why})")
         return
-    print("\n| decode rows x context | variant | ms/call | reference / variant |")
+    print("\n| decode rows x context | variant | ms/call | reference (full) / variant |")
     print("| --- | --- | --- | --- |")
     for shape, timings in sweep.items():
         if not isinstance(timings, dict):
@@ -679,6 +721,10 @@ def print_sweep(results: dict) -> None:
             continue
         ref = timings.get("reference")
         for name, ms in timings.items():
+            if name == "max_abs_diff":
+                diff = f"{ms:.2g}" if isinstance(ms, float) else _cell(ms)
+                print(f"| {shape} | max abs diff, windowed pallas_gpu vs reference | {diff} | |")
+                continue
             ratio = f"{ref / ms:.2f}x" if isinstance(ms, float) and isinstance(ref, float) else ""
             print(f"| {shape} | {name} | {f'{ms:.3f}' if isinstance(ms, float) else _cell(ms)} "
                   f"| {ratio} |")

@@ -63,6 +63,9 @@ def test_gpu_sh_smoke_prints_table_last_and_writes_json(tmp_path):
     sweep = sections["attention_sweep"]["4x48"]
     assert sweep["reference"] > 0 and sweep["pallas_gpu"].startswith("skipped: needs a GPU")
     assert "| 4x48 | reference |" in result.stdout
+    window = sections["attention_sweep"]["4x48 window 16"]
+    assert window["reference"] > 0 and window["reference, window=16"] > 0
+    assert window["pallas_gpu"].startswith("skipped: needs a GPU")
 
     rows = _table(result.stdout)
     assert rows == [list(r) for r in data["table"]]
@@ -129,6 +132,21 @@ def test_table_reports_failures_and_missing_sections_per_cell(capsys):
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("| attention prefill")
 
 
+def test_sweep_table_prints_window_timings_and_their_difference(capsys):
+    """A windowed sweep part: its timings against the full reference, its output difference as
+    a number (not a time), a failed variant as its error."""
+    bench = _load()
+    results = {"sections": {"attention_sweep": {"status": "ok", "64x4096 window 512": {
+        "reference": 2.0, "reference, window=512": 2.1, "full attention": 0.5,
+        "window=512": 0.1, "window=512 as an operand": "FAILED: ValueError: x",
+        "max_abs_diff": 0.0039}}}}
+    bench.print_sweep(results)
+    lines = capsys.readouterr().out.splitlines()
+    assert "| 64x4096 window 512 | window=512 | 0.100 | 20.00x |" in lines
+    assert "| 64x4096 window 512 | window=512 as an operand | FAILED: ValueError: x |  |" in lines
+    assert "| 64x4096 window 512 | max abs diff, windowed pallas_gpu vs reference | 0.0039 | |" in lines
+
+
 def test_import_jaxllm_maps_kernels_without_an_install(tmp_path):
     """Without an install, the checkout imports with kernels/ as jaxllm.kernels (package-dir)."""
     code = ("import importlib.util, sys\n"
@@ -178,5 +196,6 @@ def test_sections_runs_only_the_named_ones(tmp_path):
     assert sorted(sections) == ["attention", "attention_sweep"]
     assert sections["attention"]["decode"]["reference"]["ms"] > 0
     assert sections["attention_sweep"]["4x48"]["reference"] > 0
+    assert sections["attention_sweep"]["4x48 window 16"]["reference, window=16"] > 0
     rows = {r[0]: r[1] for r in _table(result.stdout)}
     assert rows["HBM copy bandwidth GB/s"] == "not run"

@@ -30,6 +30,20 @@ Layout of the work (the organisation of vLLM's Triton "unified attention", writt
      are split X ways along a third grid axis; each split writes its normalised partial output
      with its running max and sum, and XLA merges the splits by log-sum-exp.
 
+Sliding windows (``metadata``): the window W reaches the kernel as an operand, so a traced
+per-layer window under ``lax.scan`` runs one compiled kernel for every layer. A token's position
+is its row's context length plus its index among the row's tokens (the model runner's layout),
+so its window starts at key position max(0, p - W + 1). A program starts its context loop at
+the chunk holding its first token's window start, the smallest of the tile's (a decode on 4k
+context with a 512 window reads at most 9 chunks of 64, not 64), shares the chunks from there
+to the end of the context among the X splits, and likewise starts the in-step loop at that
+token's window start; keys before each query row's own window start are masked in the chunks
+it reads. A split left with no chunk writes a zero sum with a max of -1e30, which gets zero
+weight in the merge (the last split always holds the token itself, so no token's total is
+zero). A static window also caps X (fewer chunks to share); a traced one cannot. A static None
+or int <= 0 compiles the kernel without any of this; a traced value <= 0 turns it off at run
+time.
+
 The minimum Triton matmul is 16 x 16 x 16: M, C and E are at least 16, and G' * Q >= 16 by
 choosing Q. Padded tokens (row -1) belong to no tile; their output is set to zero.
 
@@ -38,6 +52,8 @@ one jit, write_kv included), kernel vs reference: decode 64 rows at ~2k context 
 256 rows at ~1k 0.58 vs 1.26 ms; 1 row at 4k 0.041 vs 0.076 ms; a 512-token fresh prefill
 0.085 vs 0.18 ms; a 512-token chunk on 3k context 0.23 vs 3.96 ms. Decode reads the cache at
 about 1.6 TB/s, 60% of an XLA reduction over the same bytes: the headroom left is there.
+Windowed steps are checked in interpret mode only; their GPU timings are not measured yet
+(``benchmarks/gpu_benchmark.py``'s decode sweep has a window-512 case for that).
 """
 
 from __future__ import annotations
@@ -50,9 +66,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jaxllm.kernels.paged_attention.metadata import AttentionMetadata
 from jaxllm.kernels.paged_attention.reference import write_kv
-
-from jaxllm.step_inputs import StepInputs
 
 SUPPORTED_BLOCK_SIZES = (8, 16, 32, 64)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -66,8 +81,9 @@ _MAX_SPLITS = 16
 
 
 def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
-                    v_cache: jax.Array, layer: int | jax.Array, inputs: StepInputs,
-                    *, scale: float, interpret: bool = False, block_q: int | None = None,
+                    v_cache: jax.Array, layer: int | jax.Array, metadata: AttentionMetadata,
+                    *, scale: float, sliding_window: int | jax.Array | None = None,
+                    interpret: bool = False, block_q: int | None = None,
                     block_kv: int | None = None, num_splits: int | None = None,
                     num_warps: int = 4, num_stages: int = 2,
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -78,7 +94,8 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
         k, v: [T, K, H] keys and values of this step's tokens.
         k_cache, v_cache: [L, B, Z, K, H] the whole cache.
         layer: which layer's cache to read and write.
-        inputs: the step's token layout; each row's tokens are contiguous and in position order.
+        metadata: the step's token layout; each row's tokens are contiguous and in position order.
+        sliding_window: this layer's window (``metadata``); None or <= 0: full attention.
         scale: softmax scale, usually head_dim ** -0.5.
         interpret: run in Pallas interpret mode (CPU tests).
         block_q: Q, query tokens per tile (power of two); default from the step's shape.
@@ -103,11 +120,12 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
     if num_heads % num_kv_heads:
         raise ValueError(f"pallas_gpu attention: {num_heads} query heads are not a multiple of "
                          f"{num_kv_heads} kv heads")
-    k_cache = write_kv(k_cache, k, layer, inputs.slot_mapping)
-    v_cache = write_kv(v_cache, v, layer, inputs.slot_mapping)
-    out = ragged_attention(q, k, v, k_cache, v_cache, layer, inputs, scale=scale,
-                           interpret=interpret, block_q=block_q, block_kv=block_kv,
-                           num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+    k_cache = write_kv(k_cache, k, layer, metadata.slot_mapping)
+    v_cache = write_kv(v_cache, v, layer, metadata.slot_mapping)
+    out = ragged_attention(q, k, v, k_cache, v_cache, layer, metadata, scale=scale,
+                           sliding_window=sliding_window, interpret=interpret, block_q=block_q,
+                           block_kv=block_kv, num_splits=num_splits, num_warps=num_warps,
+                           num_stages=num_stages)
     return out, k_cache, v_cache
 
 
@@ -117,8 +135,13 @@ def _pow2_at_least(n: int) -> int:
 
 def _choose_blocks(num_tokens: int, num_rows: int, group_padded: int, num_kv_heads: int,
                    max_context: int, block_size: int, block_q: int | None,
-                   block_kv: int | None, num_splits: int | None) -> tuple[int, int, int, int]:
-    """Static tile sizes (Q, C, E, X) from the step's bucketed shapes."""
+                   block_kv: int | None, num_splits: int | None,
+                   static_window: int | None = None) -> tuple[int, int, int, int]:
+    """Static tile sizes (Q, C, E, X) from the step's bucketed shapes.
+
+    ``static_window``: a window known at trace time, which bounds the context chunks a decode
+    tile reads (a traced window does not: the splits are then sized for the whole context).
+    """
     if block_q is None:
         # Tokens per row on average: ~1 in decode buckets (small tiles waste less), large for
         # prefill chunks (bigger tiles read each K/V chunk for more queries).
@@ -131,6 +154,9 @@ def _choose_blocks(num_tokens: int, num_rows: int, group_padded: int, num_kv_hea
     if num_splits is None:
         num_programs = _num_tiles(num_tokens, num_rows, block_q) * num_kv_heads
         num_chunks = -(-max_context // block_kv)
+        if static_window:
+            # Keys p - W + 1 .. p - 1 of the context, starting anywhere in a chunk.
+            num_chunks = min(num_chunks, -(-(static_window - 1) // block_kv) + 1)
         num_splits = 1
         while (num_splits < _MAX_SPLITS and num_programs * num_splits < _TARGET_PROGRAMS
                and num_splits * 2 <= num_chunks):
@@ -146,14 +172,14 @@ def _num_tiles(num_tokens: int, num_rows: int, block_q: int) -> int:
     return max(1, min(num_tokens, -(-num_tokens // block_q) + num_rows))
 
 
-def _plan_tiles(inputs: StepInputs, num_tiles: int, block_q: int) -> dict[str, jax.Array]:
+def _plan_tiles(metadata: AttentionMetadata, num_tiles: int, block_q: int) -> dict[str, jax.Array]:
     """Cuts each row's tokens into tiles of Q; returns [num_tiles] int32 arrays per field.
 
     Tiles past the last real one get zero tokens and zero context, so their programs do nothing.
     """
-    num_tokens = inputs.token_rows.shape[0]
-    num_rows = inputs.context_lens.shape[0]
-    rows = jnp.where(inputs.token_rows >= 0, inputs.token_rows, num_rows)    # padding: dropped
+    num_tokens = metadata.token_rows.shape[0]
+    num_rows = metadata.context_lens.shape[0]
+    rows = jnp.where(metadata.token_rows >= 0, metadata.token_rows, num_rows)    # padding: dropped
     token_ids = jnp.arange(num_tokens, dtype=jnp.int32)
     q_lens = jnp.zeros(num_rows, jnp.int32).at[rows].add(1, mode="drop")        # [S]
     q_starts = jnp.full(num_rows, num_tokens, jnp.int32).at[rows].min(token_ids, mode="drop")
@@ -174,13 +200,14 @@ def _plan_tiles(inputs: StepInputs, num_tiles: int, block_q: int) -> dict[str, j
         "row_start": row_start,                                               # row's first token
         "start": row_start + jnp.where(is_real, index_in_row * block_q, 0),   # tile's first token
         "num_queries": jnp.where(is_real, num_queries, 0),
-        "context_len": jnp.where(is_real, inputs.context_lens[row], 0),
+        "context_len": jnp.where(is_real, metadata.context_lens[row], 0),
     }
 
 
 def ragged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
-                     v_cache: jax.Array, layer: int | jax.Array, inputs: StepInputs, *,
-                     scale: float, interpret: bool = False, block_q: int | None = None,
+                     v_cache: jax.Array, layer: int | jax.Array, metadata: AttentionMetadata, *,
+                     scale: float, sliding_window: int | jax.Array | None = None,
+                     interpret: bool = False, block_q: int | None = None,
                      block_kv: int | None = None, num_splits: int | None = None,
                      num_warps: int = 4, num_stages: int = 2) -> jax.Array:
     """The attention of ``paged_attention`` over a cache that already holds the context.
@@ -190,14 +217,18 @@ def ragged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
     """
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[2], k_cache.shape[3]
-    num_rows, blocks_per_row = inputs.block_tables.shape
+    num_rows, blocks_per_row = metadata.block_tables.shape
     group = num_heads // num_kv_heads
     group_padded = _pow2_at_least(group)
+    if isinstance(sliding_window, int) and sliding_window <= 0:
+        sliding_window = None                                 # static full attention
+    windowed = sliding_window is not None
+    static_window = sliding_window if isinstance(sliding_window, int) else None
     block_q, block_kv, block_new, num_splits = _choose_blocks(
         num_tokens, num_rows, group_padded, num_kv_heads, blocks_per_row * block_size,
-        block_size, block_q, block_kv, num_splits)
+        block_size, block_q, block_kv, num_splits, static_window)
     num_tiles = _num_tiles(num_tokens, num_rows, block_q)
-    tiles = _plan_tiles(inputs, num_tiles, block_q)
+    tiles = _plan_tiles(metadata, num_tiles, block_q)
 
     # Pad so every fixed-size load stays in bounds: tokens by a tile (or key chunk) past the
     # end, query heads to G', block tables to whole chunks (extra entries point at block 0).
@@ -206,13 +237,14 @@ def ragged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
     k = jnp.pad(k, ((0, block_new), (0, 0), (0, 0)))                           # [T+E, K, H]
     v = jnp.pad(v, ((0, block_new), (0, 0), (0, 0)))
     blocks_per_chunk = block_kv // block_size
-    block_tables = jnp.pad(inputs.block_tables, ((0, 0), (0, -blocks_per_row % blocks_per_chunk)))
+    block_tables = jnp.pad(metadata.block_tables, ((0, 0), (0, -blocks_per_row % blocks_per_chunk)))
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    window = jnp.asarray(sliding_window if windowed else 0, jnp.int32).reshape(1)
 
     padded_tokens = num_tokens + block_q
     out_dtype = q.dtype if num_splits == 1 else jnp.float32
     kernel = functools.partial(_attention_kernel, scale_log2=scale * _LOG2E, block_q=block_q,
-                               block_kv=block_kv, block_new=block_new)
+                               block_kv=block_kv, block_new=block_new, windowed=windowed)
     out, row_max, row_sum = pl.pallas_call(
         kernel,
         grid=(num_tiles, num_kv_heads, num_splits),
@@ -227,7 +259,7 @@ def ragged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="ragged_paged_attention",
-    )(layer, tiles["row"], tiles["row_start"], tiles["start"], tiles["num_queries"],
+    )(layer, window, tiles["row"], tiles["row_start"], tiles["start"], tiles["num_queries"],
       tiles["context_len"], block_tables, q, k, v, k_cache, v_cache)
 
     if num_splits > 1:
@@ -239,16 +271,17 @@ def ragged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
         out = out[0]
     out = out[:num_tokens, :, :group].reshape(num_tokens, num_heads, head_dim)
     # Padded tokens were never written (uninitialised memory): zero them.
-    return jnp.where(inputs.token_rows[:, None, None] >= 0, out, 0).astype(q.dtype)
+    return jnp.where(metadata.token_rows[:, None, None] >= 0, out, 0).astype(q.dtype)
 
 
-def _attention_kernel(layer_ref, row_ref, row_start_ref, start_ref, num_queries_ref,
+def _attention_kernel(layer_ref, window_ref, row_ref, row_start_ref, start_ref, num_queries_ref,
                       context_len_ref, block_tables_ref, q_ref, k_ref, v_ref, k_cache_ref,
                       v_cache_ref, out_ref, row_max_ref, row_sum_ref, *, scale_log2: float,
-                      block_q: int, block_kv: int, block_new: int):
+                      block_q: int, block_kv: int, block_new: int, windowed: bool):
     """One program: tile ``program_id(0)``, kv head ``program_id(1)``, split ``program_id(2)``.
 
-    Refs: layer [1]; tile fields [num_tiles]; block_tables [S, P']; q [T+Q, K, G', H];
+    Refs: layer [1]; window [1] (read only when ``windowed``; <= 0: full attention); tile
+    fields [num_tiles]; block_tables [S, P']; q [T+Q, K, G', H];
     k, v [T+E, K, H]; k_cache, v_cache [L, B, Z, K, H]; out [X, T+Q, K, G', H];
     row_max, row_sum [X, T+Q, K, G'].
     """
@@ -266,6 +299,15 @@ def _attention_kernel(layer_ref, row_ref, row_start_ref, start_ref, num_queries_
     q = q_ref[pl.ds(start, block_q), head, :, :].reshape(num_rows_m, head_dim)  # [M, H]
     # Query row i of the tile is token start + i // G' (tokens major, heads minor).
     q_token = start + lax.broadcasted_iota(jnp.int32, (num_rows_m, 1), 0) // group_padded
+    if windowed:
+        # The first key position each query row sees, and the tile's smallest: its first token's.
+        window = window_ref[0]
+
+        def window_start(token):
+            position = context_len + token - row_start
+            return jnp.where(window > 0, jnp.maximum(position - window + 1, 0), 0)
+        q_window_start = window_start(q_token)                                # [M, 1]
+        tile_window_start = window_start(start)
 
     def attend(carry, keys, values, mask):
         """One online-softmax step over a chunk: keys, values [E or C, H], mask [M or 1, ...]."""
@@ -289,11 +331,18 @@ def _attention_kernel(layer_ref, row_ref, row_start_ref, start_ref, num_queries_
         keys = k_cache_ref[layer, block_ids, :, head, :].reshape(block_kv, head_dim)
         values = v_cache_ref[layer, block_ids, :, head, :].reshape(block_kv, head_dim)
         key_pos = chunk * block_kv + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
-        return attend(carry, keys, values, key_pos < context_len)
+        mask = key_pos < context_len
+        if windowed:
+            mask &= key_pos >= q_window_start                                 # [M, C]
+        return attend(carry, keys, values, mask)
 
     num_chunks = pl.cdiv(context_len, block_kv)
-    per_split = pl.cdiv(num_chunks, num_splits)
-    first = split * per_split
+    first_chunk = 0
+    if windowed:
+        # Chunks wholly before every query row's window are never read; the splits share the rest.
+        first_chunk = jnp.minimum(tile_window_start // block_kv, num_chunks)
+    per_split = pl.cdiv(num_chunks - first_chunk, num_splits)
+    first = first_chunk + split * per_split
     last = jnp.minimum(num_chunks, first + per_split)
     carry = (jnp.full((num_rows_m, 1), _MASKED, jnp.float32),
              jnp.zeros((num_rows_m, 1), jnp.float32),
@@ -306,11 +355,19 @@ def _attention_kernel(layer_ref, row_ref, row_start_ref, start_ref, num_queries_
         keys = k_ref[pl.ds(key_start, block_new), head, :]                    # [E, H]
         values = v_ref[pl.ds(key_start, block_new), head, :]
         key_token = key_start + lax.broadcasted_iota(jnp.int32, (1, block_new), 1)
-        return attend(carry, keys, values, key_token <= q_token)
+        mask = key_token <= q_token
+        if windowed:
+            # The key's position is context_len + key_token - row_start.
+            mask &= key_token - row_start >= q_window_start - context_len     # [M, E]
+        return attend(carry, keys, values, mask)
 
     end = start + num_queries
     num_new_chunks = jnp.where(split == num_splits - 1, pl.cdiv(end - row_start, block_new), 0)
-    row_max, row_sum, acc = lax.fori_loop(0, num_new_chunks, new_chunk, carry)
+    first_new = 0
+    if windowed:
+        first_new = jnp.minimum(jnp.maximum(tile_window_start - context_len, 0) // block_new,
+                                num_new_chunks)
+    row_max, row_sum, acc = lax.fori_loop(first_new, num_new_chunks, new_chunk, carry)
 
     out = acc / jnp.where(row_sum > 0, row_sum, 1.0)
     valid = q_token < end                                                     # [M, 1]
