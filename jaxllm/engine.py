@@ -66,6 +66,7 @@ class Engine:
 
         _enable_persistent_compilation_cache(cache_dir() / "xla")
         options = EngineConfig(**engine_options)
+        self.model_source = model
         self.model_dir = resolve_model(model)
         hf_config = _load_hf_config(self.model_dir)
         self.family = get_family((getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"])[0])
@@ -248,7 +249,11 @@ class Engine:
         if not conversation:
             raise ValueError("chat messages are empty")
         if not tokenizer.chat_template:
-            raise ValueError(f"the tokenizer of {self.model_dir} has no chat template")
+            where = (f"{self.model_source} carries no tokenizer.chat_template in its metadata"
+                     if str(self.model_source).endswith(".gguf")
+                     else f"the tokenizer of {self.model_dir} has no chat template")
+            raise ValueError(f"chat() needs a chat template, and {where}: format the prompt "
+                             "yourself and call generate()")
         text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         # The template already wrote any BOS/special tokens as text: do not add them twice.
         token_ids = tokenizer.encode(text, add_special_tokens=False)

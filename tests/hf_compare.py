@@ -47,6 +47,23 @@ def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def hf_greedy_with_gaps(model, prompt_ids: list[int], num_tokens: int) -> tuple[list[int], list[float]]:
+    """Plain argmax decoding with transformers' KV cache (no logits processors at all), and
+    the top-2 logprob gap at each step: where it is under ~1e-3, float implementations may
+    legitimately pick different tokens. (``generate(min_new_tokens=...)`` would mask EOS.)"""
+    tokens, gaps = [], []
+    inputs, past = torch.tensor([prompt_ids]), None
+    with torch.no_grad():
+        for _ in range(num_tokens):
+            out = model(input_ids=inputs, cache=past, use_cache=True)
+            logprobs = torch.log_softmax(out.logits[0, -1].float(), -1)
+            top2 = logprobs.topk(2)
+            gaps.append(float(top2.values[0] - top2.values[1]))
+            tokens.append(int(top2.indices[0]))
+            inputs, past = torch.tensor([[tokens[-1]]]), out.cache
+    return tokens, gaps
+
+
 def logits_match(engine, hf_model, prompt_lengths, num_decodes: int, *, seed: int = 1,
                  max_rows: int = 4, atol: float = 1e-4) -> int:
     """Runs prompts of ``prompt_lengths`` through ``engine.model`` on a fresh cache, chunked

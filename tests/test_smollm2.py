@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from hf_compare import hf_greedy_with_gaps
 
 from jaxllm import Engine, SamplingParams
 
@@ -64,24 +65,6 @@ def hf_model(engine):
     return AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).eval()
 
 
-def _hf_greedy_with_gaps(model, prompt_ids: list[int]) -> tuple[list[int], list[float]]:
-    """Plain argmax decoding with transformers' KV cache: no logits processors at all.
-
-    (``generate(min_new_tokens=...)`` would mask EOS, which ignore_eos does not.)
-    """
-    tokens, gaps = [], []
-    inputs, past = torch.tensor([prompt_ids]), None
-    with torch.no_grad():
-        for _ in range(NUM_TOKENS):
-            out = model(input_ids=inputs, cache=past, use_cache=True)
-            logprobs = torch.log_softmax(out.logits[0, -1].float(), -1)
-            top2 = logprobs.topk(2)
-            gaps.append(float(top2.values[0] - top2.values[1]))
-            tokens.append(int(top2.indices[0]))
-            inputs, past = torch.tensor([[tokens[-1]]]), out.cache
-    return tokens, gaps
-
-
 def test_smollm2_greedy_matches_transformers_token_for_token(engine, hf_model):
     tok = engine.tokenizer
     prompts = {name: tok.encode(text) for name, text in PLAIN_PROMPTS.items()}
@@ -93,7 +76,7 @@ def test_smollm2_greedy_matches_transformers_token_for_token(engine, hf_model):
     outputs = engine.generate(list(prompts.values()), params, use_tqdm=False)
     compared = 0
     for (name, ids), output in zip(prompts.items(), outputs):
-        expected, gaps = _hf_greedy_with_gaps(hf_model, ids)
+        expected, gaps = hf_greedy_with_gaps(hf_model, ids, NUM_TOKENS)
         ties = [i for i, gap in enumerate(gaps) if gap < NEAR_TIE]
         limit = ties[0] if ties else NUM_TOKENS
         if ties:
