@@ -9,6 +9,14 @@ along the lanes), several tiles per row, several context and in-step chunks per 
 partial chunks; long decodes with too few work items for the threads have their contexts split
 and merged. Each check asserts the output of every real token, zeros for padding tokens and
 both updated caches.
+
+Sliding windows: every scenario of ``test_paged_attention`` with its ``WINDOWS`` (static None,
+and traced ints, 0 among them, as under a scan over layers of different kinds), against dense
+masked attention (float32) or the reference (bfloat16); contexts of hundreds of keys with
+windows of 40 and 7 (shorter than a prefill chunk and a tile), where whole context chunks and
+in-step keys before the window are skipped (the cached keys hidden from a whole row are NaN, so
+that reading them shows), split contexts included; windows traced per layer under a scan; and
+the engine on a tiny model with a windowed and a full layer.
 """
 
 from __future__ import annotations
@@ -25,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_prompts
+from conftest import make_tiny_llama, random_prompts
 from jaxllm.kernels import default_attention, get_attention
 from jaxllm.kernels.paged_attention import cpu_ffi, reference
-from test_paged_attention import build_case
+from test_paged_attention import SCENARIOS, WINDOWS, build_case, check_case, padded_sizes
 
 from jaxllm import Engine, SamplingParams
 
@@ -53,21 +61,48 @@ SCALE = 0.7 * 64 ** -0.5                                              # not 1/sq
 
 
 def make_case(rows, block_size, num_heads, num_kv_heads, head_dim, dtype, cache_dtype,
-              max_context=MAX_CONTEXT):
+              max_context=MAX_CONTEXT, sizes=None):
+    """A case and the arguments of an attention call on it; ``sizes`` (build_case's
+    num_tokens, num_rows, table_width, num_blocks) default to this file's padding."""
     key = repr((rows, block_size, num_heads, num_kv_heads, head_dim, jnp.dtype(dtype).name,
                 jnp.dtype(cache_dtype).name)).encode()
     rng = np.random.default_rng(zlib.crc32(key))
-    num_blocks = 1 + sum(-(-(ctx + new) // block_size) for ctx, new in rows) + 3
-    case = build_case(rng, rows, block_size, num_heads, num_kv_heads, head_dim,
-                      num_tokens=NUM_TOKENS, num_rows=NUM_ROWS,
-                      table_width=-(-max_context // block_size) + 1, num_blocks=num_blocks)
+    if sizes is None:
+        sizes = dict(num_tokens=NUM_TOKENS, num_rows=NUM_ROWS,
+                     table_width=-(-max_context // block_size) + 1,
+                     num_blocks=1 + sum(-(-(ctx + new) // block_size) for ctx, new in rows) + 3)
+    case = build_case(rng, rows, block_size, num_heads, num_kv_heads, head_dim, **sizes)
     q, k, v = (jnp.asarray(case[name], dtype) for name in ("q", "k", "v"))
     k_cache, v_cache = (jnp.asarray(case[name], cache_dtype) for name in ("k_cache", "v_cache"))
-    return case, (q, k, v, k_cache, v_cache, case["layer"], case["inputs"])
+    return case, (q, k, v, k_cache, v_cache, case["layer"], case["metadata"])
 
 
 _kernel = jax.jit(lambda *args: cpu_ffi.paged_attention(*args, scale=SCALE))
 _reference = jax.jit(lambda *args: reference.paged_attention(*args, scale=SCALE))
+# The window traced, as under a scan over layers of different kinds. Jitted once here (not per
+# call, as test_paged_attention.call_windowed does) so that each shape compiles once.
+_kernel_windowed = jax.jit(
+    lambda *args, window: cpu_ffi.paged_attention(*args, scale=SCALE, sliding_window=window))
+_reference_windowed = jax.jit(
+    lambda *args, window: reference.paged_attention(*args, scale=SCALE, sliding_window=window))
+
+
+def call(kernel: bool, args, window):
+    """The kernel or the reference on args, with the window static (None) or traced."""
+    if window is None:
+        return (_kernel if kernel else _reference)(*args)
+    return (_kernel_windowed if kernel else _reference_windowed)(*args, window=jnp.int32(window))
+
+
+def assert_windowed_step(case, rows, args, window, dtype, cache_dtype):
+    """The kernel with ``window`` against dense masked attention (float32: output and caches,
+    through check_case) or the reference (bfloat16); padding tokens output zeros."""
+    got = call(True, args, window)
+    if dtype == F32 and cache_dtype == F32:
+        check_case(case, rows, SCALE, *got, window=window)
+        np.testing.assert_array_equal(np.asarray(got[0])[case["num_real"]:], 0.0)
+    else:
+        assert_matches_reference(case, args, got, call(False, args, window), dtype)
 
 
 def assert_matches_reference(case, args, got, want, dtype):
@@ -101,22 +136,78 @@ def test_cpu_attention_matches_reference_with_split_contexts(rows):
     assert_matches_reference(case, args, _kernel(*args), _reference(*args), F32)
 
 
-def test_cpu_attention_under_scan_with_donated_cache():
-    """Three layers in a lax.scan (traced layer index), each layer's output its next q/k/v, the
-    caches donated: same outputs and caches as the reference, the donated buffers consumed and
-    no copy of the cache in the compiled step."""
+# (block_size, num_heads, num_kv_heads, head_dim, q dtype, cache dtype): G = 3 (decode tiles and
+# 2-token tiles on the few-rows path, longer chunks on the many-rows one) in float32, and G = 1
+# (tiles of up to 8 tokens on the few-rows path) in bfloat16.
+WINDOWED_LAYOUTS = [(4, 9, 3, 64, F32, F32), (8, 4, 4, 64, BF16, BF16)]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+@pytest.mark.parametrize("block_size, num_heads, num_kv_heads, head_dim, dtype, cache_dtype",
+                         WINDOWED_LAYOUTS, ids=["f32", "bf16"])
+def test_cpu_attention_sliding_window_matches_on_scenarios(block_size, num_heads, num_kv_heads,
+                                                           head_dim, dtype, cache_dtype,
+                                                           scenario, window):
+    """Decode-only, prefill-only, chunk-with-context and mixed steps, padded to one shape per
+    layout so that each compiles once per kernel and static / traced window."""
+    rows = SCENARIOS[scenario]
+    case, args = make_case(rows, block_size, num_heads, num_kv_heads, head_dim, dtype,
+                           cache_dtype, sizes=dict(num_tokens=NUM_TOKENS, num_rows=NUM_ROWS,
+                                                   **padded_sizes(block_size)))
+    assert_windowed_step(case, rows, args, window, dtype, cache_dtype)
+
+
+# Contexts of many chunks: a decode, a 24-token chunk (two tiles with G = 3, the second one
+# entirely past a window of 7), a 2-token tile with windows one key apart, and a 50-token prefill
+# on a short context.
+LONG_CONTEXTS = [(300, 1), (300, 24), (290, 2), (5, 50)]
+
+
+@pytest.mark.parametrize("rows, max_context, window, dtype", [
+    (LONG_CONTEXTS, 300, 40, F32), (LONG_CONTEXTS, 300, 7, F32), (LONG_CONTEXTS, 300, 40, BF16),
+    (LONG_DECODES, 1100, 600, F32),
+], ids=["w40_f32", "w7_f32", "w40_bf16", "split_w600_f32"])
+def test_cpu_attention_sliding_window_skips_long_contexts(rows, max_context, window, dtype):
+    """Windows far shorter than the context: the context chunks before a tile's window are
+    skipped, the ones it starts in masked per query row. The last case has too few work items
+    for the threads: the windowed context (from key 501 of 1100) is split into pieces.
+
+    Float32: the cached keys and values that the window hides from every token of their row are
+    NaN, so that reading them at all, even masked (0 x NaN), shows in the output; checked
+    against dense attention on the clean sequences (the reference reads and masks them)."""
+    case, args = make_case(rows, 16, 9, 3, 64, dtype, dtype, max_context=max_context)
+    if dtype == F32:
+        block_size, tables = 16, np.asarray(case["metadata"].block_tables)
+        for row, (ctx, _) in enumerate(rows):
+            hidden = np.arange(max(ctx - window + 1, 0))          # before the row's first window
+            blocks = tables[row, hidden // block_size]
+            for name in ("k_cache", "v_cache"):
+                case[name][case["layer"], blocks, hidden % block_size] = np.nan
+        args = (*args[:3], jnp.asarray(case["k_cache"]), jnp.asarray(case["v_cache"]), *args[5:])
+    assert_windowed_step(case, rows, args, window, dtype, dtype)
+
+
+@pytest.mark.parametrize("windows", [None, (5, 0, 20)], ids=["full", "windowed"])
+def test_cpu_attention_under_scan_with_donated_cache(windows):
+    """Three layers in a lax.scan (traced layer index; windowed: each layer's window traced from
+    the scanned xs, 0 = a full-attention layer), each layer's output its next q/k/v, the caches
+    donated: same outputs and caches as the reference, the donated buffers consumed and no copy
+    of the cache in the compiled step."""
     case, (q, k, v, k_cache, v_cache, _, inputs) = make_case(MIXED, 16, 9, 3, 64, F32, F32)
     k_cache, v_cache = (jnp.concatenate([c, c[:1]]) for c in (k_cache, v_cache))   # 3 layers
 
     def layers(attention):
         def step(q, k, v, k_cache, v_cache, inputs):
-            def body(carry, layer):
+            def body(carry, xs):
                 q, k_cache, v_cache = carry
+                layer, window = xs
                 out, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, layer, inputs,
-                                                  scale=SCALE)
+                                                  scale=SCALE, sliding_window=window)
                 return (out, k_cache, v_cache), out
-            (_, k_cache, v_cache), outs = jax.lax.scan(body, (q, k_cache, v_cache),
-                                                       jnp.arange(3, dtype=jnp.int32))
+            xs = (jnp.arange(3, dtype=jnp.int32),
+                  None if windows is None else jnp.asarray(windows, jnp.int32))
+            (_, k_cache, v_cache), outs = jax.lax.scan(body, (q, k_cache, v_cache), xs)
             return outs, k_cache, v_cache
         return jax.jit(step, donate_argnums=(3, 4))
 
@@ -171,9 +262,22 @@ def test_cpu_attention_registry_and_default_with_and_without_a_compiler(monkeypa
     assert caplog.text.count("no-such-compiler") == 1                      # logged once
 
 
+@pytest.fixture(scope="module")
+def tiny_windowed_llama_dir(tmp_path_factory):
+    """A tiny Llama whose first layer has a sliding window of 6 and second full attention
+    (``layer_types``, as Qwen2 and Gemma 3 configs give them): scanned, the window is traced."""
+    path = tmp_path_factory.mktemp("tiny_windowed_llama")
+    make_tiny_llama(path, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
+    return path
+
+
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
-def test_engine_with_cpu_attention_generates_the_reference_tokens(tiny_llama_dir, scan_layers):
-    path, _ = tiny_llama_dir
+@pytest.mark.parametrize("windowed", [False, True], ids=["full", "windowed"])
+def test_engine_with_cpu_attention_generates_the_reference_tokens(
+        tiny_llama_dir, tiny_windowed_llama_dir, windowed, scan_layers):
+    """Greedy tokens of prompts of 5, 19 and 40 tokens (the last one prefilled in chunks of up
+    to 32, longer than the window), the same with either attention."""
+    path = tiny_windowed_llama_dir if windowed else tiny_llama_dir[0]
     prompts = random_prompts([5, 19, 40], seed=4)
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     tokens = {}

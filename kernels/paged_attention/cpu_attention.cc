@@ -12,7 +12,8 @@
 // offset p % Z of layer `layer`) and to the step's tokens of the same row whose position is
 // <= its own. A row's tokens are contiguous in the step and in position order (the model runner
 // lays them out so; checked), so a tile of consecutive tokens only reads in-step keys up to its
-// last one.
+// last one. A sliding window W > 0 (the operand `sliding_window`; <= 0 is full attention) hides
+// from the token at position p, in both parts, every key before p - W + 1.
 //
 // Why this shape of kernel: XLA:CPU ran every formulation of the gather + einsum reference at
 // ~2 GB/s of K/V, while decode is memory bound and the machine reads ~25 GB/s. Here:
@@ -39,6 +40,11 @@
 //     transposing reduction tree, and one exp per row and chunk. Float32 K/V are read in place;
 //   * P @ V broadcasts each probability against V rows into register tiles of 4 rows x
 //     kRegVecs vectors;
+//   * a window bounds what a tile reads: its context starts at its first token's window start
+//     and its in-step keys at the first token at or after it, so each token costs O(W) keys, not
+//     O(context) (Gemma 3: 5 layers of 6 have W = 512). The keys between that start and the
+//     tile's last token's are masked per query row, only in the chunks that hold some (a decode
+//     tile, one token, has none); without a window no chunk is masked, as before;
 //   * work items, biggest first, are shared out over XLA's intra-op thread pool through an
 //     atomic counter; the calling thread works too and only waits for items already claimed.
 //     With fewer than kItemsPerWorker items per thread (a batch-1 decode has K), the contexts of
@@ -54,7 +60,12 @@
 // left to it; 64 x 2048 4.5-7.4x; 1 x 512 2.3-4.5x; a 512-token prefill 2.5-4.6x; a 512-token
 // chunk on 1k context 26-30x (the reference gathers the context once per token). With whole-
 // slot decode items and spread prefetches, on a quiet machine: decode 64 x 512 83 ms (7.2x the
-// reference's 598, K/V at ~18 GB/s), 64 x 2048 345 ms, 1 x 512 1.1 ms.
+// reference's 598, K/V at ~18 GB/s), 64 x 2048 345 ms, 1 x 512 1.1 ms. A window of 512 on
+// every layer (same VM, loaded by other jobs: load average 2-4), timed alternately with the
+// same step without it: decode 64 x 2048 3.3-4.1x faster (103-201 ms against 393-722; it reads
+// 511 keys a row instead of 2048, as decode 64 x 512 does: 196 ms in the same run); a 512-token
+// chunk on 1024 context 2.4x (273 ms against 660; window 128: 87 ms). Full attention: the
+// outputs bit for bit and the times (within noise) of the kernel before window support.
 
 #include <algorithm>
 #include <atomic>
@@ -142,14 +153,22 @@ inline vf exp2v(vf x) {
 
 int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// A run of consecutive tokens of one row: [first, first + count); the row's tokens start at
-// row_first, so the tile reads in-step keys [row_first, first + count). It reads the context
-// keys [ctx_begin, ctx_end), and the in-step keys only if ctx_end is the context length. A
-// tile with split >= 0 is one piece of a split context: its unnormalised output goes to
-// partial slot `split`, to be merged with the other pieces.
+// A run of consecutive tokens of one row: [first, first + count). It reads the in-step keys
+// [step_begin, first + count): from the row's first token in the step, or with a window from
+// the first one at or after the window start of token `first`. It reads the context keys
+// [ctx_begin, ctx_end) (ctx_begin: that window start, capped at the context length, or 0),
+// and the in-step keys only if ctx_end is the context length. A tile with split >= 0 is one
+// piece of a split context: its unnormalised output goes to partial slot `split`, to be merged
+// with the other pieces.
 struct Tile {
-  int row, first, count, row_first, ctx_begin, ctx_end, split;
+  int row, first, count, step_begin, ctx_begin, ctx_end, split;
 };
+
+// The first key position that the token at `pos` attends to: pos - window + 1 with a window
+// (window > 0), else 0. In int64: positions are not checked, and must not overflow.
+inline int window_start(int32_t window, int32_t pos) {
+  return window > 0 ? static_cast<int>(std::max<int64_t>(int64_t{pos} - window + 1, 0)) : 0;
+}
 
 // The call's buffers at the cached layer, and its dimensions.
 struct Problem {
@@ -164,6 +183,7 @@ struct Problem {
   const int32_t* context_lens;  // [S]
   float* partials;      // per piece of a split tile and kv head: see partial_slot
   int N, K, G, H, Z, P;
+  int32_t window;       // sliding window, <= 0 for full attention
   float scale;          // softmax scale times log2(e)
 };
 
@@ -193,16 +213,18 @@ struct Scratch {
         p(std::max(kChunk * max_rows / kLanes, kv_heads * kFewRows)),
         kc(kChunk * kv_heads * head_dim / kLanes), vc(kChunk * kv_heads * head_dim / kLanes),
         m(std::max(max_rows / kLanes, kv_heads)), l(std::max(max_rows / kLanes, kv_heads)),
-        alpha(std::max(max_rows / kLanes, kv_heads)), qpos(max_rows / kLanes) {}
-  std::vector<vf> q;      // scaled queries: [H, Mp] (rows along the lanes) or [M, H] (few rows)
-  std::vector<vf> o;      // [M, H] unnormalised output
-  std::vector<vf> p;      // the chunk's scores, then probabilities: [C, Mp] or [M, C] (few rows)
-  std::vector<vf> kc;     // [C, H] the chunk's keys in float32
-  std::vector<vf> vc;     // [C, H] and values
-  std::vector<vf> m;      // [Mp] running max (base-2 logits)
-  std::vector<vf> l;      // [Mp] running sum
-  std::vector<vf> alpha;  // [Mp] the factor rescaling o for the current chunk
-  std::vector<vi> qpos;   // [Mp] position of each query row (INT_MIN for padding rows)
+        alpha(std::max(max_rows / kLanes, kv_heads)), qpos(max_rows / kLanes),
+        qstart(max_rows / kLanes) {}
+  std::vector<vf> q;       // scaled queries: [H, Mp] (rows along the lanes) or [M, H] (few rows)
+  std::vector<vf> o;       // [M, H] unnormalised output
+  std::vector<vf> p;       // the chunk's scores, then probabilities: [C, Mp] or [M, C] (few rows)
+  std::vector<vf> kc;      // [C, H] the chunk's keys in float32
+  std::vector<vf> vc;      // [C, H] and values
+  std::vector<vf> m;       // [Mp] running max (base-2 logits)
+  std::vector<vf> l;       // [Mp] running sum
+  std::vector<vf> alpha;   // [Mp] the factor rescaling o for the current chunk
+  std::vector<vi> qpos;    // [Mp] position of each query row (INT_MIN for padding rows)
+  std::vector<vi> qstart;  // [Mp] first key position each query row sees (windowed chunks)
 };
 
 // One chunk of n <= C keys as float32 row pointers (slots past n repeat row 0, and are masked):
@@ -211,6 +233,8 @@ struct Scratch {
 struct Chunk {
   int n;
   const int32_t* kpos;  // positions of this step's keys (causal), nullptr for cached context
+  int pos0;             // cached context: the position of key 0 (keys are consecutive)
+  bool windowed;        // some key is before some row's window start: mask by qstart
   const float* k[kChunk];
   const float* v[kChunk];
 };
@@ -259,23 +283,40 @@ void scores_rows_on_lanes(Scratch& w, int head_dim, int lane_blocks) {
   }
 }
 
+// Many rows: which query rows of lane block ib see key j of a causal (this step's keys) or
+// windowed chunk: those at or after the key, and whose window starts at or before it.
+template <bool kCausal, bool kWindowed>
+inline vi visible_rows(const Scratch& w, const Chunk& chunk, int ib, int j) {
+  const int32_t key = kCausal ? chunk.kpos[j] : chunk.pos0 + j;
+  if constexpr (kCausal && kWindowed) {
+    return (w.qpos[ib] >= key) & (w.qstart[ib] <= key);
+  } else if constexpr (kCausal) {
+    return w.qpos[ib] >= key;
+  } else {
+    return w.qstart[ib] <= key;
+  }
+}
+
 // Many rows, online softmax over the chunk's n keys, per lane block of query rows: turns p into
 // probabilities against the new running max, updates m and l, and leaves in alpha the factor
-// that rescales o. Causal chunks (this step's keys) mask key j unless kpos[j] <= the row's
-// position; masked keys get probability 0.
-template <bool kCausal>
-void softmax_rows_on_lanes(Scratch& w, int n, int lane_blocks, const int32_t* kpos) {
+// that rescales o. Causal and windowed chunks mask the keys a row does not see
+// (visible_rows); masked keys get probability 0.
+template <bool kCausal, bool kWindowed>
+void softmax_rows_on_lanes(Scratch& w, const Chunk& chunk, int lane_blocks) {
+  constexpr bool kMasking = kCausal || kWindowed;
+  const int n = chunk.n;
   for (int ib = 0; ib < lane_blocks; ++ib) {
     vf m_old = w.m[ib], m_new = m_old;
     for (int j = 0; j < n; ++j) {
       vf s = w.p[j * lane_blocks + ib];
-      if constexpr (kCausal) s = w.qpos[ib] >= kpos[j] ? s : splat(kMasked);
+      if constexpr (kMasking)
+        s = visible_rows<kCausal, kWindowed>(w, chunk, ib, j) ? s : splat(kMasked);
       m_new = vmax(m_new, s);
     }
     vf sum = {};
     for (int j = 0; j < n; ++j) {
       vf p = exp2v(w.p[j * lane_blocks + ib] - m_new);
-      if constexpr (kCausal) p = w.qpos[ib] >= kpos[j] ? p : vf{};
+      if constexpr (kMasking) p = visible_rows<kCausal, kWindowed>(w, chunk, ib, j) ? p : vf{};
       w.p[j * lane_blocks + ib] = p;
       sum += p;
     }
@@ -316,20 +357,25 @@ struct FewRows {
   vf* l;
   vf* alpha;
   const int32_t* qpos;
+  const int32_t* qstart;
   int offset;
 };
 
 // Few rows (R <= 8, a template parameter so the rows' dependency chains interleave), scores and
 // online softmax with the chunk's keys along the lanes: per query row, C dot products reduced
 // into one vector of scores, one exp, and lane max / sum for m and l; one exp for all rows'
-// alpha. Keys past n are masked, and so, for causal chunks, are keys after the row.
+// alpha. Keys past n are masked, and so, for causal chunks, are keys after the row and, for
+// windowed chunks, keys before the row's window start.
 template <int R>
 void step_keys_on_lanes(const FewRows& w, const Chunk& chunk, int head_vecs, Prefetcher& pf,
                         int pf_per_row) {
   const vi lane = lane_index(std::make_integer_sequence<int, kLanes>{});
   vi key_pos = lane < chunk.n ? vi{} : vi{} + INT_MAX;  // past n: after every row
-  if (chunk.kpos != nullptr)
+  if (chunk.kpos != nullptr) {
     for (int j = 0; j < chunk.n; ++j) key_pos[j] = chunk.kpos[j];
+  } else if (chunk.windowed) {
+    key_pos = lane + chunk.pos0;  // lanes past n stay masked by lane < n
+  }
   float* l = reinterpret_cast<float*>(w.l);
   const int32_t* qpos = w.qpos;
   vf s[R];
@@ -345,6 +391,7 @@ void step_keys_on_lanes(const FewRows& w, const Chunk& chunk, int head_vecs, Pre
         acc[slot] += qv * reinterpret_cast<const vf_row*>(chunk.k[bit_reversed(slot)] + w.offset)[v];
     }
     visible[i] = chunk.kpos != nullptr ? key_pos <= qpos[i] : lane < chunk.n;
+    if (chunk.windowed) visible[i] &= key_pos >= w.qstart[i];
     s[i] = visible[i] ? transposed_sums(acc) : splat(kMasked);
   }
   const vf m_old = w.m[0];  // per-row state along the lanes: R <= 8 rows fit in one vector
@@ -443,10 +490,15 @@ void step_many_rows(Scratch& w, const Chunk& chunk, int rows, int head_dim) {
     case 128: scores_rows_on_lanes<128>(w, head_dim, lane_blocks); break;
     default: scores_rows_on_lanes<0>(w, head_dim, lane_blocks); break;
   }
-  if (chunk.kpos != nullptr) {
-    softmax_rows_on_lanes<true>(w, chunk.n, lane_blocks, chunk.kpos);
+  const bool causal = chunk.kpos != nullptr;
+  if (causal && chunk.windowed) {
+    softmax_rows_on_lanes<true, true>(w, chunk, lane_blocks);
+  } else if (causal) {
+    softmax_rows_on_lanes<true, false>(w, chunk, lane_blocks);
+  } else if (chunk.windowed) {
+    softmax_rows_on_lanes<false, true>(w, chunk, lane_blocks);
   } else {
-    softmax_rows_on_lanes<false>(w, chunk.n, lane_blocks, nullptr);
+    softmax_rows_on_lanes<false, false>(w, chunk, lane_blocks);
   }
   pv(PV{reinterpret_cast<const float*>(w.p.data()), reinterpret_cast<const float*>(w.alpha.data()),
         w.o.data(), 0},
@@ -493,6 +545,14 @@ void attend(const Problem& pr, const Tile& tile, int kv_head, Scratch& w) {
       for (int h = 0; h < H; ++h) q_scaled[h * rows_padded + i] = 0.0f;
     qpos[i] = INT_MIN;
   }
+  // With a window, the tile's last token has the latest start: keys before it are masked per
+  // row (chunk.windowed), keys from it on are seen by every row. 0 without a window: no chunk
+  // is masked.
+  const int mask_below = window_start(pr.window, pr.positions[tile.first + tile.count - 1]);
+  if (mask_below > 0) {
+    int32_t* qstart = reinterpret_cast<int32_t*>(w.qstart.data());
+    for (int i = 0; i < rows_padded; ++i) qstart[i] = window_start(pr.window, qpos[i]);
+  }
   const int state_vecs = few_rows ? heads : lane_blocks;
   std::fill_n(w.m.begin(), state_vecs, splat(kMasked));
   std::fill_n(w.l.begin(), state_vecs, vf{});
@@ -506,7 +566,8 @@ void attend(const Problem& pr, const Tile& tile, int kv_head, Scratch& w) {
     if (few_rows) {
       for (int kh = 0; kh < heads; ++kh)
         step_few_rows(FewRows{&w.q[kh * rows * head_vecs], &w.o[kh * rows * head_vecs],
-                              &w.p[kh * rows], &w.m[kh], &w.l[kh], &w.alpha[kh], qpos, kh * H},
+                              &w.p[kh * rows], &w.m[kh], &w.l[kh], &w.alpha[kh], qpos,
+                              reinterpret_cast<const int32_t*>(w.qstart.data()), kh * H},
                       chunk, rows, head_vecs, pf, pf_per_row);
       pf.issue_all();
     } else {
@@ -534,6 +595,8 @@ void attend(const Problem& pr, const Tile& tile, int kv_head, Scratch& w) {
   for (int c0 = tile.ctx_begin; c0 < tile.ctx_end; c0 += kChunk) {
     chunk.n = std::min(kChunk, tile.ctx_end - c0);
     chunk.kpos = nullptr;
+    chunk.pos0 = c0;
+    chunk.windowed = c0 < mask_below;
     std::copy_n(ahead, chunk.n, offsets);
     const int n_ahead = std::clamp(tile.ctx_end - c0 - kChunk, 0, kChunk);
     next_offsets(ahead, n_ahead);
@@ -559,9 +622,10 @@ void attend(const Problem& pr, const Tile& tile, int kv_head, Scratch& w) {
 
   // 2. This step's keys of the row, up to the tile's last token, masked by position.
   const int end = tile.ctx_end == pr.context_lens[tile.row] ? tile.first + tile.count : 0;
-  for (int s0 = tile.row_first; s0 < end; s0 += kChunk) {
+  for (int s0 = tile.step_begin; s0 < end; s0 += kChunk) {
     chunk.n = std::min(kChunk, end - s0);
     chunk.kpos = pr.positions + s0;
+    chunk.windowed = chunk.kpos[0] < mask_below;  // positions increase along the chunk
     load_chunk(w, chunk, static_cast<const QT*>(pr.k), static_cast<const QT*>(pr.v), row_len,
                !few_rows, [&](int j) { return (static_cast<int64_t>(s0 + j) * K + head0) * H; });
     step(chunk);
@@ -628,7 +692,7 @@ void run(ffi::ThreadPool& pool, int workers, const Problem& pr, const std::vecto
   for (int t = 0; t < static_cast<int>(tiles.size()); ++t) {
     const Tile& tile = tiles[t];
     const int in_step =
-        tile.ctx_end == pr.context_lens[tile.row] ? tile.first + tile.count - tile.row_first : 0;
+        tile.ctx_end == pr.context_lens[tile.row] ? tile.first + tile.count - tile.step_begin : 0;
     const int64_t cost = int64_t{tile.count} * (tile.ctx_end - tile.ctx_begin + in_step);
     if (is_few_rows(tile, pr.G)) {
       items.push_back({t, -1, cost * pr.K});
@@ -670,7 +734,9 @@ RunFn pick_run(ffi::DataType q, ffi::DataType cache) {
 
 ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                               ffi::AnyBuffer v, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
-                              ffi::BufferR0<ffi::S32> layer, ffi::BufferR1<ffi::S32> token_rows,
+                              ffi::BufferR0<ffi::S32> layer,
+                              ffi::BufferR0<ffi::S32> sliding_window,
+                              ffi::BufferR1<ffi::S32> token_rows,
                               ffi::BufferR1<ffi::S32> positions,
                               ffi::BufferR2<ffi::S32> block_tables,
                               ffi::BufferR1<ffi::S32> context_lens,
@@ -717,6 +783,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
   const int32_t layer_index = *layer.typed_data();
   if (layer_index < 0 || layer_index >= L)
     return bad("layer " + std::to_string(layer_index) + " out of range");
+  const int32_t window = *sliding_window.typed_data();
   const int32_t* rows = token_rows.typed_data();
   const int32_t* ctx = context_lens.typed_data();
   const int32_t* tables = block_tables.typed_data();
@@ -744,8 +811,15 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
       for (int b = 0; b < (ctx[row] + Z - 1) / Z; ++b)
         if (tables[row * P + b] < 0 || tables[row * P + b] >= B)
           return bad("block id out of range");
-      for (int first = t; first < end; first += tile_tokens)
-        tiles.push_back({row, first, std::min(tile_tokens, end - first), t, 0, ctx[row], -1});
+      // With a window, what is before the window start of a tile's first token is skipped
+      // whole: the context up to it, and the row's in-step tokens before it.
+      for (int first = t; first < end; first += tile_tokens) {
+        const int start = window_start(window, pos[first]);
+        const int step_begin =
+            window > 0 ? static_cast<int>(std::lower_bound(pos + t, pos + first, start) - pos) : t;
+        tiles.push_back({row, first, std::min(tile_tokens, end - first), step_begin,
+                         std::min(start, ctx[row]), ctx[row], -1});
+      }
     } else {
       std::memset(static_cast<char*>(out->untyped_data()) + t * token_bytes, 0,
                   (end - t) * token_bytes);
@@ -764,7 +838,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
     std::vector<Tile> whole = std::move(tiles);
     tiles.clear();
     for (const Tile& tile : whole) {
-      const int context = tile.ctx_end;
+      const int context = tile.ctx_end - tile.ctx_begin;  // what the window leaves of it
       const int pieces = static_cast<int>(
           std::min<int64_t>((wanted + have - 1) / have, context / kMinSplitKeys));
       if (!is_few_rows(tile, G) || pieces < 2) {
@@ -773,9 +847,10 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
       }
       const int piece_keys = round_up((context + pieces - 1) / pieces, kChunk);
       split_tiles.emplace_back(static_cast<int>(tiles.size()), 0);
-      for (int begin = 0; begin < context; begin += piece_keys, ++split_tiles.back().second)
-        tiles.push_back({tile.row, tile.first, tile.count, tile.row_first, begin,
-                         std::min(begin + piece_keys, context), num_pieces_total++});
+      for (int begin = tile.ctx_begin; begin < tile.ctx_end;
+           begin += piece_keys, ++split_tiles.back().second)
+        tiles.push_back({tile.row, tile.first, tile.count, tile.step_begin, begin,
+                         std::min(begin + piece_keys, tile.ctx_end), num_pieces_total++});
     }
   }
   std::vector<float> partials(num_pieces_total * K * kFewRows * (H + 2));
@@ -805,7 +880,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
       static_cast<const char*>(v_cache.untyped_data()) + layer_index * layer_bytes,
       out->untyped_data(), pos, tables, ctx, partials.data(), static_cast<int>(N),
       static_cast<int>(K), G, static_cast<int>(H), static_cast<int>(Z), static_cast<int>(P),
-      scale * kLog2e};
+      window, scale * kLog2e};
   run_fn(pool, workers, problem, tiles, split_tiles, round_up(tile_tokens * G, kLanes));
   return ffi::Error::Success();
 }
@@ -821,6 +896,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmPagedAttention, PagedAttentionImpl,
                                   .Arg<ffi::AnyBuffer>()           // k_cache [L, B, Z, K, H]
                                   .Arg<ffi::AnyBuffer>()           // v_cache [L, B, Z, K, H]
                                   .Arg<ffi::BufferR0<ffi::S32>>()  // layer
+                                  .Arg<ffi::BufferR0<ffi::S32>>()  // sliding_window (<= 0: none)
                                   .Arg<ffi::BufferR1<ffi::S32>>()  // token_rows [T]
                                   .Arg<ffi::BufferR1<ffi::S32>>()  // positions [T]
                                   .Arg<ffi::BufferR2<ffi::S32>>()  // block_tables [S, P]

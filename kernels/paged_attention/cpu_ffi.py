@@ -3,17 +3,20 @@
 Shape legend: T tokens, N query heads, K kv heads, H head dim, L layers, B blocks in the pool,
 Z block size, S rows, P blocks per row.
 
-Same signature and semantics as ``reference.paged_attention``. One custom call writes the new
-K/V into both caches at ``layer`` (a traced scalar under ``lax.scan``, passed as an operand), in
-place: its cache outputs alias its cache inputs, and the cache is donated to the step, so XLA
+Same signature and semantics as ``reference.paged_attention``, sliding windows included. One
+custom call writes the new K/V into both caches at ``layer`` (a traced scalar under
+``lax.scan``, passed as an operand, as is the window: layers of different kinds share one scan),
+in place: its cache outputs alias its cache inputs, and the cache is donated to the step, so XLA
 copies nothing. (Left to XLA, the write was a scatter per cache and layer plus the index
 arithmetic around it: ~1.5 ms of a 64-row SmolLM2 decode step.) It then reads both caches and
-writes the output. Why a hand-written kernel: on XLA:CPU every formulation of
-the reference's gather + einsum read K/V at ~2 GB/s, so attention took ~720 of ~880 ms of a
-SmolLM2-135M decode step of 64 rows x 512 context; the kernel reads them at 6-18 GB/s, 4-7x
-faster (its layout is described at the top of the .cc file). Its threads are XLA's own
-intra-op pool, passed to the handler, rather than OpenMP's: no second pool competing with XLA's
-for the cores, no libgomp to load; ``num_threads`` caps them at the cores this process may use.
+writes the output. Why a hand-written kernel: on XLA:CPU every formulation of the reference's
+gather + einsum read K/V at ~2 GB/s, so attention took ~720 of ~880 ms of a SmolLM2-135M decode
+step of 64 rows x 512 context; the kernel reads them at 6-18 GB/s, 4-7x faster (its layout is
+described at the top of the .cc file). With a window it reads only the keys the window leaves
+(whole chunks before it skipped), so a windowed layer costs O(window) per token, not O(context).
+Its threads are XLA's own intra-op pool, passed to the handler, rather than OpenMP's: no second
+pool competing with XLA's for the cores, no libgomp to load; ``num_threads`` caps them at the
+cores this process may use.
 
 The kernel is compiled on first use for this machine and cached (``jaxllm.kernels.cpu_build``).
 """
@@ -29,8 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxllm.kernels import cpu_build
 from jaxllm.kernels.paged_attention import reference
-
-from jaxllm.step_inputs import StepInputs
+from jaxllm.kernels.paged_attention.metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +65,13 @@ def _warn_head_dim(head_dim: int) -> None:
 
 
 def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
-                    v_cache: jax.Array, layer: int | jax.Array, inputs: StepInputs,
-                    *, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+                    v_cache: jax.Array, layer: int | jax.Array, metadata: AttentionMetadata,
+                    *, scale: float, sliding_window: int | jax.Array | None = None
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Causal attention of a ragged batch over a paged KV cache; writes the new K/V.
 
     Head dims that are not a multiple of 16 (the kernel's vector width) go to the reference,
-    so that the CPU default works for every model.
+    so that the CPU default works for every model. Sliding windows run in the kernel.
 
     Args:
         q: [T, N, H] queries of this step's tokens (rotary already applied); float32 or
@@ -76,9 +79,10 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
         k, v: [T, K, H] keys and values of this step's tokens (read in q's dtype).
         k_cache, v_cache: [L, B, Z, K, H] the whole cache, float32 or bfloat16.
         layer: which layer's cache to read and write (an int, or an int32 scalar under scan).
-        inputs: the step's token layout (slot_mapping, token_rows, positions, block_tables,
-            context_lens); a row's tokens are contiguous and in position order.
+        metadata: the step's token layout; a row's tokens are contiguous and in position order.
         scale: softmax scale, usually head_dim ** -0.5.
+        sliding_window: this layer's window (``metadata``): None, an int or a traced int32
+            scalar; None or <= 0: full attention.
 
     Returns:
         (out [T, N, H] in q's dtype, updated k_cache, updated v_cache).
@@ -88,7 +92,8 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
     """
     if q.shape[-1] % _HEAD_DIM_MULTIPLE:
         _warn_head_dim(q.shape[-1])
-        return reference.paged_attention(q, k, v, k_cache, v_cache, layer, inputs, scale=scale)
+        return reference.paged_attention(q, k, v, k_cache, v_cache, layer, metadata, scale=scale,
+                                         sliding_window=sliding_window)
     target = _target()
     if target is None:
         raise RuntimeError("the CPU attention kernel could not be built; see the log")
@@ -97,7 +102,8 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
     call = jax.ffi.ffi_call(target, result, input_output_aliases={3: 1, 4: 2})
     out, k_cache, v_cache = call(
         q, k.astype(q.dtype), v.astype(q.dtype), k_cache, v_cache, jnp.asarray(layer, jnp.int32),
-        inputs.token_rows, inputs.positions, inputs.block_tables, inputs.context_lens,
-        inputs.slot_mapping, k.astype(k_cache.dtype), v.astype(v_cache.dtype),
+        jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32),
+        metadata.token_rows, metadata.positions, metadata.block_tables, metadata.context_lens,
+        metadata.slot_mapping, k.astype(k_cache.dtype), v.astype(v_cache.dtype),
         scale=np.float32(scale), num_threads=np.int32(cpu_build.num_threads()))
     return out, k_cache, v_cache
