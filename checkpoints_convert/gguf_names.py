@@ -26,18 +26,18 @@ COMMON_CONFIG_KEYS = {
     "attention.key_length": "head_dim",
 }
 
-# llama.cpp per-layer tensor suffix -> transformers suffix after "model.layers.{i}.", for the
-# Llama layout; families add or override entries.
-LLAMA_LAYER_TENSORS = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
+# llama.cpp per-layer tensor suffix -> (transformers suffix after "model.layers.{i}.", transform),
+# for the Llama layout; families copy it and add or override entries.
+LLAMA_LAYER_TENSORS: dict[str, tuple[str, Transform]] = {
+    "attn_norm.weight": ("input_layernorm.weight", identity),
+    "attn_q.weight": ("self_attn.q_proj.weight", identity),
+    "attn_k.weight": ("self_attn.k_proj.weight", identity),
+    "attn_v.weight": ("self_attn.v_proj.weight", identity),
+    "attn_output.weight": ("self_attn.o_proj.weight", identity),
+    "ffn_norm.weight": ("post_attention_layernorm.weight", identity),
+    "ffn_gate.weight": ("mlp.gate_proj.weight", identity),
+    "ffn_up.weight": ("mlp.up_proj.weight", identity),
+    "ffn_down.weight": ("mlp.down_proj.weight", identity),
 }
 
 
@@ -60,9 +60,11 @@ def config_fields(metadata: dict[str, Any], tensor_names: list[str], extra_keys:
     )
 
 
-def rope_theta(metadata: dict[str, Any], default: float = 10000.0) -> float:
+def default_rope(metadata: dict[str, Any], default_theta: float = 10000.0) -> dict[str, Any]:
+    """transformers ``rope_parameters`` of plain RoPE with the file's base frequency."""
     arch = metadata["general.architecture"]
-    return float(metadata.get(f"{arch}.rope.freq_base", default))
+    return {"rope_type": "default",
+            "rope_theta": float(metadata.get(f"{arch}.rope.freq_base", default_theta))}
 
 
 def require_no_rope_scaling(metadata: dict[str, Any], allowed: tuple[str, ...] = ()) -> str:

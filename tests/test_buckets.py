@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_llama_vs_hf import _hf_greedy
+from hf_compare import hf_greedy
 
 from jaxllm import Engine, SamplingParams
 from jaxllm.buckets import BucketPolicy, ceil_bucket, ladder
@@ -208,7 +208,7 @@ def test_warmup_compiles_every_key_and_only_touches_block_0(warmed, tiny_llama_d
     lengths = (12, 9, 20)
     params = [SamplingParams(temperature=0, max_tokens=n) for n in lengths]
     got = engine.generate(prompts, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in got] == [_hf_greedy(hf_model, p, n) for p, n in zip(prompts, lengths)]
+    assert [o.outputs[0].token_ids for o in got] == [hf_greedy(hf_model, p, n) for p, n in zip(prompts, lengths)]
     assert engine.stats()["num_compilations"] == len(policy)
 
 

@@ -13,24 +13,10 @@ from typing import Any
 
 from transformers import Gemma3TextConfig
 
-from jaxllm.checkpoints_convert.gguf_names import (
-    LLAMA_LAYER_TENSORS,
-    config_fields,
-    require_no_rope_scaling,
-    rope_theta,
-    subtract_one,
-    tensor_map,
-)
+from jaxllm.checkpoints_convert import gguf_names
 from jaxllm.checkpoints_convert.weight_spec import WeightSpec, identity
 from jaxllm.config import ModelConfig
-from jaxllm.models.family import (
-    GGUFFamily,
-    ModelFamily,
-    base_config_fields,
-    decoder_weight_map,
-    layer_windows,
-    rope_parameters,
-)
+from jaxllm.models import family
 from jaxllm.models.rope import RopeSpec
 
 NORMS = {"input_layernorm": "input_norm", "post_attention_layernorm": "post_attention_norm",
@@ -45,14 +31,14 @@ def config_from_hf(hf: Any) -> ModelConfig:
     if getattr(hf, "use_bidirectional_attention", False):
         raise ValueError("bidirectional attention (EmbeddingGemma) is not supported: "
                          "jaxllm serves causal language models")
-    fields = base_config_fields(hf)
+    fields = family.base_config_fields(hf)
     types = hf.layer_types
     max_pos = int(hf.max_position_embeddings)
     rope = tuple(RopeSpec.from_hf(_rope_for(hf, layer_type), fields["head_dim"], max_pos)
                  for layer_type in ("full_attention", "sliding_attention"))
     return ModelConfig(
         **fields, rope=rope, layer_rope=tuple(int(t == "sliding_attention") for t in types),
-        layer_windows=layer_windows(hf), norm_offset=1.0, qk_norm=True, sandwich_norms=True,
+        layer_windows=family.layer_windows(hf), norm_offset=1.0, qk_norm=True, sandwich_norms=True,
         hidden_act=hf.hidden_activation, attention_scale=float(hf.query_pre_attn_scalar) ** -0.5,
         embedding_scale=float(hf.hidden_size) ** 0.5,
         final_logit_softcapping=getattr(hf, "final_logit_softcapping", None),
@@ -67,16 +53,17 @@ def _rope_for(hf: Any, layer_type: str) -> dict[str, Any]:
         return dict(params[layer_type])
     if layer_type == "sliding_attention":
         return {"rope_theta": getattr(hf, "rope_local_base_freq", LOCAL_ROPE_THETA)}
-    return rope_parameters(hf)
+    return family.rope_parameters(hf)
 
 
 def weight_map(config: ModelConfig) -> list[WeightSpec]:
-    return decoder_weight_map(config, NORMS)
+    return family.decoder_weight_map(config, NORMS)
 
 
 def gguf_hf_config(metadata: dict[str, Any], tensor_names: list[str]) -> Gemma3TextConfig:
-    scaling = require_no_rope_scaling(metadata, allowed=("linear",))
-    fields = config_fields(metadata, tensor_names, {"attention.sliding_window": "sliding_window"})
+    scaling = gguf_names.require_no_rope_scaling(metadata, allowed=("linear",))
+    fields = gguf_names.config_fields(metadata, tensor_names,
+                                      {"attention.sliding_window": "sliding_window"})
     num_layers = fields["num_hidden_layers"]
     pattern = metadata.get("gemma3.attention.sliding_window_pattern")
     if isinstance(pattern, list):            # newer files: one flag per layer, True = local
@@ -84,22 +71,24 @@ def gguf_hf_config(metadata: dict[str, Any], tensor_names: list[str]) -> Gemma3T
     else:
         every = int(pattern or GGUF_GLOBAL_EVERY)
         sliding = [(i + 1) % every != 0 for i in range(num_layers)]
-    full = {"rope_type": "default", "rope_theta": rope_theta(metadata)}
+    full = gguf_names.default_rope(metadata)
     if scaling == "linear":
-        full = {**full, "rope_type": "linear", "factor": float(metadata["gemma3.rope.scaling.factor"])}
+        factor = float(metadata["gemma3.rope.scaling.factor"])
+        full = {**full, "rope_type": "linear", "factor": factor}
     # llama.cpp scales 27B's queries by hidden / heads; every other size by the head dim.
     head_dim = fields["head_dim"]
-    scalar = fields["hidden_size"] // fields["num_attention_heads"] if num_layers == 62 else head_dim
+    scalar = (fields["hidden_size"] // fields["num_attention_heads"] if num_layers == 62
+              else head_dim)
     return Gemma3TextConfig(
         **fields, architectures=["Gemma3ForCausalLM"], hidden_activation="gelu_pytorch_tanh",
         layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
-        rope_parameters={"full_attention": full,
-                         "sliding_attention": {"rope_type": "default", "rope_theta": LOCAL_ROPE_THETA}},
+        rope_parameters={"full_attention": full, "sliding_attention": {
+            "rope_type": "default", "rope_theta": LOCAL_ROPE_THETA}},
         query_pre_attn_scalar=scalar)
 
 
 def gguf_tensor_map(hf: Gemma3TextConfig) -> dict:
-    per_layer = {suffix: (name, identity) for suffix, name in LLAMA_LAYER_TENSORS.items()}
+    per_layer = dict(gguf_names.LLAMA_LAYER_TENSORS)
     per_layer.update({
         "attn_q_norm.weight": ("self_attn.q_norm.weight", identity),
         "attn_k_norm.weight": ("self_attn.k_norm.weight", identity),
@@ -107,11 +96,11 @@ def gguf_tensor_map(hf: Gemma3TextConfig) -> dict:
         "ffn_norm.weight": ("pre_feedforward_layernorm.weight", identity),
         "post_ffw_norm.weight": ("post_feedforward_layernorm.weight", identity),
     })
-    mapping = tensor_map(hf.num_hidden_layers, per_layer, hf.tie_word_embeddings)
-    return {name: (hf_name, subtract_one if name.endswith("norm.weight") else transform)
+    mapping = gguf_names.tensor_map(hf.num_hidden_layers, per_layer, hf.tie_word_embeddings)
+    return {name: (hf_name, gguf_names.subtract_one if name.endswith("norm.weight") else transform)
             for name, (hf_name, transform) in mapping.items()}
 
 
-FAMILY = ModelFamily(name="gemma3", architectures=("Gemma3ForCausalLM",),
+FAMILY = family.ModelFamily(name="gemma3", architectures=("Gemma3ForCausalLM",),
                      config_from_hf=config_from_hf, weight_map=weight_map,
-                     gguf=GGUFFamily("gemma3", gguf_hf_config, gguf_tensor_map))
+                     gguf=family.GGUFFamily("gemma3", gguf_hf_config, gguf_tensor_map))

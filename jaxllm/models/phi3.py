@@ -10,42 +10,31 @@ from typing import Any
 
 from transformers import Phi3Config
 
-from jaxllm.checkpoints_convert.gguf_names import (
-    config_fields,
-    require_no_rope_scaling,
-    rope_theta,
-    tensor_map,
-)
+from jaxllm.checkpoints_convert import gguf_names
 from jaxllm.checkpoints_convert.weight_spec import WeightSpec, identity
 from jaxllm.config import ModelConfig
-from jaxllm.models.family import (
-    GGUFFamily,
-    ModelFamily,
-    base_config_fields,
-    decoder_weight_map,
-    layer_windows,
-    single_rope,
-)
+from jaxllm.models import family
 from jaxllm.models.llama import NORMS
 
 
 def config_from_hf(hf: Any) -> ModelConfig:
-    fields = base_config_fields(hf)
-    return ModelConfig(**fields, rope=single_rope(hf, fields["head_dim"]),
-                       hidden_act=hf.hidden_act, layer_windows=layer_windows(hf))
+    fields = family.base_config_fields(hf)
+    return ModelConfig(**fields, rope=family.single_rope(hf, fields["head_dim"]),
+                       hidden_act=hf.hidden_act, layer_windows=family.layer_windows(hf))
 
 
 def weight_map(config: ModelConfig) -> list[WeightSpec]:
-    return decoder_weight_map(config, NORMS, fused_qkv=True, fused_gate_up=True)
+    return family.decoder_weight_map(config, NORMS, fused_qkv=True, fused_gate_up=True)
 
 
 def gguf_hf_config(metadata: dict[str, Any], tensor_names: list[str]) -> Phi3Config:
-    require_no_rope_scaling(metadata)
-    fields = config_fields(metadata, tensor_names, {"attention.sliding_window": "sliding_window"})
+    gguf_names.require_no_rope_scaling(metadata)
+    fields = gguf_names.config_fields(metadata, tensor_names,
+                                      {"attention.sliding_window": "sliding_window"})
     head_dim = fields["hidden_size"] // fields["num_attention_heads"]
     rotary_dim = metadata.get("phi3.rope.dimension_count", head_dim)
     return Phi3Config(**fields, architectures=["Phi3ForCausalLM"],
-                      rope_parameters={"rope_type": "default", "rope_theta": rope_theta(metadata),
+                      rope_parameters={**gguf_names.default_rope(metadata),
                                        "partial_rotary_factor": rotary_dim / head_dim})
 
 
@@ -58,9 +47,9 @@ def gguf_tensor_map(hf: Phi3Config) -> dict:
         "ffn_up.weight": ("mlp.gate_up_proj.weight", identity),
         "ffn_down.weight": ("mlp.down_proj.weight", identity),
     }
-    return tensor_map(hf.num_hidden_layers, per_layer, hf.tie_word_embeddings)
+    return gguf_names.tensor_map(hf.num_hidden_layers, per_layer, hf.tie_word_embeddings)
 
 
-FAMILY = ModelFamily(name="phi3", architectures=("Phi3ForCausalLM",),
+FAMILY = family.ModelFamily(name="phi3", architectures=("Phi3ForCausalLM",),
                      config_from_hf=config_from_hf, weight_map=weight_map,
-                     gguf=GGUFFamily("phi3", gguf_hf_config, gguf_tensor_map))
+                     gguf=family.GGUFFamily("phi3", gguf_hf_config, gguf_tensor_map))
