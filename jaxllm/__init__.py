@@ -1,13 +1,41 @@
-"""jaxllm: a JAX/XLA-compiled inference engine for large language models."""
+"""jaxllm: a JAX/XLA-compiled inference engine for large language models.
 
-from jaxllm import strategy_examples  # noqa: F401  (registers typical, epsilon, eta)
-from jaxllm.engine import Engine
-from jaxllm.executor import EngineDeadError
-from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from jaxllm.sampling_params import RequestOutputKind, SamplingParams
-from jaxllm.strategies import register_strategy, registered_strategies
+Public names are imported on first use (PEP 562), so ``import jaxllm`` and the host-side
+modules (scheduler, KV manager, sequences, output processing) load without jax; ``Engine``
+brings in jax, flax and the model code when it is first touched.
+"""
 
-__all__ = ["Engine", "EngineDeadError", "SamplingParams", "RequestOutputKind", "RequestOutput",
-           "CompletionOutput", "RequestMetrics", "Logprob", "register_strategy",
-           "registered_strategies"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "Engine": "jaxllm.engine",
+    "EngineDeadError": "jaxllm.executor",
+    "SamplingParams": "jaxllm.sampling_params",
+    "RequestOutputKind": "jaxllm.sampling_params",
+    "RequestOutput": "jaxllm.outputs",
+    "CompletionOutput": "jaxllm.outputs",
+    "RequestMetrics": "jaxllm.outputs",
+    "Logprob": "jaxllm.outputs",
+    "register_strategy": "jaxllm.strategies",
+    "registered_strategies": "jaxllm.strategies",
+}
+
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jaxllm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -8,6 +8,8 @@ from jaxllm.models.rope import RopeSpec
 
 
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+CPU_KV_CACHE_BYTES = 2 * 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +98,10 @@ class ModelConfig:
     def softmax_scale(self) -> float:
         return self.head_dim ** -0.5 if self.attention_scale is None else self.attention_scale
 
+    def kv_cache_bytes_per_token(self, dtype: str) -> int:
+        """Bytes of K and V one token takes in the cache, over all layers."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * DTYPE_BYTES[dtype]
+
     @property
     def sliding_window(self) -> int | None:
         """The widest sliding window of any layer; None if every layer attends fully."""
@@ -172,3 +178,33 @@ class EngineConfig:
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                 f"max_num_seqs ({self.max_num_seqs})")
 
+    def resolve(self, model: ModelConfig, platform: str,
+                accelerator_memory_bytes: int | None = None) -> EngineConfig:
+        """This config with every platform- and model-dependent default filled in.
+
+        Args:
+            model: the model the engine runs.
+            platform: a JAX backend name ("cpu", "gpu", "tpu").
+            accelerator_memory_bytes: the device's memory, for the default KV budget (25% of
+                it) off CPU; None there means 8 GiB.
+        """
+        on_cpu = platform == "cpu"
+        dtype = self.dtype or ("float32" if on_cpu else "bfloat16")
+        max_model_len = self.max_model_len or model.max_position_embeddings
+        blocks_per_seq = -(-max_model_len // self.block_size)
+        num_blocks = self.num_blocks
+        if num_blocks is None:
+            budget = self.kv_cache_memory_bytes or (
+                CPU_KV_CACHE_BYTES if on_cpu else int((accelerator_memory_bytes or 8 * 1024**3) * 0.25))
+            by_budget = budget // (self.block_size * model.kv_cache_bytes_per_token(dtype))
+            # Never allocate more than every sequence could use at once.
+            num_blocks = int(min(by_budget, self.max_num_seqs * blocks_per_seq + 1))
+            if num_blocks < 2:
+                raise ValueError(f"kv_cache_memory_bytes={budget} holds no KV block of this model")
+        from jaxllm.kernels import default_attention
+
+        return dataclasses.replace(
+            self, dtype=dtype, max_model_len=max_model_len, num_blocks=num_blocks,
+            scan_layers=(not on_cpu) if self.scan_layers is None else self.scan_layers,
+            prefill_first=on_cpu if self.prefill_first is None else self.prefill_first,
+            attention=self.attention or default_attention(platform))

@@ -17,11 +17,6 @@ class KVCache:
     v: jax.Array  # [L, num_blocks, block_size, K, H]
 
 
-def bytes_per_block(config: ModelConfig, block_size: int, dtype: str) -> int:
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-    return per_token * block_size * jnp.dtype(dtype).itemsize
-
-
 def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int, dtype: str) -> KVCache:
     shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads,
              config.head_dim)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import math
@@ -223,6 +224,22 @@ class SamplingParams:
             if not isinstance(processors, (list, tuple)) or not all(callable(f) for f in processors):
                 raise ValueError(f"logits_processors must be a list of callables, got {processors!r}")
             self.logits_processors = list(processors)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_read_only", False):
+            raise AttributeError(f"cannot set {name}: this SamplingParams belongs to a submitted "
+                                 "request; build a new one (or dataclasses.replace it)")
+        super().__setattr__(name, value)
+
+    def read_only_copy(self) -> SamplingParams:
+        """What a request keeps: a copy validated again (so a field changed after construction
+        is checked too), sharing no container with this object, and read-only. Python logits
+        processors are the same callables."""
+        values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)
+                  if f.name != "logits_processors"}
+        clone = SamplingParams(**values, logits_processors=self.logits_processors)
+        object.__setattr__(clone, "_read_only", True)
+        return clone
 
     @property
     def is_greedy(self) -> bool:

@@ -1,7 +1,8 @@
 """Example sampling strategies, written only against the public API (``jaxllm.strategies``).
 
 Each one is a jittable filter of temperature-scaled, truncated logits (see ``jaxllm.strategies``
-for the contract). Imported by ``jaxllm`` so they are available by name:
+for the contract). ``register_examples()`` registers them by name; every ``Engine`` calls it,
+so they are available in every engine without importing this module having side effects:
 
 * ``"typical"``  locally typical sampling (Meister et al., 2022), argument ``mass``;
 * ``"epsilon"``  epsilon sampling (Hewitt et al., 2022), argument ``epsilon``;
@@ -16,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxllm.strategies import register_strategy
+from jaxllm.strategies import register_strategy, registered_strategies
 
 
 def _entropy(log_probs: jax.Array) -> jax.Array:
@@ -29,7 +30,6 @@ def _keep_top_token(keep: jax.Array, logits: jax.Array) -> jax.Array:
     return keep | (logits >= jnp.max(logits, axis=-1, keepdims=True))
 
 
-@register_strategy("typical", mass=0.9)
 def typical(logits: jax.Array, args: dict[str, jax.Array]) -> jax.Array:
     """Keeps the tokens whose surprisal is closest to the entropy, up to ``mass`` probability."""
     log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -42,7 +42,6 @@ def typical(logits: jax.Array, args: dict[str, jax.Array]) -> jax.Array:
     return jnp.where(distance <= cutoff, logits, -jnp.inf)
 
 
-@register_strategy("epsilon", epsilon=3e-4)
 def epsilon(logits: jax.Array, args: dict[str, jax.Array]) -> jax.Array:
     """Removes every token with probability below ``epsilon`` (the most likely one stays)."""
     probs = jax.nn.softmax(logits, axis=-1)
@@ -50,7 +49,6 @@ def epsilon(logits: jax.Array, args: dict[str, jax.Array]) -> jax.Array:
     return jnp.where(keep, logits, -jnp.inf)
 
 
-@register_strategy("eta", epsilon=3e-4)
 def eta(logits: jax.Array, args: dict[str, jax.Array]) -> jax.Array:
     """Epsilon sampling with an entropy-dependent floor: min(epsilon, sqrt(epsilon) * exp(-H))."""
     log_probs = jax.nn.log_softmax(logits, axis=-1)
@@ -58,3 +56,17 @@ def eta(logits: jax.Array, args: dict[str, jax.Array]) -> jax.Array:
     floor = jnp.minimum(eps, jnp.sqrt(eps) * jnp.exp(-_entropy(log_probs)))
     keep = _keep_top_token(jnp.exp(log_probs) >= floor[:, None], logits)
     return jnp.where(keep, logits, -jnp.inf)
+
+
+# name -> (function, keyword defaults)
+EXAMPLES = {"typical": (typical, {"mass": 0.9}), "epsilon": (epsilon, {"epsilon": 3e-4}),
+            "eta": (eta, {"epsilon": 3e-4})}
+
+
+def register_examples() -> None:
+    """Registers the examples under their names, unless a strategy already has that name (a
+    user's own "typical" wins)."""
+    taken = {s.name for s in registered_strategies()}
+    for name, (fn, defaults) in EXAMPLES.items():
+        if name not in taken:
+            register_strategy(name, **defaults)(fn)
