@@ -16,12 +16,18 @@ recomputed.
 ``RequestMetrics.num_cached_tokens`` is the prefix hit of the sequence's first admission, so it
 counts prompt tokens only. Hits when a preempted sequence resumes count in the KVCacheManager's
 hit statistics but not in that metric (they save the recompute that preemption caused).
+
+The scheduler is the only writer of sequence progress (status, computed and pending tokens) and,
+through its KVCacheManager, of block ownership. A step's life: ``schedule`` picks it,
+``advance`` marks it dispatched, ``record_outputs`` takes each row's outputs back; the
+Postprocessor ends and adds sequences with ``finish`` and ``fork``.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import time
 
 from jaxllm.kv_cache_manager import KVCacheManager
 from jaxllm.sequence import Sequence, SequenceStatus
@@ -32,7 +38,7 @@ class ScheduledSequence:
     """One row of a step: ``num_new_tokens`` tokens of ``seq`` from position ``start``.
 
     ``start`` and ``completes_prefill`` are read off the sequence when the row is made: the
-    executor advances the sequence as soon as the step is dispatched.
+    sequence advances (``Scheduler.advance``) as soon as the step is dispatched.
     """
 
     seq: Sequence
@@ -90,9 +96,13 @@ class Scheduler:
         self._num_added += 1
 
     def finish(self, seq: Sequence, finish_reason: str) -> None:
-        """Marks ``seq`` finished, removes it from the queues and frees its blocks."""
+        """Marks ``seq`` finished, removes it from the queues and frees its blocks.
+
+        A step in flight may still be sampling a token for it: that row is dropped.
+        """
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = finish_reason
+        seq.num_pending_tokens = 0
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -103,10 +113,35 @@ class Scheduler:
         """The live sequences of a request (several with n > 1 or beam search)."""
         return [seq for seq in (*self.running, *self.waiting) if seq.request_id == request_id]
 
-    def add_running(self, seq: Sequence) -> None:
-        """Adds a sequence forked off a running one (it shares its blocks)."""
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Runs ``child``, forked off ``parent`` (n > 1, beam search).
+
+        It shares ``parent``'s blocks of the computed tokens they have in common (copy-on-write;
+        none if ``parent`` was preempted meanwhile), and computes at least its last token, whose
+        logits it samples from.
+        """
+        self.kv_cache_manager.fork(parent, child)
+        child.num_computed_tokens = min(child.num_computed_tokens, child.num_tokens - 1)
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
+
+    def advance(self, batch: ScheduledBatch) -> None:
+        """The batch was dispatched: its tokens count as computed, and each row that samples
+        owes its sequence a pending token (the next step may compute it before it is known)."""
+        for item in batch.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if item.completes_prefill:
+                item.seq.num_pending_tokens += 1
+
+    def record_outputs(self, seq: Sequence, sampled: bool) -> None:
+        """``seq``'s row of a step was post-processed: the token it sampled, if any, is no
+        longer pending, and the blocks now full of known computed tokens (the next step's
+        included) are offered to the prefix cache."""
+        if seq.is_finished:
+            return
+        if sampled:
+            seq.num_pending_tokens -= 1
+        self.kv_cache_manager.cache_full_blocks(seq)
 
     def schedule(self) -> ScheduledBatch:
         kv = self.kv_cache_manager
@@ -160,6 +195,8 @@ class Scheduler:
             kv.allocate(seq, num_new, cached_block_ids)
             if seq.num_preemptions == 0:
                 seq.metrics.num_cached_tokens = seq.num_computed_tokens
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, num_new))

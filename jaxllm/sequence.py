@@ -10,7 +10,7 @@ from jaxllm.outputs import PositionLogprobs, RequestMetrics
 from jaxllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from jaxllm.beam_search import BeamSearchState
+    from jaxllm.groups import SequenceGroup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,11 @@ class Sequence:
     are sampling and the host has not seen yet. The executor schedules the next step before the
     last one's tokens come back, so a step can compute a pending token: the device takes its
     id straight from the previous step's outputs.
+
+    Writers: the Scheduler (and the KVCacheManager it calls) writes the progress: ``status``,
+    ``finish_reason``, ``num_computed_tokens``, ``num_pending_tokens`` and the blocks. The
+    Postprocessor writes the outputs (tokens, logprobs, ``stop_reason``, the group's state) and
+    decides every finish.
     """
 
     request: Request
@@ -131,30 +136,3 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
-
-
-@dataclasses.dataclass(eq=False)
-class SequenceGroup:
-    """The live sequences of one request that has several (n > 1, or beam search).
-
-    Parallel sampling forks n - 1 children off the first sequence once its prompt is computed;
-    beam search replaces its running beams every step (``beam`` holds the search state) and
-    reports its best hypotheses as ``final`` when done.
-    """
-
-    seqs: list[Sequence]
-    beam: BeamSearchState | None = None
-    # Beam search: each running beam's top-K next-token candidates from the last step.
-    pending: dict[Sequence, tuple[list[int], list[float]]] = dataclasses.field(default_factory=dict)
-    final: list[Sequence] | None = None
-
-    @property
-    def is_finished(self) -> bool:
-        if self.beam is not None:
-            return self.final is not None
-        return all(seq.is_finished for seq in self.seqs)
-
-
-def child_seed(seed: int, index: int) -> int:
-    """Completion ``index``'s seed: the request's own for index 0, then decorrelated ones."""
-    return (seed + index * 0x9E3779B97F4A7C15) % 2**63

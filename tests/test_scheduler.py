@@ -5,8 +5,9 @@ the model would write K/V; what it writes for position p is every token up to p,
 depends on all of them. When a step completes a sequence's prefill, the fake model reads the
 whole context back out of that cache through the block ids (so a block freed or handed to
 someone else too early, or a prefix hit on a block with other contents, shows up as a wrong
-context) and "samples" ``(last token + 1) % 100``. The loop then does what
-executor._postprocess does, including naming the blocks that became full (prefix caching).
+context) and "samples" ``(last token + 1) % 100``. The scheduler then advances the batch and
+the real Postprocessor takes the sampled tokens, as the executor does (it finishes sequences at
+max_tokens and names the blocks that became full, for prefix caching).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxllm.kv_cache_manager import KVCacheManager
+from jaxllm.model_runner import RowResults
+from jaxllm.output_processor import OutputProcessor
+from jaxllm.postprocess import Postprocessor
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import ScheduledBatch, ScheduledSequence, Scheduler
 from jaxllm.sequence import Request, Sequence, SequenceStatus
@@ -32,13 +36,14 @@ def expected_tokens(prompt: list[int], max_tokens: int) -> list[int]:
 
 
 class FakeEngine:
-    """A scheduler plus a fake step and the executor's postprocess, checking invariants."""
+    """A scheduler plus a fake step and the real postprocessing, checking invariants."""
 
     def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, enable_prefix_caching: bool = True,
                  prefill_first: bool = False) -> None:
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, prefill_first)
+        self.postprocessor = Postprocessor(self.scheduler, OutputProcessor(None), max_model_len=10_000)
         self.cache: dict[int, tuple[int, ...]] = {}  # slot -> the K/V stand-in written there
         self.finished: list[Sequence] = []
         self.batches: list[list[tuple[str, int]]] = []
@@ -87,23 +92,16 @@ class FakeEngine:
             for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens):
                 self.cache[self._slot(seq, pos)] = self._kv_of(seq, pos)
         for item, done in zip(batch.scheduled, completes):
-            sampled.append(None)
+            sampled.append(-1)  # rows that do not sample: ignored
             if done:  # the fake "attention": read the whole context back through the blocks
                 seq = item.seq
                 context = [self.cache[self._slot(seq, p)] for p in range(seq.num_tokens)]
                 expected = [self._kv_of(seq, p) for p in range(seq.num_tokens)]
                 assert context == expected, f"{seq.request_id}: corrupted context"
                 sampled[-1] = (context[-1][-1] + 1) % 100
-        for item, done, token in zip(batch.scheduled, completes, sampled):  # _postprocess
-            seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
-            self.kv.cache_full_blocks(seq)
-            if not done:
-                continue
-            seq.token_ids.append(token)
-            if seq.num_output_tokens >= seq.request.sampling_params.max_tokens:
-                sched.finish(seq, "length")
-                self.finished.append(seq)
+        sched.advance(batch)
+        news = self.postprocessor.process(batch, RowResults(sampled, [0.0] * len(sampled), {}, {}))
+        self.finished += [seq for seq in news.seqs if seq.is_finished]
         return batch
 
     def check_invariants(self, batch: ScheduledBatch, running_before: list[Sequence],

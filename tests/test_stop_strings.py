@@ -1,8 +1,9 @@
 """Stop strings in the OutputProcessor, with a fake byte-level tokenizer of multi-character pieces.
 
-``_generate`` plays the executor's part token by token: append, EOS / stop token ids, then
-``check_stop``, then max_tokens, then ``make_output`` (the executor sends outputs one step
-later, which changes nothing here).
+``_generate`` runs the real host path token by token: the scheduler schedules and advances the
+sequence, the Postprocessor takes the scripted token and decides whether it stops (EOS, stop
+token ids, stop strings, max_tokens), then the OutputProcessor makes the output (the executor
+sends outputs one step later, which changes nothing here).
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import numpy as np
 import pytest
 
 from jaxllm.executor import Executor
+from jaxllm.groups import new_sequence
 from jaxllm.kv_cache_manager import KVCacheManager
+from jaxllm.model_runner import RowResults
 from jaxllm.output_processor import OutputProcessor
+from jaxllm.postprocess import Postprocessor
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.scheduler import Scheduler
-from jaxllm.sequence import Request, Sequence, SequenceStatus
+from jaxllm.sequence import Request
 
 from conftest import FakeModelRunner
 
@@ -40,32 +44,27 @@ def _ids(*pieces: str) -> list[int]:
 
 
 def _generate(token_ids, kind=RequestOutputKind.CUMULATIVE, **params):
-    """Runs token_ids through the OutputProcessor as the executor does; returns every output."""
+    """Runs token_ids through the scheduler, Postprocessor and OutputProcessor; returns every output."""
     params = SamplingParams(temperature=0, **{"max_tokens": len(token_ids), **params})
     request = Request("r", None, (1,), params, 0, frozenset({EOS}), 0.0)
     processor = OutputProcessor(PieceTokenizer())
     processor.add(request, kind)
-    seq = Sequence.from_request(request)
+    scheduler = Scheduler(KVCacheManager(16, 4, enable_prefix_caching=False), 1, 16)
+    postprocessor = Postprocessor(scheduler, processor, max_model_len=64)
+    seq = new_sequence(request)
+    scheduler.add(seq)
     outputs = []
     for token_id in token_ids:
-        seq.token_ids.append(token_id)
-        seq.output_logprobs.append(-0.25)
-        reason = None
-        if seq.num_output_tokens > params.min_tokens and (
-                token_id == EOS or token_id in params.stop_token_ids):
-            reason, seq.stop_reason = "stop", (None if token_id == EOS else token_id)
-        elif (stop_str := processor.check_stop(seq)) is not None:
-            reason, seq.stop_reason = "stop", stop_str
-        elif seq.num_output_tokens >= params.max_tokens:
-            reason = "length"
-        if reason is not None:
-            seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        batch = scheduler.schedule()
+        scheduler.advance(batch)
+        postprocessor.process(batch, RowResults([token_id], [-0.25], {}, {}))
         output = processor.make_output([seq], seq.is_finished)
         if output is not None:
             outputs.append(output)
-        if reason is not None:
+        if seq.is_finished:
             break
     assert outputs[-1].finished and processor.make_output([seq], seq.is_finished) is None
+    assert not scheduler.has_unfinished and scheduler.kv_cache_manager.num_used_blocks == 0
     return outputs
 
 
