@@ -40,11 +40,11 @@ class SequenceGroup:
 
 @dataclasses.dataclass
 class BeamStep:
-    """What one beam-search step changes, for the Postprocessor to apply in this order."""
+    """What one beam-search step changes, for the Postprocessor to apply."""
 
+    tokens: list[tuple[Sequence, int, float]]  # each next beam's new token and its logprob
     forks: list[tuple[Sequence, Sequence]]     # (parent, new beam): new beams to run
     dropped: list[Sequence]                    # running beams that end here
-    tokens: list[tuple[Sequence, int, float]]  # each next beam's new token and its logprob
 
 
 def new_sequence(request: Request) -> Sequence:
@@ -106,7 +106,7 @@ def beam_step(group: SequenceGroup) -> BeamStep:
     if search.done:
         group.final = [_hypothesis_sequence(beams[0], h, search.eos_token_ids)
                        for h in search.best(beams[0].request.sampling_params.n)]
-        return BeamStep([], list(beams), [])
+        return BeamStep([], [], list(beams))
     forks, tokens, used = [], [], set()
     for index, candidate in enumerate(chosen):
         parent = beams[candidate.parent]
@@ -119,7 +119,7 @@ def beam_step(group: SequenceGroup) -> BeamStep:
         beam.index = index
         tokens.append((beam, candidate.token_id, candidate.score - scores_before[candidate.parent]))
     group.seqs = [beam for beam, _, _ in tokens]
-    return BeamStep(forks, [b for i, b in enumerate(beams) if i not in used], tokens)
+    return BeamStep(tokens, forks, [b for i, b in enumerate(beams) if i not in used])
 
 
 def abort(group: SequenceGroup) -> None:

@@ -117,12 +117,12 @@ class Postprocessor:
             if not groups.beam_candidates_complete(group):
                 return False   # waits for its sibling beams' candidates
             step = groups.beam_step(group)
-            for parent, beam in step.forks:
+            for beam, token_id, logprob in step.tokens:
+                self._append(beam, token_id, logprob, now, news)
+            for parent, beam in step.forks:   # with its new token, which is all it computes
                 self.scheduler.fork(parent, beam)
             for beam in step.dropped:
                 self.scheduler.finish(beam, "stop")
-            for beam, token_id, logprob in step.tokens:
-                self._append(beam, token_id, logprob, now, news)
             return True
         if groups.needs_parallel_forks(seq):
             for child in groups.fork_parallel_samples(seq):

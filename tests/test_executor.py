@@ -6,11 +6,12 @@ conditions, streaming order) against answers computed by hand.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
-from jaxllm.executor import Executor
+from jaxllm.executor import EngineDeadError, Executor
 from jaxllm.kv_cache_manager import KVCacheManager
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
@@ -130,3 +131,53 @@ def test_executor_dispatches_the_next_step_before_the_last_tokens_are_back(async
     # Prefill of [5] samples 6, decodes sample 7 and 8 (EOS); in flight meanwhile: a 4th step.
     assert runner.batches == [[("eos", 1)]] * (4 if async_scheduling else 3)
     assert free == 63
+
+
+class GatedRunner(FakeRunner):
+    """Holds its first dispatch until ``gate`` is set, so a test can act while a step is out."""
+
+    def __init__(self):
+        super().__init__()
+        self.dispatching, self.gate = threading.Event(), threading.Event()
+
+    def dispatch(self, batch, fed_back):
+        self.dispatching.set()
+        assert self.gate.wait(timeout=30)
+        return super().dispatch(batch, fed_back)
+
+
+def test_executor_abort_before_the_prompt_ran_returns_n_completions():
+    """vLLM's abort: n completions, those never started empty with finish_reason "abort"."""
+    runner = GatedRunner()
+    scheduler = Scheduler(KVCacheManager(64, 4, enable_prefix_caching=False), 4, 16)
+    executor = Executor(scheduler, runner, OutputProcessor(None), max_model_len=200)
+    try:
+        handle = executor.submit(_request("a", [1, 2, 3], n=2, max_tokens=5))
+        assert runner.dispatching.wait(timeout=30)
+        executor.abort("a")   # queued before the prompt's step is even dispatched
+        runner.gate.set()
+        out = handle.result()
+        free = scheduler.kv_cache_manager.num_free_blocks
+    finally:
+        runner.gate.set()
+        executor.shutdown()
+    assert [(c.index, c.token_ids, c.finish_reason) for c in out.outputs] == [(0, [], "abort"),
+                                                                              (1, [], "abort")]
+    assert free == 63
+
+
+def test_executor_loop_error_reaches_waiting_callers_with_its_cause():
+    class Broken(FakeRunner):
+        def dispatch(self, batch, prepared):
+            raise RuntimeError("device on fire")
+
+    scheduler = Scheduler(KVCacheManager(16, 4), 4, 16)
+    executor = Executor(scheduler, Broken(), OutputProcessor(None), max_model_len=200)
+    handle = executor.submit(_request("a", [1, 2]))
+    with pytest.raises(EngineDeadError, match="device on fire") as err:
+        handle.result()
+    assert isinstance(err.value.__cause__, RuntimeError)
+    with pytest.raises(EngineDeadError) as later:
+        executor.submit(_request("b", [1, 2]))
+    assert later.value.__cause__ is err.value.__cause__
+    executor.shutdown()

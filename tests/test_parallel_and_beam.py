@@ -1,5 +1,6 @@
 """n > 1 (parallel sampling with copy-on-write prompt blocks) and beam search against
-transformers' ``num_beams`` search on the same weights."""
+transformers' ``num_beams`` search on the same weights (the host bookkeeping alone is in
+test_beam_search.py and test_postprocess.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import pytest
 from conftest import make_tiny_llama, random_prompts
 
 from jaxllm import Engine, RequestOutputKind, SamplingParams
-from jaxllm.beam_search import BeamSearchState
 
 OPTIONS = dict(max_model_len=96, num_blocks=64, block_size=8, max_num_seqs=8,
                max_num_batched_tokens=64, max_logprobs=16)
@@ -122,27 +122,6 @@ def test_beam_search_on_a_batch_with_a_small_pool_and_other_requests(tiny_llama_
     for prompt, out in zip(prompts, outs):
         expected, _ = _hf_beams(hf_model, prompt, 3, 2, 10)
         assert [c.token_ids for c in out.outputs] == expected
-
-
-def test_beam_search_state_hand_computed_steps():
-    state = BeamSearchState(beam_width=2, max_tokens=3, eos_token_ids=frozenset({9}), length_penalty=1.0,
-                            early_stopping=False)
-    assert state.num_candidates == 4
-    chosen = state.step([((), ())], [([9, 1, 2, 3], [-0.1, -0.5, -1.0, -2.0])])
-    # EOS (rank 0) becomes a finished hypothesis scored -0.1 / 1; tokens 1 and 2 run on.
-    assert [(c.parent, c.token_id) for c in chosen] == [(0, 1), (0, 2)]
-    assert state.hypotheses[0].output_token_ids == (9,) and state.hypotheses[0].finished
-    assert state.hypotheses[0].score == pytest.approx(-0.1)
-    assert not state.done                       # one of two hypothesis slots is still open
-    chosen = state.step([((1,), (-0.5,)), ((2,), (-1.0,))],
-                        [([9, 4, 5, 6], [-0.2, -3.0, -3.1, -3.2]), ([9, 4, 5, 6], [-0.3, -2.0, -2.1, -2.2])])
-    # Candidates: (b0, 9) -0.7, (b1, 9) -1.3, (b1, 4) -3.0, (b1, 5) -3.1; both EOS ones finish,
-    # scored -0.35 and -0.65; the best running beam, -3.0 / 2, cannot beat -0.35: done.
-    assert chosen == [] and state.done
-    best = state.best(2)
-    assert [h.output_token_ids for h in best] == [(9,), (1, 9)]
-    assert [h.score for h in best] == pytest.approx([-0.1, -0.35])
-    assert best[1].output_logprobs == pytest.approx((-0.5, -0.2))
 
 
 def test_beam_search_bad_settings_are_refused(tiny):
