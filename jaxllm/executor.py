@@ -1,25 +1,22 @@
 """The executor: a background thread that turns queued requests into tokens.
 
 One iteration of the loop, with step N - 1 still running on the device:
-  1. fetch        drain the request queue: new sequences join the scheduler, aborts end
-                  theirs; block when there is no work at all.
-  2. schedule     the Scheduler picks rows and token counts (decodes first, then prefill
-                  chunks) for step N and allocates their KV blocks (prefix-cache hits
-                  included). A decode row may compute the token step N - 1 is still sampling:
-                  the sequence counts it as pending, and the device feeds it from step N - 1's
-                  outputs to step N.
-  3. dispatch     the ModelRunner packs bucketed inputs and dispatches step N, which returns at
-                  once; the Scheduler advances its sequences as if it had run.
-  4. postprocess  wait for step N - 1's tokens (one transfer); the Postprocessor appends them,
-                  decides which sequences stop, ends and forks them, all while the device runs
-                  step N.
-  5. deliver      send the callers their news (incremental detokenization, RequestOutputs).
-So the device always has the next step queued and the host's work hides behind it. The price is
-one wasted row per sequence that stops on EOS, a stop token or a stop string: it was already in
-step N when step N - 1's token ended it (its K/V write is harmless, the token is dropped).
-Sequences whose next step needs every token on the host (beam search, penalties, Python logits
-processors) wait for their pending token instead, and a step with Python logits processors is
-finished before the next is prepared (as every step is with ``async_scheduling=False``).
+  1. fetch        drain the request queue (new sequences join the scheduler, aborts end
+                  theirs); block when there is no work at all.
+  2. schedule     the Scheduler picks step N's rows and allocates their KV blocks. A decode row
+                  may compute the token step N - 1 is still sampling (a pending token): the
+                  device feeds it from step N - 1's outputs.
+  3. dispatch     the ModelRunner packs and dispatches step N, which returns at once; the
+                  Scheduler advances its sequences as if it had run.
+  4. postprocess  wait for step N - 1's outputs (one transfer); the Postprocessor appends its
+                  tokens, ends and forks sequences, while the device runs step N.
+  5. deliver      send the callers their news (incremental text, RequestOutputs).
+So the host's work hides behind the device's. The price is one wasted row per sequence that
+stops on EOS, a stop token or a stop string: it was already in step N when step N - 1's token
+ended it (its K/V write is harmless, its token is dropped). Sequences whose next step needs
+every token on the host (beam search, penalties, Python logits processors) wait for their
+pending token instead, and a step with Python logits processors is finished before the next is
+prepared (as every step is with ``async_scheduling=False``).
 
 Callers hold a RequestHandle. Any exception in the loop fails every pending handle with
 EngineDeadError (never a hang), and the engine refuses new work from then on.
@@ -31,13 +28,13 @@ import dataclasses
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from jaxllm import groups
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
 from jaxllm.postprocess import Postprocessor
-from jaxllm.request_handle import EngineDeadError, RequestHandle
+from jaxllm.request_handle import EngineDeadError, RequestHandle, RequestHandles
 from jaxllm.sampling_params import RequestOutputKind
 from jaxllm.scheduler import ScheduledBatch, Scheduler
 from jaxllm.sequence import Request, Sequence
@@ -62,8 +59,7 @@ class ExecutorStats:
     overlapped_host_time_s: float = 0.0  # host work done while a step was on the device
 
 
-@dataclasses.dataclass
-class _InFlight:
+class _InFlight(NamedTuple):
     """A dispatched step whose outputs the host has not read yet."""
 
     batch: ScheduledBatch
@@ -82,10 +78,7 @@ class Executor:
         self.postprocessor = Postprocessor(scheduler, output_processor, max_model_len)
         self.stats = ExecutorStats()
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
-        self._handles: dict[str, RequestHandle] = {}
-        self._lock = threading.Lock()
-        self._error: BaseException | None = None
-        self._stopped = False
+        self._handles = RequestHandles()
         self._results_at = 0.0   # when the last step's outputs reached the host
         self._thread = threading.Thread(target=self._run, name="jaxllm-executor", daemon=True)
         self._thread.start()
@@ -101,22 +94,14 @@ class Executor:
                    ) -> list[RequestHandle]:
         """Submits requests as one message, so the scheduler sees all of them at once."""
         handles = [RequestHandle(request, output_kind, sink) for request in requests]
-        with self._lock:
-            self._raise_if_dead()
-            ids = [r.request_id for r in requests]
-            clashes = [i for i in ids if i in self._handles] or sorted({i for i in ids if ids.count(i) > 1})
-            if clashes:
-                raise ValueError(f"request_id {clashes[0]!r} is already in flight")
-            self._handles.update(zip(ids, handles))
-            self._inbox.put(("add", requests))
+        self._handles.register(handles, lambda: self._inbox.put(("add", requests)))
         return handles
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
 
     def shutdown(self) -> None:
-        with self._lock:
-            self._stopped = True
+        self._handles.stop()
         self._inbox.put(("stop", None))
         if self._thread is not threading.current_thread():
             self._thread.join()
@@ -124,12 +109,6 @@ class Executor:
     @property
     def is_alive(self) -> bool:
         return self._thread.is_alive()
-
-    def _raise_if_dead(self) -> None:
-        if self._error is not None:
-            raise EngineDeadError(f"the engine's executor loop failed: {self._error!r}") from self._error
-        if self._stopped:
-            raise EngineDeadError("the engine was shut down")
 
     # ---- the loop (executor thread) ----
     def _run(self) -> None:
@@ -147,11 +126,9 @@ class Executor:
                     self._complete(step, overlapped=False)
                     in_flight = None
         except BaseException as exc:  # noqa: BLE001 - every waiting caller must hear of it
-            with self._lock:
-                self._error = exc
-            self._fail_waiting(f"the engine's executor loop failed: {exc!r}", exc)
+            self._handles.fail_all(f"the engine's executor loop failed: {exc!r}", exc)
             return
-        self._fail_waiting("the engine was shut down before this request finished")
+        self._handles.fail_all("the engine was shut down before this request finished")
 
     def _fetch(self, may_block: bool) -> bool:
         """Drains the inbox; if ``may_block`` (no step in flight), waits while there is nothing
@@ -216,20 +193,5 @@ class Executor:
         if finished and seqs[0].metrics.finished_time is None:
             seqs[0].metrics.finished_time = time.monotonic()
         output = self.output_processor.make_output(seqs, finished)
-        if output is None:
-            return
-        with self._lock:
-            handle = (self._handles.pop(seq.request_id, None) if finished
-                      else self._handles.get(seq.request_id))
-        if handle is not None:
-            handle.put(output)
-
-    def _fail_waiting(self, message: str, cause: BaseException | None = None) -> None:
-        """Every caller still waiting gets an EngineDeadError (``cause`` chained)."""
-        with self._lock:
-            handles = list(self._handles.values())
-            self._handles.clear()
-        for handle in handles:
-            error = EngineDeadError(message)
-            error.__cause__ = cause
-            handle.put(error)
+        if output is not None:
+            self._handles.send(seq.request_id, output)

@@ -1,8 +1,10 @@
-"""The caller's end of a request, and the error every caller gets when the engine is gone."""
+"""The callers' side of the executor: a handle per request, the table of those in flight, and
+the error every caller gets when the engine is gone."""
 
 from __future__ import annotations
 
 import queue
+import threading
 from typing import Callable, Iterator
 
 from jaxllm.outputs import RequestOutput
@@ -46,3 +48,58 @@ class RequestHandle:
         for _ in self:
             pass
         return self.final_output
+
+
+class RequestHandles:
+    """The handles of the requests in flight, by request id, shared by the callers' threads and
+    the executor's loop. Once the loop has died or the engine is shut down, it refuses new ones."""
+
+    def __init__(self) -> None:
+        self._handles: dict[str, RequestHandle] = {}
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._stopped = False
+
+    def register(self, handles: list[RequestHandle], then: Callable[[], None]) -> None:
+        """Registers ``handles`` and runs ``then`` (handing the requests to the loop) under one
+        lock, so concurrent submissions reach the loop in the order they were accepted."""
+        with self._lock:
+            if self._error is not None:
+                raise EngineDeadError(f"the engine's executor loop failed: {self._error!r}") from self._error
+            if self._stopped:
+                raise EngineDeadError("the engine was shut down")
+            ids = [handle.request.request_id for handle in handles]
+            clashes = [i for i in ids if i in self._handles] or sorted({i for i in ids if ids.count(i) > 1})
+            if clashes:
+                raise ValueError(f"request_id {clashes[0]!r} is already in flight")
+            self._handles.update(zip(ids, handles))
+            then()
+
+    def get(self, request_id: str) -> RequestHandle | None:
+        with self._lock:
+            return self._handles.get(request_id)
+
+    def send(self, request_id: str, output: RequestOutput) -> None:
+        """Gives a request's caller an output; a finished one ends the handle."""
+        with self._lock:
+            handle = (self._handles.pop(request_id, None) if output.finished
+                      else self._handles.get(request_id))
+        if handle is not None:
+            handle.put(output)
+
+    def stop(self) -> None:
+        """Refuses new requests from now on (shutdown)."""
+        with self._lock:
+            self._stopped = True
+
+    def fail_all(self, message: str, cause: BaseException | None = None) -> None:
+        """Every caller still waiting gets an EngineDeadError; with ``cause`` (the loop's
+        error, chained), later submissions are refused with it too."""
+        with self._lock:
+            self._error = self._error or cause
+            handles = list(self._handles.values())
+            self._handles.clear()
+        for handle in handles:
+            error = EngineDeadError(message)
+            error.__cause__ = cause
+            handle.put(error)
