@@ -75,13 +75,9 @@ def fork_parallel_samples(first: Sequence) -> list[Sequence]:
     Each holds the prompt only and its own seed: it recomputes the last prompt token (sharing
     the other prompt blocks) to sample its own first token. They join the group.
     """
-    prompt = first.request.prompt_token_ids
-    children = []
-    for index in range(1, first.request.sampling_params.n):
-        request = dataclasses.replace(first.request, seed=child_seed(first.request.seed, index))
-        child = first.fork(index, list(prompt), request)
-        child.output_logprobs, child.output_top_logprobs = [], []
-        children.append(child)
+    children = [_prompt_only(first, index, dataclasses.replace(
+        first.request, seed=child_seed(first.request.seed, index)))
+        for index in range(1, first.request.sampling_params.n)]
     first.group.seqs.extend(children)
     return children
 
@@ -132,8 +128,7 @@ def abort(group: SequenceGroup) -> None:
         group.final = group.seqs[:n]
     reported = group.final if group.beam is not None else group.seqs
     for index in range(len(reported), n):
-        empty = first.fork(index, list(first.request.prompt_token_ids))
-        empty.output_logprobs, empty.output_top_logprobs = [], []
+        empty = _prompt_only(first, index)
         empty.status, empty.finish_reason = SequenceStatus.FINISHED, "abort"
         reported.append(empty)
 
@@ -147,6 +142,13 @@ def completions_to_report(seq: Sequence) -> tuple[list[Sequence], bool] | None:
     if group.beam is not None:
         return None if group.final is None else (group.final, True)
     return sorted(group.seqs, key=lambda s: s.index), group.is_finished
+
+
+def _prompt_only(first: Sequence, index: int, request: Request | None = None) -> Sequence:
+    """Completion ``index`` of ``first``'s group, holding the prompt and no output yet."""
+    seq = first.fork(index, list(first.request.prompt_token_ids), request)
+    seq.output_logprobs, seq.output_top_logprobs = [], []
+    return seq
 
 
 def _hypothesis_sequence(beam: Sequence, hypothesis: Hypothesis, eos_token_ids: frozenset[int]) -> Sequence:

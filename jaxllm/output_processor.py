@@ -75,10 +75,9 @@ class OutputProcessor:
     def check_stop(self, seq: Sequence) -> str | None:
         """Detokenizes ``seq``'s new tokens now; returns the stop string they completed, if any.
 
-        The executor calls it after appending a token that did not end the sequence otherwise
-        (EOS, stop token id); a string means: finish with "stop", stop_reason = that string.
-        Requests without stop strings return None at once and are detokenized in make_output,
-        off the critical path.
+        ``postprocess.finish_reason`` asks, after a token that did not end the sequence
+        otherwise (EOS, stop token id), and decides with the answer. Requests without stop
+        strings return None at once and are detokenized in make_output, off the critical path.
         """
         state = self._states.get(seq.request_id)
         if state is None or not state.request.sampling_params.stop:

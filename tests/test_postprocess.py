@@ -244,3 +244,14 @@ def test_beam_search_abort_before_the_prompt_ran_reports_n_empty_completions():
     output = host.report(first)
     assert [(c.index, c.token_ids, c.finish_reason) for c in output.outputs] == [(0, [], "abort"),
                                                                                  (1, [], "abort")]
+
+
+def test_beam_search_abort_reports_the_best_n_running_beams_best_first():
+    host = Host()
+    first = host.add(_request(use_beam_search=True, beam_width=3, n=1, ignore_eos=True))
+    host.step(top={0: _top((8, -0.1), (9, -0.2), (7, -0.3), (10, -4.0), (11, -5.0), (12, -6.0))})
+    assert [b.output_token_ids for b in first.group.seqs] == [[8], [9], [7]]
+    host.postprocessor.abort("r")
+    output = host.report(first)
+    assert [(c.token_ids, c.finish_reason) for c in output.outputs] == [([8], "abort")]
+    assert output.outputs[0].cumulative_logprob == pytest.approx(-0.1)
