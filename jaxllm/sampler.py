@@ -7,27 +7,31 @@ its key is fold_in(key(seed), output_index), independent of the row it landed in
 Order of operations (vLLM's):
   1. raw logits -> logprobs (log-softmax of the raw logits, vLLM's default) and the top-k
      alternatives, computed only when some row asked for them;
-  2. + dense bias row (logit_bias, allowed_token_ids and min_tokens' EOS / stop-id suppression),
-     present only in the "bias" variant of the step;
+  2. allowed_token_ids, logit_bias and min_tokens' EOS / stop-id ban, from fixed-width sparse
+     rows (``jaxllm.token_lists``);
   3. repetition (prompt + output tokens), frequency and presence (output tokens) penalties,
-     from the row's token history, present only in the "penalties" variant;
+     from token counts kept on the device (``jaxllm.penalties``);
   4. Python logits processors (the slow escape hatch: a host callback, in its own variant);
   5. temperature-0 rows take the argmax; the others divide by temperature, truncate by min-p,
      top-k then top-p, apply their registered strategy, and draw by Gumbel-max (no host sync).
 Each optional part runs under ``lax.cond`` on whether any row needs it, so a plain batch pays
-nothing for it. Shape legend: S rows, V vocabulary, K max logprobs, A strategy arguments.
+nothing for it, and no part changes a shape. Shape legend: S rows, T tokens, V vocabulary,
+K max logprobs, A strategy arguments, N token-count slots.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.step_inputs import SamplingTensors, StepOutputs
+from jaxllm.penalties import apply_penalties, row_counts
+from jaxllm.step_inputs import SamplingTensors
 from jaxllm.strategies import SamplingStrategy
+from jaxllm.token_lists import apply_token_lists, ban_until_min_tokens
 
 HostLogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -72,43 +76,35 @@ def first_argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(x == top, index, x.shape[-1] - 1), axis=-1)
 
 
-def token_counts(history: jax.Array, prompt_lens: jax.Array, vocab: int) -> tuple[jax.Array, jax.Array]:
-    """Per-row token statistics from the padded token history.
-
-    Args:
-        history: [S, L] int32, each row's prompt then output token ids, -1 padded.
-        prompt_lens: [S] int32, how many leading history entries are prompt.
-    Returns:
-        (output_counts [S, V] int32: occurrences among output tokens,
-         seen [S, V] bool: occurs anywhere in prompt or output).
-    """
-    valid = history >= 0
-    is_output = valid & (jnp.arange(history.shape[1])[None, :] >= prompt_lens[:, None])
-    rows = jnp.broadcast_to(jnp.arange(history.shape[0])[:, None], history.shape)
-    tokens = jnp.where(valid, history, vocab)                             # out of range: dropped
-    zeros = jnp.zeros((history.shape[0], vocab), jnp.int32)
-    counts = zeros.at[rows, tokens].add(is_output.astype(jnp.int32), mode="drop")
-    seen = zeros.at[rows, tokens].set(1, mode="drop") > 0
-    return counts, seen
-
-
-def apply_penalties(logits: jax.Array, params: SamplingTensors) -> jax.Array:
-    """vLLM's penalties: repetition divides positive / multiplies negative logits of every token
-    seen in prompt or output; frequency and presence subtract per output occurrence / once."""
-    counts, seen = token_counts(params.history, params.prompt_lens, logits.shape[-1])
-    rep = params.repetition_penalty[:, None]
-    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
-    return (logits - params.frequency_penalty[:, None] * counts
-            - params.presence_penalty[:, None] * (counts > 0))
-
-
-def _top_logprobs(logprobs: jax.Array, chosen: jax.Array, num_top: int
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(rank [R] of each chosen token (1 = most likely), top ids [R, K], top logprobs [R, K])."""
+def _rank(logprobs: jax.Array, chosen: jax.Array) -> jax.Array:
+    """[R] int32 rank of each chosen token [R] in its row of ``logprobs`` [R, V] (1 = most likely)."""
     chosen_lp = jnp.take_along_axis(logprobs, chosen[:, None], axis=-1)
-    rank = jnp.sum(logprobs > chosen_lp, axis=-1).astype(jnp.int32) + 1
+    return jnp.sum(logprobs > chosen_lp, axis=-1).astype(jnp.int32) + 1
+
+
+def _top(logprobs: jax.Array, num_top: int) -> tuple[jax.Array, jax.Array]:
+    """(top ids [R, K] int32, top logprobs [R, K]) of ``logprobs`` [R, V]."""
     top_lp, top_ids = jax.lax.top_k(logprobs, num_top)
-    return rank, top_ids.astype(jnp.int32), top_lp
+    return top_ids.astype(jnp.int32), top_lp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SampledRows:
+    token_ids: jax.Array       # [S] int32    sampled token of each row
+    logprobs: jax.Array        # [S] float32  log-softmax of the raw logits at that token
+    ranks: jax.Array           # [S] int32    its rank (1 = most likely); 0 if no row asked
+    top_token_ids: jax.Array   # [S, K] int32   most likely tokens, when some row asked
+    top_logprobs: jax.Array    # [S, K] float32 and their logprobs
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PromptScores:
+    logprobs: jax.Array        # [T] float32  logprob of each token's next prompt token
+    ranks: jax.Array           # [T] int32
+    top_token_ids: jax.Array   # [T, K] int32
+    top_logprobs: jax.Array    # [T, K] float32
 
 
 class Sampler:
@@ -119,7 +115,7 @@ class Sampler:
             selects ``strategies[i - 1]``, 0 selects none.
         max_logprobs: K, the width of the top-logprob outputs.
         host_logits_processor: called as ``fn(logits [S, V], use [S] bool) -> logits`` through
-            ``jax.pure_callback`` when some row has Python logits processors.
+            ``jax.pure_callback`` in steps compiled with ``host_processors``.
     """
 
     def __init__(self, strategies: tuple[SamplingStrategy, ...] = (), max_logprobs: int = 20,
@@ -129,64 +125,79 @@ class Sampler:
         self.host_logits_processor = host_logits_processor
 
     def __call__(self, logits: jax.Array, params: SamplingTensors,
-                 prompt_logits: jax.Array | None = None) -> StepOutputs:
+                 token_counts: jax.Array | None = None, *, host_processors: bool = False) -> SampledRows:
         """Samples one token per row.
 
         Args:
             logits: [S, V] float32 raw logits of each row's last token.
             params: per-row settings.
-            prompt_logits: [T, V] raw logits of every token of the step, in the prompt-logprobs
-                variant only; scored against ``params.prompt_next_ids``.
+            token_counts: [N, V] int32 the penalty slots (``jaxllm.penalties``); None: no
+                row has penalties.
+            host_processors: compile the host callback for Python logits processors.
         """
-        vocab = logits.shape[-1]
         # log p = logit - logsumexp: the [S, V] log-softmax is only built for top logprobs.
         log_norm = jax.nn.logsumexp(logits, axis=-1)                      # [S]
-        processed = self._process(logits, params)
+        processed = self._process(logits, params, token_counts, host_processors)
         greedy = first_argmax(processed)
         all_greedy = jnp.all(params.temperature == 0)
         sampled = jax.lax.cond(all_greedy, lambda: greedy, lambda: self._sample_rows(processed, params))
         token_ids = jnp.where(params.temperature == 0, greedy, sampled).astype(jnp.int32)
         chosen = jnp.take_along_axis(logits, token_ids[:, None], axis=-1)[:, 0] - log_norm
-        rank, top_ids, top_lp = self._maybe_top(logits, log_norm, token_ids,
-                                                jnp.any(params.num_logprobs >= 0))
+        rank, top_ids, top_lp = jax.lax.cond(
+            jnp.any(params.num_logprobs >= 0),
+            lambda: self._top(logits - log_norm[:, None], token_ids, params),
+            lambda: self._no_top(logits.shape[0], logits.shape[1]))
+        return SampledRows(token_ids, chosen, rank, top_ids, top_lp)
 
-        num_prompt = params.prompt_next_ids.shape[0]
-        if prompt_logits is None:
-            p_chosen = jnp.zeros(num_prompt, jnp.float32)
-            p_rank, p_top_ids, p_top_lp = self._empty_top(num_prompt, vocab)
-        else:
-            p_logprobs = jax.nn.log_softmax(prompt_logits, axis=-1)
-            next_ids = jnp.clip(params.prompt_next_ids, 0, vocab - 1)
-            p_chosen = jnp.take_along_axis(p_logprobs, next_ids[:, None], axis=-1)[:, 0]
-            p_rank, p_top_ids, p_top_lp = _top_logprobs(p_logprobs, next_ids, min(self.max_logprobs, vocab))
-        return StepOutputs(token_ids=token_ids, logprobs=chosen, ranks=rank, top_token_ids=top_ids,
-                           top_logprobs=top_lp, prompt_logprobs=p_chosen, prompt_ranks=p_rank,
-                           prompt_top_token_ids=p_top_ids, prompt_top_logprobs=p_top_lp)
+    def score_prompt(self, logits: jax.Array, next_ids: jax.Array) -> PromptScores:
+        """Prompt logprobs: each token's logits [T, V] scored at its next prompt token
+        (``next_ids`` [T], -1 where none is wanted: scored at token 0 and ignored)."""
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        next_ids = jnp.clip(next_ids, 0, logits.shape[1] - 1)
+        chosen = jnp.take_along_axis(logprobs, next_ids[:, None], axis=-1)[:, 0]
+        return PromptScores(chosen, _rank(logprobs, next_ids),
+                            *_top(logprobs, min(self.max_logprobs, logits.shape[1])))
 
-    def _empty_top(self, num: int, vocab: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def no_prompt_scores(self, num_tokens: int, vocab: int) -> PromptScores:
+        """Zeros shaped as ``score_prompt``'s, for steps where no row wants prompt logprobs."""
+        return PromptScores(jnp.zeros(num_tokens, jnp.float32), *self._no_top(num_tokens, vocab))
+
+    def _no_top(self, num: int, vocab: int) -> tuple[jax.Array, jax.Array, jax.Array]:
         width = min(self.max_logprobs, vocab)
         return (jnp.zeros(num, jnp.int32), jnp.zeros((num, width), jnp.int32),
                 jnp.zeros((num, width), jnp.float32))
 
-    def _maybe_top(self, logits: jax.Array, log_norm: jax.Array, chosen: jax.Array,
-                   needed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        num, vocab = logits.shape
-        width = min(self.max_logprobs, vocab)
-        return jax.lax.cond(needed, lambda: _top_logprobs(logits - log_norm[:, None], chosen, width),
-                            lambda: self._empty_top(num, vocab))
+    def _top(self, logprobs: jax.Array, chosen: jax.Array, params: SamplingTensors
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Rank of the chosen tokens and the top-K alternatives. A beam's candidates obey
+        min_tokens, as transformers' beam search masks EOS in the log-probabilities it ranks
+        (the others report the raw alternatives, as vLLM does)."""
+        ranked = jax.lax.cond(
+            jnp.any(params.beam), lambda x: jnp.where(
+                params.beam[:, None], ban_until_min_tokens(x, params.min_tokens_stop_ids,
+                                                           params.output_index, params.min_tokens), x),
+            lambda x: x, logprobs)
+        return (_rank(logprobs, chosen), *_top(ranked, min(self.max_logprobs, logprobs.shape[1])))
 
-    def _process(self, logits: jax.Array, params: SamplingTensors) -> jax.Array:
-        """Steps 2-4: bias, penalties, host processors (each a no-op unless a row uses it)."""
-        if params.logit_bias.shape[1]:               # [S, 0] outside the bias variant
-            logits = logits + params.logit_bias
-        if params.history.shape[1]:                  # [S, 0] outside the penalties variant
-            needs = jnp.any((params.repetition_penalty != 1) | (params.frequency_penalty != 0)
-                            | (params.presence_penalty != 0))
-            logits = jax.lax.cond(needs, lambda x: apply_penalties(x, params), lambda x: x, logits)
-        if self.host_logits_processor is not None and params.use_processors.shape[0]:
-            hook = self.host_logits_processor
+    def _process(self, logits: jax.Array, params: SamplingTensors, token_counts: jax.Array | None,
+                 host_processors: bool) -> jax.Array:
+        """Steps 2-4: token lists, penalties, host processors (each a no-op unless a row uses it)."""
+        logits = apply_token_lists(logits, params.allowed_ids, params.bias_ids, params.bias_values,
+                                   params.min_tokens_stop_ids, params.output_index, params.min_tokens)
+        if token_counts is not None:
+            needs = jnp.any((params.penalty_slots >= 0) & (
+                (params.repetition_penalty != 1) | (params.frequency_penalty != 0)
+                | (params.presence_penalty != 0)))
+
+            def penalise(x: jax.Array) -> jax.Array:
+                counts, seen = row_counts(token_counts, params.penalty_slots)
+                return apply_penalties(x, counts, seen, params.repetition_penalty,
+                                       params.frequency_penalty, params.presence_penalty)
+
+            logits = jax.lax.cond(needs, penalise, lambda x: x, logits)
+        if host_processors:
             result = jax.ShapeDtypeStruct(logits.shape, jnp.float32)
-            logits = jax.pure_callback(hook, result, logits, params.use_processors)
+            logits = jax.pure_callback(self.host_logits_processor, result, logits, params.use_processors)
         return logits
 
     def _sample_rows(self, logits: jax.Array, params: SamplingTensors) -> jax.Array:

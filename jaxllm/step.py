@@ -1,10 +1,13 @@
-"""The engine step: forward pass + logits + sampling, as ONE jitted pure function.
+"""The engine step: block copies + forward pass + logits + sampling, as ONE jitted pure function.
 
-It is compiled once per shape key (tokens, rows, blocks per row, and the widths of the optional
-sampling arrays). Steps go through ``jax.jit``'s C++ dispatch path, which looks up the executable
-in a few microseconds where an ahead-of-time ``Compiled`` call cost ~50 per argument, and the
-host arrays travel packed in two buffers (see ``jaxllm.packing``). The KV cache and the token
-feedback buffer are donated: XLA updates them in place instead of copying them every step.
+It is compiled once per ``StepKey`` (tokens, rows, blocks per row, and whether Python logits
+processors run): every other sampling feature (penalties, logit_bias, allowed_token_ids,
+min_tokens, logprobs, prompt logprobs, strategies) rides in fixed-shape arrays and runs under
+``lax.cond`` when some row uses it, so it adds no variant. Steps go through ``jax.jit``'s C++
+dispatch path, which looks up the executable in a few microseconds where an ahead-of-time
+``Compiled`` call cost ~50 per argument, and the host arrays travel packed in two buffers (see
+``jaxllm.packing``). The device state (KV cache, token feedback, penalty counts) is donated:
+XLA updates it in place instead of copying it every step.
 """
 
 from __future__ import annotations
@@ -17,53 +20,119 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.kv_cache import KVCache
-from jaxllm.packing import PackedLayout, pack, unpack
+from jaxllm.models.layers import dot_general
+from jaxllm.packing import PackedLayout, unpack
+from jaxllm.penalties import count_samples
 from jaxllm.sampler import Sampler
-from jaxllm.step_inputs import StepOutputs
+from jaxllm.step_inputs import DeviceState, StepArrays, StepInputs, StepKey, StepOutputs
+
+
+def copy_blocks(kv_cache: KVCache, copies: jax.Array) -> KVCache:
+    """Copies KV blocks src -> dst in every layer, for each (src, dst) row of ``copies`` [C, 2]
+    before the first (0, 0) row (padding), in order. A loop of as many iterations as real
+    copies: a step without copies copies nothing, and XLA updates the cache in place."""
+    def copy(i: jax.Array, cache: KVCache) -> KVCache:
+        src, dst = copies[i, 0], copies[i, 1]
+
+        def move(a: jax.Array) -> jax.Array:
+            block = jax.lax.dynamic_slice_in_dim(a, src, 1, axis=1)
+            return jax.lax.dynamic_update_slice_in_dim(a, block, dst, axis=1)
+
+        return KVCache(k=move(cache.k), v=move(cache.v))
+
+    num_copies = jnp.sum(jnp.cumprod(copies[:, 0] != copies[:, 1]))
+    return jax.lax.fori_loop(0, num_copies, copy, kv_cache)
+
+
+def _forward(model: nn.Module, params: Any, kv_cache: KVCache, inputs: StepInputs
+             ) -> tuple[KVCache, jax.Array, jax.Array]:
+    """(kv_cache, row logits [S, V], final-normed hidden states of every token [T, D]).
+
+    The model computes logits only at ``logits_indices``; prompt logprobs need every token's,
+    which a fixed-shape step can afford only under ``lax.cond``. So the model is asked for
+    every token's index, and its final norm (the module named "norm" at the top) is
+    intercepted: it normalises all T hidden states, which are kept, and hands the head only
+    each row's last (T x D elementwise work, ~0.3 M values at 512 tokens of SmolLM2).
+    """
+    num_tokens = inputs.token_ids.shape[0]
+    every_token = dataclasses.replace(inputs, logits_indices=jnp.arange(num_tokens, dtype=jnp.int32))
+    normed = []
+
+    def keep_every_token(next_fun, args, kwargs, context):
+        if context.method_name != "__call__" or context.module.path != ("norm",):
+            return next_fun(*args, **kwargs)
+        normed.append(next_fun(*args, **kwargs))
+        return normed[0][inputs.logits_indices]
+
+    with nn.intercept_methods(keep_every_token):
+        kv_cache, logits = model.apply({"params": params}, kv_cache, every_token)
+    return kv_cache, logits, normed[0]
+
+
+def head_logits(model: nn.Module, params: Any, normed: jax.Array) -> jax.Array:
+    """[T, V] float32 logits of final-normed hidden states [T, D], as ``CausalLM``'s head
+    computes them (tied or untied, then the optional soft cap)."""
+    c = model.config
+    if c.tie_word_embeddings:
+        weight, contract = params["embed_tokens"]["embedding"], (((1,), (1,)), ((), ()))
+    else:
+        weight, contract = params["lm_head"]["kernel"], (((1,), (0,)), ((), ()))
+    logits = dot_general(normed.astype(model.dtype), weight.astype(model.dtype), contract)
+    logits = logits.astype(jnp.float32)
+    if c.final_logit_softcapping is not None:
+        logits = c.final_logit_softcapping * jnp.tanh(logits / c.final_logit_softcapping)
+    return logits
 
 
 class CompiledStep:
-    """The jitted step: ``(params, kv_cache, last_tokens, prepared) -> (kv_cache, last_tokens,
-    outputs)``, where ``prepared`` is a ``model_runner.PreparedStep`` of host arrays (inputs,
-    sampling tensors, feedback rows), shipped packed in two buffers (``jaxllm.packing``).
+    """The jitted step: ``(params, state, key, layout, buffers) -> (state, outputs)``, where
+    ``buffers`` are a ``StepArrays`` packed as ``layout`` (``jaxllm.packing``), the layout of
+    ``key``'s shapes (``StepLayout.packed(key)``, so it adds no compilation of its own).
 
-    Token feedback: ``last_tokens`` [R] holds the token each row of the previous step sampled
-    (R = the most rows a step has; it stays on the device). A token whose ``feedback_rows``
-    entry is r >= 0 takes ``last_tokens[r]`` as its id instead of ``inputs.token_ids``: the
-    executor schedules and dispatches a step before the previous one's tokens reach the host.
+    Token feedback: ``state.last_tokens`` [S_max] holds the token each row of the previous
+    step sampled. A token whose ``feedback_rows`` entry is r >= 0 takes ``last_tokens[r]`` as
+    its id instead of ``inputs.token_ids``: the executor schedules and dispatches a step before
+    the previous one's tokens reach the host.
     """
 
     def __init__(self, model: nn.Module, sampler: Sampler) -> None:
-        def step(params: Any, kv_cache: KVCache, last_tokens: jax.Array,
-                 buffers: tuple[jax.Array, jax.Array], layout: PackedLayout
-                 ) -> tuple[KVCache, jax.Array, StepOutputs]:
-            inputs, sampling, feedback_rows = unpack(buffers, layout)
-            fed_back = last_tokens[jnp.maximum(feedback_rows, 0)]
-            inputs = dataclasses.replace(
-                inputs, token_ids=jnp.where(feedback_rows >= 0, fed_back, inputs.token_ids))
-            if sampling.prompt_next_ids.shape[0]:
-                # Prompt logprobs need every token's logits, not only each row's last.
-                every_token = jnp.arange(inputs.token_ids.shape[0], dtype=jnp.int32)
-                kv_cache, all_logits = model.apply(
-                    {"params": params}, kv_cache, dataclasses.replace(inputs, logits_indices=every_token))
-                outputs = sampler(all_logits[inputs.logits_indices], sampling, all_logits)
-            else:
-                kv_cache, logits = model.apply({"params": params}, kv_cache, inputs)
-                outputs = sampler(logits, sampling)
-            return kv_cache, last_tokens.at[:outputs.token_ids.shape[0]].set(outputs.token_ids), outputs
+        def step(params: Any, state: DeviceState, buffers: tuple[jax.Array, jax.Array],
+                 key: StepKey, layout: PackedLayout) -> tuple[DeviceState, StepOutputs]:
+            arrays: StepArrays = unpack(buffers, layout)
+            kv_cache = copy_blocks(state.kv_cache, arrays.block_copies)
+            fed_back = state.last_tokens[jnp.maximum(arrays.feedback_rows, 0)]
+            inputs = dataclasses.replace(arrays.inputs, token_ids=jnp.where(
+                arrays.feedback_rows >= 0, fed_back, arrays.inputs.token_ids))
+            kv_cache, logits, normed = _forward(model, params, kv_cache, inputs)
+            vocab = logits.shape[1]
+            prompt = jax.lax.cond(
+                jnp.any(arrays.prompt_next_ids >= 0),
+                lambda: sampler.score_prompt(head_logits(model, params, normed), arrays.prompt_next_ids),
+                lambda: sampler.no_prompt_scores(key.num_tokens, vocab))
+            rows = sampler(logits, arrays.sampling, state.token_counts,
+                           host_processors=key.host_processors)
+            sampling = arrays.sampling
+            state = DeviceState(
+                kv_cache=kv_cache,
+                last_tokens=state.last_tokens.at[:key.num_rows].set(rows.token_ids),
+                token_counts=count_samples(state.token_counts, sampling.penalty_slots,
+                                           rows.token_ids, sampling.samples))
+            return state, StepOutputs(
+                token_ids=rows.token_ids, logprobs=rows.logprobs, ranks=rows.ranks,
+                top_token_ids=rows.top_token_ids, top_logprobs=rows.top_logprobs,
+                prompt_logprobs=prompt.logprobs, prompt_ranks=prompt.ranks,
+                prompt_top_token_ids=prompt.top_token_ids, prompt_top_logprobs=prompt.top_logprobs)
 
-        self._jitted = jax.jit(step, donate_argnums=(1, 2), static_argnums=(4,))
-        self._layouts: set[PackedLayout] = set()
+        self._jitted = jax.jit(step, donate_argnums=1, static_argnums=(3, 4))
+        self.keys: set[StepKey] = set()
 
     @property
     def num_compilations(self) -> int:
-        """Executables compiled (or loaded from the persistent cache) so far: one per layout
-        (every shape and dtype of the step's inputs)."""
-        return len(self._layouts)
+        """Executables compiled (or loaded from the persistent cache) so far: one per key."""
+        return len(self.keys)
 
-    def __call__(self, params: Any, kv_cache: KVCache, last_tokens: jax.Array,
-                 prepared: Any) -> tuple[KVCache, jax.Array, StepOutputs]:
-        """Runs one step on host arrays (copied into the packed buffers before returning)."""
-        buffers, layout = pack(prepared)
-        self._layouts.add(layout)
-        return self._jitted(params, kv_cache, last_tokens, buffers, layout)
+    def __call__(self, params: Any, state: DeviceState, key: StepKey, layout: PackedLayout,
+                 buffers: tuple[Any, Any]) -> tuple[DeviceState, StepOutputs]:
+        """Runs one step on packed host buffers."""
+        self.keys.add(key)
+        return self._jitted(params, state, buffers, key, layout)

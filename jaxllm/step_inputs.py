@@ -1,15 +1,14 @@
 """The pytrees that cross the host/device boundary once per step.
 
 Shape legend: T tokens in the step (bucketed), S sequences (rows, bucketed), P blocks per row
-(bucketed), V vocabulary, L max_model_len, A strategy arguments, K max logprobs, R rotary tables
-(one per distinct RoPE base of the model). The token layout the attention kernels read is their
-own ``AttentionMetadata`` (``jaxllm.kernels.paged_attention.metadata``, padding rules there).
+(bucketed), V vocabulary, A strategy arguments, W a sparse token list's width
+(``SamplingLimits``), C block copies per step, K max logprobs, R rotary tables (one per
+distinct RoPE base of the model), N token-count slots. The token layout the attention kernels
+read is their own ``AttentionMetadata`` (``jaxllm.kernels.paged_attention.metadata``).
 
-Optional sampling features travel in arrays whose width is 0 unless some row of the step uses
-them (history: penalties; logit_bias: logit_bias / allowed_token_ids / min_tokens;
-prompt_next_ids: prompt logprobs; use_processors: Python logits processors, whose host callback
-would also keep the step out of JAX's persistent compilation cache). Those widths join the compile key, so each such variant of a
-bucket is compiled once, and per-request values never change a shape.
+Every array's shape is a function of the step key (T, S, P) and the engine's fixed widths, and
+their padding values are declared once (``jaxllm.step_layout``; the sampling rows in
+``jaxllm.sampling_rows``): no request, whatever sampling features it uses, changes a shape.
 
 Rotary cos/sin come from the host (``rotary``), computed once per step from the positions: left
 to XLA:CPU, cos(positions x inv_freq) was fused into every layer's rotary fusion and evaluated
@@ -21,21 +20,14 @@ layer reads its own (``ModelConfig.layer_rope``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from jaxllm.kernels.paged_attention.metadata import AttentionMetadata
-
-# The [S] fields of SamplingTensors: (dtype, the neutral value a padding row holds).
-SAMPLING_ROW_FIELDS: dict[str, tuple[type, Any]] = {
-    "temperature": (np.float32, 0.0), "top_k": (np.int32, 0), "top_p": (np.float32, 1.0),
-    "min_p": (np.float32, 0.0), "repetition_penalty": (np.float32, 1.0),
-    "frequency_penalty": (np.float32, 0.0), "presence_penalty": (np.float32, 0.0),
-    "seeds": (np.uint32, 0), "output_index": (np.int32, 0), "num_logprobs": (np.int32, -1),
-    "strategy_ids": (np.int32, 0), "prompt_lens": (np.int32, 0),
-}
+from jaxllm.kv_cache import KVCache
+from jaxllm.sampling_rows import ROW_FIELDS
 
 
 @jax.tree_util.register_dataclass
@@ -48,45 +40,65 @@ class StepInputs:
                                     #   (Hr/2 each; Hr = the rotated part of the head dim)
 
 
+def _build(cls: type, num_rows: int, **values: Any) -> Any:
+    """Host arrays for ``num_rows`` rows: every field's pad unless given in ``values``.
+
+    [S] fields broadcast a scalar or take an [S] array; [S, W] fields take an array (default
+    width 1 of pads). For tests and for trying a strategy on hand-made logits.
+    """
+    fields = {}
+    for name, field in ROW_FIELDS.items():
+        shape = (num_rows,) if field.width is None else (num_rows, 1)
+        if name in values:
+            value = np.asarray(values.pop(name), field.dtype)
+            shape = shape if field.width is None else value.shape
+        else:
+            value = field.pad
+        fields[name] = np.broadcast_to(np.asarray(value, field.dtype), shape).copy()
+    if values:
+        raise TypeError(f"unknown SamplingTensors fields: {sorted(values)}")
+    return cls(**fields)
+
+
+# One column per ``sampling_rows.ROW_FIELDS`` entry, in its order: [S] or [S, W] (see there
+# for each column's dtype, padding value and source).
+SamplingTensors = jax.tree_util.register_dataclass(dataclasses.make_dataclass(
+    "SamplingTensors", [(name, jax.Array) for name in ROW_FIELDS], frozen=True,
+    namespace={"build": classmethod(_build), "__module__": __name__,
+               "__doc__": "Per-row sampling settings: the columns of sampling_rows.ROW_FIELDS."}))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class SamplingTensors:
-    temperature: jax.Array         # [S] float32  0 = greedy
-    top_k: jax.Array               # [S] int32    0 = disabled
-    top_p: jax.Array               # [S] float32  1 = disabled
-    min_p: jax.Array               # [S] float32  0 = disabled
-    repetition_penalty: jax.Array  # [S] float32  1 = disabled
-    frequency_penalty: jax.Array   # [S] float32  0 = disabled
-    presence_penalty: jax.Array    # [S] float32  0 = disabled
-    seeds: jax.Array               # [S] uint32   per-request seed (low 32 bits)
-    output_index: jax.Array        # [S] int32    index of the token being sampled in the output
-    num_logprobs: jax.Array        # [S] int32    top alternatives wanted, -1 = no logprobs
-    strategy_ids: jax.Array        # [S] int32    registered strategy (1-based), 0 = none
-    strategy_args: jax.Array       # [S, A] float32 that strategy's arguments, in declared order
-    prompt_lens: jax.Array         # [S] int32    prompt part of each history row
-    history: jax.Array             # [S, L or 0] int32 prompt + output token ids, -1 padded
-    logit_bias: jax.Array          # [S, V or 0] float32 added to the raw logits (-inf = banned)
-    use_processors: jax.Array      # [S or 0] bool row has Python logits processors
-    prompt_next_ids: jax.Array     # [T or 0] int32 next prompt token after each token, -1 none
+class StepArrays:
+    """Everything a step takes from the host, shipped packed (``jaxllm.packing``)."""
 
-    @classmethod
-    def build(cls, num_rows: int, **values: Any) -> "SamplingTensors":
-        """Host arrays for ``num_rows`` rows: neutral (greedy) settings unless given in ``values``.
+    inputs: StepInputs
+    sampling: SamplingTensors
+    feedback_rows: jax.Array     # [T] int32   row of the previous step whose token this is, -1 none
+    prompt_next_ids: jax.Array   # [T] int32   next prompt token after each token, -1 none
+    block_copies: jax.Array      # [C, 2] int32 copy-on-write (src, dst) blocks; (0, 0) none
 
-        Row fields broadcast a scalar or take an [S] array; the 2-D and prompt fields take
-        arrays (default: one zero strategy argument, no history, bias or prompt logprobs).
-        For tests and for trying a strategy on hand-made logits.
-        """
-        fields = {name: np.broadcast_to(np.asarray(values.pop(name, neutral), dtype), (num_rows,)).copy()
-                  for name, (dtype, neutral) in SAMPLING_ROW_FIELDS.items()}
-        fields["strategy_args"] = np.asarray(values.pop("strategy_args", np.zeros((num_rows, 1))), np.float32)
-        fields["history"] = np.asarray(values.pop("history", np.zeros((num_rows, 0))), np.int32)
-        fields["logit_bias"] = np.asarray(values.pop("logit_bias", np.zeros((num_rows, 0))), np.float32)
-        fields["use_processors"] = np.asarray(values.pop("use_processors", np.zeros(0)), np.bool_)
-        fields["prompt_next_ids"] = np.asarray(values.pop("prompt_next_ids", np.zeros(0)), np.int32)
-        if values:
-            raise TypeError(f"unknown SamplingTensors fields: {sorted(values)}")
-        return cls(**fields)
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DeviceState:
+    """What stays on the device between steps; donated to each step, updated in place."""
+
+    kv_cache: KVCache
+    last_tokens: jax.Array       # [S_max] int32 each row's token of the previous step (feedback)
+    token_counts: jax.Array      # [N, V] int32 per-slot token counts for penalties
+                                 #   (``jaxllm.penalties``: 2 x output count + seen in prompt)
+
+
+class StepKey(NamedTuple):
+    """The static key a step is compiled for: its bucket (T, S, P) and whether Python logits
+    processors run in it (the one variant with a host callback, compiled on first use)."""
+
+    num_tokens: int
+    num_rows: int
+    num_blocks: int
+    host_processors: bool = False
 
 
 @jax.tree_util.register_dataclass
@@ -97,7 +109,7 @@ class StepOutputs:
     ranks: jax.Array                 # [S] int32    its rank (1 = most likely); 0 if not asked
     top_token_ids: jax.Array         # [S, K] int32   most likely tokens, when asked
     top_logprobs: jax.Array          # [S, K] float32 and their logprobs
-    prompt_logprobs: jax.Array       # [T or 0] float32 logprob of the next prompt token
-    prompt_ranks: jax.Array          # [T or 0] int32
-    prompt_top_token_ids: jax.Array  # [T or 0, K] int32
-    prompt_top_logprobs: jax.Array   # [T or 0, K] float32
+    prompt_logprobs: jax.Array       # [T] float32 logprob of the next prompt token
+    prompt_ranks: jax.Array          # [T] int32
+    prompt_top_token_ids: jax.Array  # [T, K] int32
+    prompt_top_logprobs: jax.Array   # [T, K] float32

@@ -89,7 +89,7 @@ def logits_match(engine, hf_model, prompt_lengths, num_decodes: int, *, seed: in
     num_checked = 0
     while scheduler.has_unfinished:
         batch = scheduler.schedule()
-        inputs, _, _ = runner.prepare_inputs(batch)
+        inputs = runner.prepare_inputs(batch).inputs
         runner.kv_cache, logits = forward(runner.params, runner.kv_cache, inputs)
         logits = np.asarray(logits)
         for row, item in enumerate(batch.scheduled):

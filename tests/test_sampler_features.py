@@ -1,5 +1,6 @@
-"""The sampler's optional parts against NumPy / transformers references: min-p, penalties,
-bias rows, top logprobs, prompt logprobs, registered strategies and host logits processors."""
+"""The sampler's optional parts against NumPy / transformers references: min-p, penalties from
+device token counts, sparse token lists, top logprobs (beam candidates under min_tokens),
+prompt logprobs, registered strategies and host logits processors."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.sampler import Sampler, apply_penalties, truncation_mask
+from jaxllm.penalties import apply_penalties, count_samples, row_counts, seed_slot
+from jaxllm.sampler import Sampler, truncation_mask
 from jaxllm.step_inputs import SamplingTensors
 from jaxllm.strategies import SamplingStrategy, register_strategy, registered_strategies
+from jaxllm.token_lists import apply_token_lists
 
 ROWS, VOCAB = 32, 48
 NUM_DRAWS = 24_000
@@ -107,43 +110,119 @@ def reference_penalties(logits, prompt, output, repetition, frequency, presence)
     return out
 
 
+def seeded_counts(histories, prompt_lens, vocab: int, num_slots: int) -> jax.Array:
+    """Token counts with slot r seeded from histories[r] (prompt then output ids)."""
+    counts = jnp.zeros((num_slots, vocab), jnp.int32)
+    for slot, (tokens, num_prompt) in enumerate(zip(histories, prompt_lens)):
+        padded = np.full(64, -1, np.int32)
+        padded[:len(tokens)] = tokens
+        counts = seed_slot(counts, np.int32(slot), padded, np.int32(num_prompt))
+    return counts
+
+
 def test_penalties_match_numpy_reference():
     rng = np.random.default_rng(4)
     logits = (rng.normal(size=(ROWS, VOCAB)) * 2).astype(np.float32)
-    history_len = 40
-    history = np.full((ROWS, history_len), -1, np.int32)
     prompt_lens = rng.integers(1, 20, size=ROWS)
-    rows = []
+    rows, histories = [], []
     for r in range(ROWS):
-        total = int(rng.integers(prompt_lens[r], history_len + 1))
+        total = int(rng.integers(prompt_lens[r], 41))
         tokens = rng.integers(0, 12, size=total).tolist()                  # many repeats
-        history[r, :total] = tokens
+        histories.append(tokens)
         rows.append((tokens[:prompt_lens[r]], tokens[prompt_lens[r]:]))
+    counts = seeded_counts(histories, prompt_lens, VOCAB, ROWS + 3)
+    slots = rng.permutation(ROWS + 3)[:ROWS].astype(np.int32)            # rows sit in any slot
+    counts = counts[np.argsort(np.concatenate([slots, np.setdiff1d(np.arange(ROWS + 3), slots)]))]
     repetition = rng.choice([1.0, 1.3, 0.8], size=ROWS).astype(np.float32)
     frequency = rng.uniform(-2, 2, size=ROWS).astype(np.float32)
     presence = rng.uniform(-2, 2, size=ROWS).astype(np.float32)
-    params = SamplingTensors.build(ROWS, repetition_penalty=repetition, frequency_penalty=frequency,
-                                   presence_penalty=presence, prompt_lens=prompt_lens, history=history)
-    got = np.asarray(jax.jit(apply_penalties)(jnp.asarray(logits), params))
+
+    @jax.jit
+    def penalise(logits, counts, slots):
+        output_counts, seen = row_counts(counts, slots)
+        return apply_penalties(logits, output_counts, seen, repetition, frequency, presence)
+
+    got = np.asarray(penalise(jnp.asarray(logits), counts, slots))
     for r, (prompt, output) in enumerate(rows):
         expected = reference_penalties(logits[r], prompt, output, repetition[r], frequency[r], presence[r])
         np.testing.assert_allclose(got[r], expected, rtol=1e-6, atol=1e-5, err_msg=f"row {r}")
 
 
-def test_greedy_rows_see_bias_and_penalties():
+def test_counted_samples_equal_a_seeding_with_those_tokens():
+    """Step by step, count_samples keeps the counts a seeding from the whole history gives;
+    rows that do not sample or have no slot change nothing."""
+    rng = np.random.default_rng(9)
+    slots = np.array([2, -1, 0, 3], np.int32)
+    samples = np.array([True, True, False, True])
+    histories = [rng.integers(0, VOCAB, 5).tolist() for _ in range(4)]
+    by_slot = {int(slot): histories[r] for r, slot in enumerate(slots) if slot >= 0}
+    counts = seeded_counts([by_slot.get(i, []) for i in range(6)], [5] * 6, VOCAB, 6)
+    for _ in range(6):
+        tokens = rng.integers(0, VOCAB, 4).astype(np.int32)
+        counts = jax.jit(count_samples)(counts, slots, tokens, samples)
+        for r in np.flatnonzero(samples & (slots >= 0)):
+            histories[r].append(int(tokens[r]))
+    for r in (0, 2, 3):
+        np.testing.assert_array_equal(counts[slots[r]], seeded_counts([histories[r]], [5], VOCAB, 1)[0])
+    assert len(histories[2]) == 5 and not np.asarray(counts)[[1, 4, 5]].any()
+
+
+def sparse(rows: list[list], width: int, pad, dtype) -> np.ndarray:
+    out = np.full((len(rows), width), pad, dtype)
+    for r, values in enumerate(rows):
+        out[r, :len(values)] = values
+    return out
+
+
+def test_token_lists_equal_a_dense_bias_row():
+    """allowed_token_ids, logit_bias and min_tokens' ban from sparse rows give what adding
+    vLLM's dense [S, V] bias row (0 or -inf, plus the biases, -inf for banned ids) gives."""
+    rng = np.random.default_rng(10)
+    logits = rng.normal(size=(6, VOCAB)).astype(np.float32)
+    allowed = [[], [3, 9, 11], [], [4, 5], [], []]
+    bias = [{}, {9: 2.0, 30: 5.0}, {7: -1.5, 8: 100.0}, {}, {}, {2: 0.5}]
+    stops = [[1, 2], [], [8], [4], [5], []]
+    output_index, min_tokens = np.array([0, 0, 1, 3, 2, 0]), np.array([2, 0, 3, 3, 5, 0])
+    dense = np.zeros((6, VOCAB), np.float32)
+    for r in range(6):
+        if allowed[r]:
+            dense[r] = -np.inf
+            dense[r, allowed[r]] = 0
+        dense[r, list(bias[r])] += list(bias[r].values())
+        if output_index[r] < min_tokens[r]:
+            dense[r, stops[r]] = -np.inf
+    got = jax.jit(apply_token_lists)(
+        logits, sparse(allowed, 4, -1, np.int32), sparse([list(b) for b in bias], 3, -1, np.int32),
+        sparse([list(b.values()) for b in bias], 3, 0, np.float32), sparse(stops, 2, -1, np.int32),
+        output_index.astype(np.int32), min_tokens.astype(np.int32))
+    np.testing.assert_array_equal(np.asarray(got), logits + dense)
+
+
+def test_greedy_rows_see_token_lists_and_penalties():
     logits = np.zeros((4, VOCAB), np.float32)
     logits[:, 5] = 1.0
-    bias = np.zeros((4, VOCAB), np.float32)
-    bias[1, 7] = 2.0                          # row 1: logit_bias lifts token 7 above token 5
-    bias[2] = -np.inf
-    bias[2, [9, 11]] = 0.0                    # row 2: allowed_token_ids {9, 11}
-    bias[2, 11] = 0.5
-    history = np.full((4, 3), -1, np.int32)
-    history[3, :2] = [5, 5]                   # row 3: token 5 generated twice, frequency 1
-    params = SamplingTensors.build(4, frequency_penalty=[0, 0, 0, 1.0], prompt_lens=[0, 0, 0, 0],
-                                   history=history, logit_bias=bias)
-    tokens = np.asarray(jax.jit(Sampler())(jnp.asarray(logits), params).token_ids)
+    counts = seeded_counts([[], [], [], [5, 5]], [0, 0, 0, 0], VOCAB, 4)  # row 3: token 5 output twice
+    params = SamplingTensors.build(
+        4, frequency_penalty=[0, 0, 0, 1.0], penalty_slots=[-1, -1, -1, 3],
+        bias_ids=sparse([[], [7], [11], []], 1, -1, np.int32),            # row 1 lifts 7 above 5
+        bias_values=sparse([[], [2.0], [0.5], []], 1, 0, np.float32),
+        allowed_ids=sparse([[], [], [9, 11], []], 2, -1, np.int32))       # row 2: {9, 11}, 11 biased
+    tokens = np.asarray(jax.jit(Sampler())(jnp.asarray(logits), params, counts).token_ids)
     assert tokens[0] == 5 and tokens[1] == 7 and tokens[2] == 11 and tokens[3] != 5
+
+
+def test_beam_rows_candidates_obey_min_tokens_and_other_rows_report_raw_alternatives():
+    logits = np.tile(np.linspace(0, 3, VOCAB, dtype=np.float32), (3, 1))   # token V-1 ranks first
+    stop = VOCAB - 1
+    params = SamplingTensors.build(3, num_logprobs=4, beam=[True, False, True], min_tokens=[2, 2, 2],
+                                   output_index=[0, 0, 2], min_tokens_stop_ids=[[stop], [stop], [stop]])
+    out = jax.jit(Sampler(max_logprobs=4))(jnp.asarray(logits), params)
+    top = np.asarray(out.top_token_ids)
+    assert stop not in top[0] and top[0, 0] == stop - 1       # a beam before min_tokens
+    assert top[1, 0] == stop and top[2, 0] == stop            # raw alternatives; min_tokens reached
+    raw = np_log_softmax(logits)[0]
+    np.testing.assert_allclose(np.asarray(out.top_logprobs)[0], raw[[stop - 1, stop - 2, stop - 3, stop - 4]],
+                               atol=1e-5)                     # not renormalised, as transformers
 
 
 def test_top_logprobs_and_ranks_match_log_softmax():
@@ -166,13 +245,12 @@ def test_prompt_logprobs_score_the_next_prompt_token():
     rng = np.random.default_rng(6)
     all_logits = rng.normal(size=(10, VOCAB)).astype(np.float32)
     next_ids = np.array([3, 4, -1, 7, 0, 1, -1, -1, 2, 9], np.int32)
-    params = SamplingTensors.build(2, prompt_next_ids=next_ids)
-    out = jax.jit(Sampler(max_logprobs=4))(jnp.asarray(all_logits[[2, 6]]), params, jnp.asarray(all_logits))
+    out = jax.jit(Sampler(max_logprobs=4).score_prompt)(jnp.asarray(all_logits), next_ids)
     expected = np_log_softmax(all_logits)
     valid = next_ids >= 0
-    np.testing.assert_allclose(np.asarray(out.prompt_logprobs)[valid],
+    np.testing.assert_allclose(np.asarray(out.logprobs)[valid],
                                expected[np.arange(10), next_ids][valid], atol=1e-5)
-    np.testing.assert_array_equal(out.prompt_top_token_ids, np.argsort(-expected, -1)[:, :4])
+    np.testing.assert_array_equal(out.top_token_ids, np.argsort(-expected, -1)[:, :4])
 
 
 @pytest.mark.parametrize("name, warper, arg", [
@@ -219,7 +297,8 @@ def test_host_logits_processor_changes_only_flagged_rows():
 
     params = SamplingTensors.build(4, use_processors=[False, True, False, True])
     logits = jnp.asarray(np.random.default_rng(8).normal(size=(4, VOCAB)), jnp.float32)
-    tokens = np.asarray(jax.jit(Sampler(host_logits_processor=hook))(logits, params).token_ids)
+    sampler = Sampler(host_logits_processor=hook)
+    tokens = np.asarray(jax.jit(lambda x, p: sampler(x, p, host_processors=True))(logits, params).token_ids)
     assert tokens[1] == 13 and tokens[3] == 13
     np.testing.assert_array_equal(tokens[[0, 2]], np.argmax(np.asarray(logits), -1)[[0, 2]])
 
