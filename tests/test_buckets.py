@@ -163,16 +163,15 @@ def test_from_config_on_cpu_uses_finer_decode_rows_and_one_block_bucket_with_the
 # ---- on a tiny engine ----
 
 def _mixed_params(rng, index: int) -> SamplingParams:
-    """Every shape-neutral sampling feature (penalties, biases and prompt logprobs have their
-    own step variants and are not part of the base keys)."""
+    """Sampling features that ride in every step's shape (all but Python logits processors)."""
     max_tokens = int(rng.integers(1, 31))
     kinds = [
         dict(temperature=0),
-        dict(temperature=0.8, seed=index),
-        dict(temperature=1.0, top_p=0.9),
-        dict(temperature=0.7, top_k=20, seed=index),
-        dict(temperature=1.2, min_p=0.1, logprobs=3),
-        dict(temperature=0, logprobs=2),
+        dict(temperature=0.8, seed=index, repetition_penalty=1.2),
+        dict(temperature=1.0, top_p=0.9, logit_bias={5: 2.0}),
+        dict(temperature=0.7, top_k=20, seed=index, frequency_penalty=0.5, presence_penalty=0.3),
+        dict(temperature=1.2, min_p=0.1, logprobs=3, allowed_token_ids=list(range(100))),
+        dict(temperature=0, logprobs=2, prompt_logprobs=1, min_tokens=min(max_tokens, 3), stop_token_ids=[7]),
     ]
     return SamplingParams(max_tokens=max_tokens, **kinds[index % len(kinds)])
 
