@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING
 
 from jaxllm import groups
 from jaxllm.output_processor import OutputProcessor
+from jaxllm.row_results import RowResults
 from jaxllm.scheduler import ScheduledBatch, Scheduler
 from jaxllm.sequence import Sequence
-
-if TYPE_CHECKING:   # its module imports jax; this one reads the host lists only
-    from jaxllm.model_runner import RowResults
 
 
 @dataclasses.dataclass

@@ -10,10 +10,10 @@ import pytest
 
 from jaxllm.groups import child_seed, completions_to_report, new_sequence
 from jaxllm.kv_cache_manager import KVCacheManager
-from jaxllm.model_runner import RowResults
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.outputs import Logprob
 from jaxllm.postprocess import Postprocessor, finish_reason
+from jaxllm.row_results import RowResults
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.scheduler import Scheduler
 from jaxllm.sequence import Request, Sequence

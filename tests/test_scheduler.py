@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxllm.kv_cache_manager import KVCacheManager
-from jaxllm.model_runner import RowResults
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.postprocess import Postprocessor
+from jaxllm.row_results import RowResults
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import ScheduledBatch, ScheduledSequence, Scheduler
 from jaxllm.sequence import Request, Sequence, SequenceStatus

@@ -14,9 +14,9 @@ import pytest
 from jaxllm.executor import Executor
 from jaxllm.groups import new_sequence
 from jaxllm.kv_cache_manager import KVCacheManager
-from jaxllm.model_runner import RowResults
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.postprocess import Postprocessor
+from jaxllm.row_results import RowResults
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.scheduler import Scheduler
 from jaxllm.sequence import Request
