@@ -13,7 +13,7 @@ from typing import Any
 # public name -> the module that defines it
 _EXPORTS = {
     "Engine": "jaxllm.engine",
-    "EngineDeadError": "jaxllm.executor",
+    "EngineDeadError": "jaxllm.request_handle",
     "SamplingParams": "jaxllm.sampling_params",
     "RequestOutputKind": "jaxllm.sampling_params",
     "RequestOutput": "jaxllm.outputs",

@@ -92,9 +92,9 @@ def logits_match(engine, hf_model, prompt_lengths, num_decodes: int, *, seed: in
         inputs = runner.prepare_inputs(batch).inputs
         runner.kv_cache, logits = forward(runner.params, runner.kv_cache, inputs)
         logits = np.asarray(logits)
+        scheduler.advance(batch)
         for row, item in enumerate(batch.scheduled):
             seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
             if not item.completes_prefill:
                 continue
             with torch.no_grad():
@@ -103,6 +103,7 @@ def logits_match(engine, hf_model, prompt_lengths, num_decodes: int, *, seed: in
                                        err_msg=f"request {seq.request.request_id} at {seq.num_tokens} tokens")
             num_checked += 1
             seq.token_ids.append(int(expected.argmax()))
+            scheduler.record_outputs(seq, sampled=True)
             if seq.num_output_tokens == num_decodes:
                 scheduler.finish(seq, "length")
     return num_checked

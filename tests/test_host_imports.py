@@ -1,5 +1,6 @@
-"""The host side imports without jax: ``import jaxllm`` is cheap and lazy, and the scheduler,
-KV manager, sequences, input and output processing never pull in jax, flax or transformers."""
+"""The host side imports without jax: ``import jaxllm`` is cheap and lazy, and the executor
+loop, scheduler, KV manager, sequences, input processing and post-processing never pull in jax,
+flax or transformers."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 
 HOST_MODULES = ("jaxllm", "jaxllm.scheduler", "jaxllm.kv_cache_manager", "jaxllm.sequence",
                 "jaxllm.input_processor", "jaxllm.output_processor", "jaxllm.detokenizer",
-                "jaxllm.sampling_params", "jaxllm.outputs", "jaxllm.beam_search")
+                "jaxllm.sampling_params", "jaxllm.outputs", "jaxllm.beam_search",
+                "jaxllm.executor", "jaxllm.postprocess", "jaxllm.groups", "jaxllm.request_handle")
 HEAVY = ("jax", "flax", "transformers", "torch")
 
 
@@ -24,7 +26,7 @@ def _loaded_after(code: str) -> set[str]:
 
 def test_host_modules_import_without_jax():
     loaded = _loaded_after("\n".join(f"import {m}" for m in HOST_MODULES)
-                           + "\nfrom jaxllm import SamplingParams, RequestOutput")
+                           + "\nfrom jaxllm import SamplingParams, RequestOutput, EngineDeadError")
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
 
 

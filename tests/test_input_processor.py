@@ -63,8 +63,8 @@ def test_requests_get_distinct_seeds_unless_given_and_ids_in_order():
     ([1], SamplingParams(logprobs=6), "exceeds the engine's max_logprobs"),
     ([1], SamplingParams(n=5), r"n=5 exceeds max_num_seqs \(4\)"),
     ([1], SamplingParams(strategy="nope"), "strategy 'nope' is not registered"),
-    ([1], SamplingParams(use_beam_search=True, beam_width=2, temperature=0, min_tokens=1),
-     "use_beam_search does not support min_tokens"),
+    ([1], SamplingParams(use_beam_search=True, beam_width=2, temperature=0, stop=["x"]),
+     "use_beam_search does not support stop"),
 ])
 def test_invalid_requests_are_refused_naming_the_problem(prompt, params, match):
     with pytest.raises(ValueError, match=match):
