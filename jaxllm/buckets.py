@@ -1,7 +1,7 @@
 """The fixed, finite set of step shapes (T tokens, S rows, P blocks per row) the engine compiles.
 
-Every step is compiled once per shape key (tokens, rows, blocks per row and the widths of the
-optional sampling arrays: see :mod:`jaxllm.step`), and on CPU one
+Every step is compiled once per shape key (tokens, rows, blocks per row: see :mod:`jaxllm.step`;
+every sampling feature but Python logits processors rides in those shapes), and on CPU one
 compile of SmolLM2-135M takes 15-25 s. Independent power-of-two buckets for T, S and P give
 392 possible keys for the defaults (49 (T, S) pairs with S <= T, times 8 P buckets): too many
 to warm up, so new keys appear in the middle of a workload. :class:`BucketPolicy` instead lists a small set of keys up front

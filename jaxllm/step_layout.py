@@ -110,9 +110,7 @@ class StepLayout:
     @functools.lru_cache(maxsize=None)
     def packed(self, key: StepKey) -> PackedLayout:
         """Where each array of a step of ``key`` lives in the packed buffers."""
-        shapes = self.shapes(key)
-        return layout_of(assemble({name: np.empty(shapes[name], field.dtype)
-                                   for name, field in ARRAY_FIELDS.items()}))
+        return layout_of(self.padding(key))
 
 
 class HostBuffers:
