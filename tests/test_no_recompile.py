@@ -6,7 +6,9 @@ penalty-slot seeding included."""
 from __future__ import annotations
 
 import jax.monitoring
+import numpy as np
 import pytest
+import torch
 from conftest import make_tiny_llama, random_prompts
 
 from jaxllm import Engine, RequestOutputKind, SamplingParams
@@ -28,11 +30,13 @@ def save_word_tokenizer(path) -> None:
 
 @pytest.fixture(scope="module")
 def warmed(tmp_path_factory):
+    """A tied-head model: its prompt logprobs take step.head_logits' tied path."""
     path = tmp_path_factory.mktemp("tiny_llama_words")
-    make_tiny_llama(path, eos_token_id=EOS)
+    hf_model = make_tiny_llama(path, eos_token_id=EOS, tie_word_embeddings=True)
     save_word_tokenizer(path)
     with Engine(str(path), **OPTIONS) as engine:
-        yield engine
+        assert engine.model_config.tie_word_embeddings
+        yield engine, hf_model
 
 
 class CompileEvents:
@@ -71,7 +75,7 @@ def every_feature() -> list[SamplingParams]:
 
 
 def test_mixed_features_after_warmup_compile_nothing(warmed):
-    engine = warmed
+    engine, hf_model = warmed
     compiled = engine.stats()["num_compilations"]
     assert compiled == len(engine.bucket_policy)
     copies = []
@@ -92,12 +96,16 @@ def test_mixed_features_after_warmup_compile_nothing(warmed):
     assert sum(copies) > 0                       # n > 1 and beam forks copied blocks in steps
     beams = outputs[2].outputs
     assert len(beams) == 2
-    assert len(outputs[4].prompt_logprobs) == len(prompts[4])
+    prompt = prompts[4]
+    with torch.no_grad():
+        expected = torch.log_softmax(hf_model(torch.tensor([prompt])).logits[0].double(), -1).numpy()
+    got = [entry[prompt[p]].logprob for p, entry in enumerate(outputs[4].prompt_logprobs) if p > 0]
+    np.testing.assert_allclose(got, expected[np.arange(len(prompt) - 1), prompt[1:]], atol=1e-4)
     assert set(outputs[3].outputs[0].token_ids) <= {5, 7, 11, EOS}
 
 
 def test_python_logits_processors_are_the_one_variant(warmed):
-    engine = warmed
+    engine, _ = warmed
     compiled = engine.stats()["num_compilations"]
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True,
                             logits_processors=[lambda ids, logits: logits])
