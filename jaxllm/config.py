@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxllm.models.rope import RopeSpec
+from jaxllm.sampling_rows import SamplingLimits
 
 
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
@@ -142,6 +143,10 @@ class EngineConfig:
             reach the host (the device feeds them to the next step), so host work hides behind
             the device (vLLM's ``async_scheduling``). False runs one step at a time: for
             debugging, and to measure what the overlap buys.
+        max_logit_bias, max_allowed_token_ids, max_min_tokens_stop_ids: the widths of the
+            fixed per-row token lists the compiled sampler takes (``logit_bias`` entries,
+            ``allowed_token_ids``, and the stop + EOS ids ``min_tokens`` bans); a request over
+            one is refused at submission, naming it.
     """
 
     dtype: str | None = None
@@ -159,6 +164,9 @@ class EngineConfig:
     warmup: bool = False
     prefill_first: bool | None = None
     async_scheduling: bool = True
+    max_logit_bias: int = SamplingLimits.max_logit_bias
+    max_allowed_token_ids: int = SamplingLimits.max_allowed_token_ids
+    max_min_tokens_stop_ids: int = SamplingLimits.max_min_tokens_stop_ids
 
     def __post_init__(self) -> None:
         if self.dtype not in (None, "float32", "bfloat16"):
@@ -177,6 +185,13 @@ class EngineConfig:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                 f"max_num_seqs ({self.max_num_seqs})")
+        _ = self.sampling_limits  # SamplingLimits refuses a width below 1
+
+    @property
+    def sampling_limits(self) -> SamplingLimits:
+        """The token-list widths, validated (each at least 1)."""
+        return SamplingLimits(self.max_logit_bias, self.max_allowed_token_ids,
+                              self.max_min_tokens_stop_ids)
 
     def resolve(self, model: ModelConfig, platform: str,
                 accelerator_memory_bytes: int | None = None) -> EngineConfig:

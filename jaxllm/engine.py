@@ -84,7 +84,8 @@ class Engine:
             self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
             max_model_len=c.max_model_len, max_num_seqs=c.max_num_seqs, max_logprobs=c.max_logprobs,
             num_usable_blocks=self.kv_cache_manager.num_usable_blocks, block_size=c.block_size,
-            strategies=self.strategies, seed=c.seed, model_source=model if gguf else self.model_dir)
+            strategies=self.strategies, seed=c.seed, model_source=model if gguf else self.model_dir,
+            limits=c.sampling_limits)
 
     def _build_runner(self) -> ModelRunner:
         """Loads the weights and wires the compiled step (model + sampler) to its host side."""
@@ -102,7 +103,7 @@ class Engine:
             allocate_kv_cache(mc, c.num_blocks, c.block_size, c.dtype), c.block_size,
             c.max_num_batched_tokens, c.max_num_seqs, self.bucket_policy.max_blocks_per_seq,
             c.max_model_len, mc.vocab_size, RotaryTables(mc.rope), tuple(self.strategies.values()),
-            self.bucket_policy)
+            self.bucket_policy, limits=c.sampling_limits)
 
     # ---- lifecycle ----
     def shutdown(self) -> None:

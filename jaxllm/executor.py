@@ -14,7 +14,7 @@ One iteration of the loop, with step N - 1 still running on the device:
 So the host's work hides behind the device's. The price is one wasted row per sequence that
 stops on EOS, a stop token or a stop string: it was already in step N when step N - 1's token
 ended it (its K/V write is harmless, its token is dropped). Sequences whose next step needs
-every token on the host (beam search, penalties, Python logits processors) wait for their
+every token on the host (beam search, Python logits processors) wait for their
 pending token instead, and a step with Python logits processors is finished before the next is
 prepared (as every step is with ``async_scheduling=False``).
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxllm.beam_search import BeamSearchState
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_rows import SamplingLimits, check_sampling_limits
 from jaxllm.sequence import Request
 
 PromptType = str | list[int] | dict[str, Any]
@@ -36,11 +37,13 @@ class InputProcessor:
         strategies: the registered strategies the engine's sampler serves, by name.
         seed: base seed of the generator that seeds requests without one.
         model_source: what the user passed as the model, named in errors.
+        limits: the widths of the compiled sampler's token lists.
     """
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: frozenset[int], *,
                  max_model_len: int, max_num_seqs: int, max_logprobs: int, num_usable_blocks: int,
-                 block_size: int, strategies: dict[str, Any], seed: int, model_source: Any) -> None:
+                 block_size: int, strategies: dict[str, Any], seed: int, model_source: Any,
+                 limits: SamplingLimits = SamplingLimits()) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
@@ -51,6 +54,7 @@ class InputProcessor:
         self.block_size = block_size
         self.strategies = strategies
         self.model_source = model_source
+        self.limits = limits
         self._request_counter = itertools.count()
         self._seed_rng = np.random.default_rng(seed)
         self._seed_lock = threading.Lock()
@@ -150,6 +154,7 @@ class InputProcessor:
             bad = [t for t in ids or () if t >= vocab]
             if bad:
                 raise ValueError(f"{name} must be token ids in [0, {vocab}); got {bad[:5]}")
+        check_sampling_limits(params, self.limits, self.eos_token_ids)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
             if value is not None and value > self.max_logprobs:

@@ -128,10 +128,10 @@ class Sequence:
     @property
     def needs_host_tokens(self) -> bool:
         """Whether the next step needs the host to know every token so far: beam search picks
-        tokens on the host; penalties and Python logits processors read the token history."""
-        params = self.request.sampling_params
+        tokens on the host; Python logits processors read the token history. (Penalties count
+        the tokens on the device.)"""
         return ((self.group is not None and self.group.beam is not None)
-                or params.needs_penalties or bool(params.logits_processors))
+                or bool(self.request.sampling_params.logits_processors))
 
     @property
     def is_finished(self) -> bool:

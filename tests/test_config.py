@@ -53,5 +53,8 @@ def test_resolve_keeps_explicit_values_and_refuses_a_budget_without_a_block():
     c = EngineConfig(attention="reference", dtype="bfloat16", max_model_len=100, num_blocks=7,
                      scan_layers=True).resolve(MODEL, "cpu")
     assert (c.dtype, c.max_model_len, c.num_blocks, c.scan_layers) == ("bfloat16", 100, 7, True)
+    with pytest.raises(ValueError, match="max_logit_bias must be at least 1"):
+        EngineConfig(max_logit_bias=0)
+    assert EngineConfig(max_allowed_token_ids=7).sampling_limits.max_allowed_token_ids == 7
     with pytest.raises(ValueError, match="kv_cache_memory_bytes=100 holds no KV block"):
         EngineConfig(attention="reference", kv_cache_memory_bytes=100).resolve(MODEL, "cpu")

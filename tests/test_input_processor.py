@@ -8,6 +8,7 @@ import pytest
 
 from jaxllm.input_processor import InputProcessor, normalize_prompts
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_rows import SamplingLimits
 
 
 class CharTokenizer:
@@ -69,6 +70,19 @@ def test_requests_get_distinct_seeds_unless_given_and_ids_in_order():
 def test_invalid_requests_are_refused_naming_the_problem(prompt, params, match):
     with pytest.raises(ValueError, match=match):
         make().request(prompt, params)
+
+
+def test_token_lists_over_the_engine_widths_are_refused_naming_the_limit():
+    processor = make(limits=SamplingLimits(max_logit_bias=2, max_allowed_token_ids=3,
+                                           max_min_tokens_stop_ids=1))
+    processor.request([1], SamplingParams(logit_bias={1: 1.0, 2: -1.0}, allowed_token_ids=[1, 2, 3]))
+    with pytest.raises(ValueError, match=r"logit_bias has 3 entries, over the engine's max_logit_bias \(2\)"):
+        processor.request([1], SamplingParams(logit_bias={1: 1.0, 2: 1.0, 3: 1.0}))
+    with pytest.raises(ValueError, match="allowed_token_ids has 4 entries"):
+        processor.request([1], SamplingParams(allowed_token_ids=[1, 2, 3, 4]))
+    # min_tokens bans the stop ids and the EOS id (7): two, over a width of one.
+    with pytest.raises(ValueError, match="max_min_tokens_stop_ids"):
+        processor.request([1], SamplingParams(min_tokens=2, stop_token_ids=[3]))
 
 
 def test_prompts_without_a_tokenizer_must_be_token_ids():
