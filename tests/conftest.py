@@ -62,15 +62,6 @@ class FakeModelRunner:
         raise NotImplementedError
 
     def fetch(self, batch, outputs):
-        from jaxllm.model_runner import RowResults
+        from jaxllm.row_results import RowResults
 
         return RowResults(outputs, [-0.5] * len(outputs), {}, {})
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _example_strategies_registered():
-    """The example strategies, registered as every Engine registers them (tests that look them
-    up in the registry may run before any engine is built)."""
-    from jaxllm.strategy_examples import register_examples
-
-    register_examples()

@@ -13,6 +13,7 @@ from jaxllm.penalties import apply_penalties, count_samples, row_counts, seed_sl
 from jaxllm.sampler import Sampler, truncation_mask
 from jaxllm.step_inputs import SamplingTensors
 from jaxllm.strategies import SamplingStrategy, register_strategy, registered_strategies
+from jaxllm.strategy_examples import register_examples
 from jaxllm.token_lists import apply_token_lists
 
 ROWS, VOCAB = 32, 48
@@ -262,6 +263,7 @@ def test_example_strategies_match_transformers_warpers(name, warper, arg):
     import torch
     import transformers.generation.logits_process as lp
 
+    register_examples()
     strategy = {s.name: s for s in registered_strategies()}[name]
     rng = np.random.default_rng(7)
     logits = (rng.normal(size=(ROWS, VOCAB)) * 2).astype(np.float32)
@@ -308,6 +310,7 @@ def test_register_strategy_validates_name_and_defaults():
         register_strategy("")
     with pytest.raises(ValueError, match="default"):
         register_strategy("bad", x="high")
+    register_examples()
     strategy = {s.name: s for s in registered_strategies()}["typical"]
     with pytest.raises(ValueError, match="unknown argument 'nope'"):
         strategy.validate_args({"nope": 1.0})
