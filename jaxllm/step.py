@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.kv_cache import KVCache
-from jaxllm.models.layers import dot_general
+from jaxllm.models.causal_lm import LMHead
 from jaxllm.packing import PackedLayout, unpack
 from jaxllm.penalties import count_samples
 from jaxllm.sampler import Sampler
@@ -70,18 +70,10 @@ def _forward(model: nn.Module, params: Any, kv_cache: KVCache, inputs: StepInput
 
 
 def head_logits(model: nn.Module, params: Any, normed: jax.Array) -> jax.Array:
-    """[T, V] float32 logits of final-normed hidden states [T, D], as ``CausalLM``'s head
-    computes them (tied or untied, then the optional soft cap)."""
-    c = model.config
-    if c.tie_word_embeddings:
-        weight, contract = params["embed_tokens"]["embedding"], (((1,), (1,)), ((), ()))
-    else:
-        weight, contract = params["lm_head"]["kernel"], (((1,), (0,)), ((), ()))
-    logits = dot_general(normed.astype(model.dtype), weight.astype(model.dtype), contract)
-    logits = logits.astype(jnp.float32)
-    if c.final_logit_softcapping is not None:
-        logits = c.final_logit_softcapping * jnp.tanh(logits / c.final_logit_softcapping)
-    return logits
+    """[T, V] float32 logits of final-normed hidden states [T, D]: the model's own head."""
+    head = LMHead(model.config, model.dtype)
+    return head.apply({"params": params.get("lm_head", {})}, normed,
+                      params["embed_tokens"]["embedding"])
 
 
 class CompiledStep:

@@ -38,6 +38,32 @@ from jaxllm.models.layers import DecoderLayer, RMSNorm, dot_general
 from jaxllm.step_inputs import StepInputs
 
 
+class LMHead(nn.Module):
+    """Float32 logits [T, V] of final-normed hidden states [T, D]: against the embedding
+    table when tied (no params of its own), else its own ``kernel`` [D, V]; then the optional
+    soft cap. ``jaxllm.step`` runs it alone for prompt logprobs."""
+    config: ModelConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, h: jax.Array, embedding: jax.Array) -> jax.Array:
+        c = self.config
+        if c.tie_word_embeddings:
+            # Contract against the [V, D] table as stored; embed.attend's ``h @ E.T`` made
+            # XLA:CPU copy a transposed table every step (113 MB for SmolLM2).
+            weight, contract = embedding, (((1,), (1,)), ((), ()))
+        else:
+            weight = self.param("kernel", nn.initializers.lecun_normal(),
+                                (c.hidden_size, c.vocab_size), jnp.float32)
+            contract = (((1,), (0,)), ((), ()))
+        logits = dot_general(h.astype(self.dtype), weight.astype(self.dtype), contract)
+        logits = logits.astype(jnp.float32)
+        if c.final_logit_softcapping is not None:
+            cap = c.final_logit_softcapping
+            logits = cap * jnp.tanh(logits / cap)
+        return logits
+
+
 class CausalLM(nn.Module):
     config: ModelConfig
     dtype: Any
@@ -67,17 +93,7 @@ class CausalLM(nn.Module):
             x, k_cache, v_cache, _ = carry
         # Only each row's last token needs logits: [S, D] instead of [T, D] through the head.
         h = RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, name="norm")(x[inputs.logits_indices])
-        if c.tie_word_embeddings:
-            # Contract against the [V, D] table as stored; embed.attend's ``h @ E.T`` made
-            # XLA:CPU copy a transposed table every step (113 MB for SmolLM2).
-            logits = dot_general(h, embed.embedding.astype(self.dtype), (((1,), (1,)), ((), ())))
-        else:
-            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, dot_general=dot_general,
-                              name="lm_head")(h)
-        logits = logits.astype(jnp.float32)                               # [S, V]
-        if c.final_logit_softcapping is not None:
-            cap = c.final_logit_softcapping
-            logits = cap * jnp.tanh(logits / cap)
+        logits = LMHead(c, self.dtype, name="lm_head")(h, embed.embedding)    # [S, V]
         return KVCache(k=k_cache, v=v_cache), logits
 
     def _scan(self, x, kv_cache, inputs, layer_args):
