@@ -14,6 +14,8 @@ from typing import Any
 _EXPORTS = {
     "Engine": "jaxllm.engine",
     "EngineDeadError": "jaxllm.request_handle",
+    "RequestError": "jaxllm.request_handle",
+    "LogitsProcessorError": "jaxllm.request_handle",
     "SamplingParams": "jaxllm.sampling_params",
     "RequestOutputKind": "jaxllm.sampling_params",
     "RequestOutput": "jaxllm.outputs",
@@ -22,6 +24,7 @@ _EXPORTS = {
     "Logprob": "jaxllm.outputs",
     "register_strategy": "jaxllm.strategies",
     "registered_strategies": "jaxllm.strategies",
+    "unregister_strategy": "jaxllm.strategies",
 }
 
 __all__ = list(_EXPORTS)

@@ -147,6 +147,10 @@ class EngineConfig:
             fixed per-row token lists the compiled sampler takes (``logit_bias`` entries,
             ``allowed_token_ids``, and the stop + EOS ids ``min_tokens`` bans); a request over
             one is refused at submission, naming it.
+        strategies: the names of the registered sampling strategies the engine serves (and
+            compiles into its steps); one not registered, or failing its check at the engine's
+            shape, is an error at ``Engine()``. None: every registered strategy that passes its
+            check; the others are left out with a warning (``jaxllm.strategies``).
     """
 
     dtype: str | None = None
@@ -167,8 +171,14 @@ class EngineConfig:
     max_logit_bias: int = SamplingLimits.max_logit_bias
     max_allowed_token_ids: int = SamplingLimits.max_allowed_token_ids
     max_min_tokens_stop_ids: int = SamplingLimits.max_min_tokens_stop_ids
+    strategies: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.strategies is not None:
+            if (not isinstance(self.strategies, (list, tuple))
+                    or not all(isinstance(n, str) for n in self.strategies)):
+                raise ValueError(f"strategies must be a list of strategy names, got {self.strategies!r}")
+            object.__setattr__(self, "strategies", tuple(self.strategies))
         if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -36,7 +36,7 @@ from jaxllm.sampler import Sampler
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import Scheduler
 from jaxllm.step import CompiledStep
-from jaxllm.strategies import registered_strategies
+from jaxllm.strategies import engine_strategies
 from jaxllm.warmup import warmup
 
 
@@ -50,7 +50,8 @@ class Engine:
             package.
         **engine_options: fields of :class:`jaxllm.config.EngineConfig` (dtype, max_model_len,
             block_size, num_blocks, kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens,
-            scan_layers, attention, seed, enable_prefix_caching, max_logprobs, warmup).
+            scan_layers, attention, seed, enable_prefix_caching, max_logprobs, warmup,
+            strategies).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, **engine_options: Any) -> None:
@@ -67,7 +68,9 @@ class Engine:
         self.tokenizer = model_files.load_tokenizer(self.model_dir)
         self.eos_token_ids = model_files.eos_token_ids(self.model_dir, hf_config, self.tokenizer)
         strategy_examples.register_examples()
-        self.strategies = {s.name: s for s in registered_strategies()}
+        # Checked at this engine's shape: failing ones are left out, refused at submission.
+        self.strategies, refused = engine_strategies(c.max_num_seqs, self.model_config.vocab_size,
+                                                     c.strategies)
 
         self.kv_cache_manager = KVCacheManager(c.num_blocks, c.block_size, c.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, c.max_num_seqs, c.max_num_batched_tokens,
@@ -84,8 +87,8 @@ class Engine:
             self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
             max_model_len=c.max_model_len, max_num_seqs=c.max_num_seqs, max_logprobs=c.max_logprobs,
             num_usable_blocks=self.kv_cache_manager.num_usable_blocks, block_size=c.block_size,
-            strategies=self.strategies, seed=c.seed, model_source=model if gguf else self.model_dir,
-            limits=c.sampling_limits)
+            strategies={**refused, **self.strategies}, seed=c.seed,
+            model_source=model if gguf else self.model_dir, limits=c.sampling_limits)
 
     def _build_runner(self) -> ModelRunner:
         """Loads the weights and wires the compiled step (model + sampler) to its host side."""
@@ -202,11 +205,14 @@ class Engine:
         return outputs[0] if single else outputs
 
     def stats(self) -> dict[str, Any]:
-        """Engine-wide counters: queue sizes, KV usage, steps, compilations, time and tokens/s."""
+        """Engine-wide counters: queue sizes, KV usage, steps, compilations, time and tokens/s;
+        ``engine_dead`` and ``error`` say whether the executor loop died, and why."""
         s = self._executor.stats
         kv = self.kv_cache_manager
         busy = s.host_time_s + s.device_wait_time_s   # wall time with work to do
         return {
+            "engine_dead": self._executor.failure is not None,
+            "error": self._executor.failure,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "kv_blocks_used": kv.num_used_blocks,
@@ -220,6 +226,7 @@ class Engine:
             "num_generated_tokens": s.num_generated_tokens,
             "num_tokens_computed": s.num_tokens_computed,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_failed_requests": s.num_failed_requests,
             "num_compilations": self.model_runner.step.num_compilations,
             "num_step_shapes": len(self.bucket_policy),
             "host_time_s": s.host_time_s,

@@ -18,8 +18,11 @@ every token on the host (beam search, Python logits processors) wait for their
 pending token instead, and a step with Python logits processors is finished before the next is
 prepared (as every step is with ``async_scheduling=False``).
 
-Callers hold a RequestHandle. Any exception in the loop fails every pending handle with
-EngineDeadError (never a hang), and the engine refuses new work from then on.
+Callers hold a RequestHandle. A request's own fault (its Python logits processor raised or
+returned a bad value) fails that request's handle with a RequestError, and the loop goes on.
+Any exception in the loop itself fails every pending handle with EngineDeadError (never a
+hang; a short message naming the error, which is chained as ``__cause__``), and the engine
+refuses new work from then on.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from jaxllm import groups
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.outputs import RequestOutput
 from jaxllm.postprocess import Postprocessor
-from jaxllm.request_handle import EngineDeadError, RequestHandle, RequestHandles
+from jaxllm.request_handle import EngineDeadError, RequestHandle, RequestHandles, short_error
 from jaxllm.sampling_params import RequestOutputKind
 from jaxllm.scheduler import ScheduledBatch, Scheduler
 from jaxllm.sequence import Request, Sequence
@@ -57,6 +60,7 @@ class ExecutorStats:
     # outputs arriving, whichever is later) until its outputs are on the host.
     device_time_s: float = 0.0
     overlapped_host_time_s: float = 0.0  # host work done while a step was on the device
+    num_failed_requests: int = 0     # requests ended by their own fault (a RequestError)
 
 
 class _InFlight(NamedTuple):
@@ -110,6 +114,12 @@ class Executor:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def failure(self) -> str | None:
+        """Why the loop died (what its callers were told); None while it serves or after a
+        shutdown."""
+        return self._handles.failure
+
     # ---- the loop (executor thread) ----
     def _run(self) -> None:
         try:
@@ -126,7 +136,7 @@ class Executor:
                     self._complete(step, overlapped=False)
                     in_flight = None
         except BaseException as exc:  # noqa: BLE001 - every waiting caller must hear of it
-            self._handles.fail_all(f"the engine's executor loop failed: {exc!r}", exc)
+            self._handles.fail_all(f"the engine's executor loop failed: {short_error(exc)}", exc)
             return
         self._handles.fail_all("the engine was shut down before this request finished")
 
@@ -177,6 +187,9 @@ class Executor:
         stats.num_steps += 1
         stats.num_tokens_computed += step.batch.num_tokens
         stats.num_generated_tokens += news.num_new_tokens
+        stats.num_failed_requests += len(news.failed)
+        for request_id, error in news.failed:
+            self._handles.fail(request_id, error)
         for seq in news.seqs:
             self._deliver(seq)
         host_time = time.perf_counter() - returned

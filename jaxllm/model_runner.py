@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxllm.buckets import BucketPolicy
 from jaxllm.kv_cache import KVCache
+from jaxllm.logits_processors import HostProcessors
 from jaxllm.models.rope import RotaryTables
 from jaxllm.packing import pack
 from jaxllm.penalties import PenaltySlots, seed_slot
@@ -87,9 +88,9 @@ class ModelRunner:
         # Penalty slots for the rows of the step being prepared and of the one in flight.
         self.penalty_slots = PenaltySlots(2 * max_num_seqs, max_model_len)
         self.token_counts = jnp.zeros((2 * max_num_seqs, vocab_size), jnp.int32)
-        # The rows of the step in flight that have Python logits processors (one step at a
-        # time is in flight: the executor fetches a step before preparing the next).
-        self._processor_rows: dict[int, Sequence] = {}
+        # The Python logits processors of the rows that sample, run from the step's host
+        # callback, and their faults until the step is fetched.
+        self.host_processors = HostProcessors()
 
     def prepare_inputs(self, batch: ScheduledBatch, previous: ScheduledBatch | None = None) -> PreparedStep:
         """Lays the batch out in bucketed host arrays for the step: views of the runner's
@@ -101,9 +102,10 @@ class ModelRunner:
         bs, scheduled = self.block_size, batch.scheduled
         max_ctx = max(item.start for item in scheduled)
         base = self.bucket_policy.pick(batch.num_tokens, len(scheduled), -(-max_ctx // bs))
-        self._processor_rows = {r: item.seq for r, item in enumerate(scheduled)
-                                if item.seq.request.sampling_params.logits_processors}
-        key = StepKey(*base, host_processors=bool(self._processor_rows))
+        self.host_processors.prepare({
+            r: item.seq for r, item in enumerate(scheduled)
+            if item.completes_prefill and item.seq.request.sampling_params.logits_processors})
+        key = StepKey(*base, host_processors=self.host_processors.active)
         a = self._buffers.views(key)
         previous_rows = {item.seq: r for r, item in enumerate(previous.scheduled)} if previous else {}
         keep = {item.seq for item in scheduled} | set(previous_rows)
@@ -155,18 +157,15 @@ class ModelRunner:
             out[:len(copies)] = copies
 
     def host_logits_processor(self, logits: np.ndarray, use: np.ndarray) -> np.ndarray:
-        """Runs the Python logits processors of the rows in flight (called from the step)."""
-        logits = np.array(logits, np.float32)
-        for r, seq in self._processor_rows.items():
-            for processor in seq.request.sampling_params.logits_processors:
-                logits[r] = processor(seq.output_token_ids, logits[r])
-        return logits
+        """Runs the Python logits processors of the rows in flight (called from the step); a
+        faulty one fails its request only (``jaxllm.logits_processors``)."""
+        return self.host_processors(logits)
 
     @property
     def uses_host_callbacks(self) -> bool:
         """Whether the last prepared step calls Python logits processors while it runs (it must
         finish before the next step is prepared, which would replace their rows)."""
-        return bool(self._processor_rows)
+        return self.host_processors.active
 
     @property
     def state(self) -> DeviceState:
@@ -199,5 +198,7 @@ class ModelRunner:
             arrays += [outputs.prompt_logprobs, outputs.prompt_ranks,
                        outputs.prompt_top_token_ids, outputs.prompt_top_logprobs]
         host = jax.device_get(arrays)
-        return row_results(scheduled, host[0], host[1], tuple(host[2:5]) if want_top else None,
-                           tuple(host[-4:]) if want_prompt else None)
+        results = row_results(scheduled, host[0], host[1], tuple(host[2:5]) if want_top else None,
+                              tuple(host[-4:]) if want_prompt else None)
+        results.errors = self.host_processors.take_faults(scheduled)
+        return results

@@ -56,6 +56,10 @@ class OutputProcessor:
     def add(self, request: Request, output_kind: RequestOutputKind) -> None:
         self._states[request.request_id] = _RequestState(request, output_kind)
 
+    def discard(self, request_id: str) -> None:
+        """Stops tracking a request that ended without an output (it failed)."""
+        self._states.pop(request_id, None)
+
     def _completion(self, state: _RequestState, index: int) -> _CompletionState:
         completion = state.completions.get(index)
         if completion is None:

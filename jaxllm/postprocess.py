@@ -4,8 +4,11 @@ The Postprocessor is the one place that decides when a sequence ends. ``finish_r
 a sampled sequence in vLLM's order: EOS and stop token ids (once past ``min_tokens``), stop
 strings (the OutputProcessor, which owns the text, finds them), then ``max_tokens`` and
 ``max_model_len``. Beam search ends beams as ``BeamSearchState`` decides (groups.beam_step), and
-aborts end whatever is left of a request. Every sequence it ends, and every sequence it forks
-(n > 1, new beams), goes through the scheduler, which alone owns progress and KV blocks.
+aborts end whatever is left of a request. A row that failed through its request's own fault
+(``RowResults.errors``: a logits processor raised) ends every live sequence of that request
+with finish_reason "error" and hands its error to the executor for the caller; its sampled
+token is dropped. Every sequence it ends, and every sequence it forks (n > 1, new beams), goes
+through the scheduler, which alone owns progress and KV blocks.
 
 Rows of sequences that finished after the step was dispatched (stopped by the step before, or
 aborted) are dropped: with async scheduling, that is the one wasted row per stopping sequence.
@@ -18,6 +21,7 @@ import time
 
 from jaxllm import groups
 from jaxllm.output_processor import OutputProcessor
+from jaxllm.request_handle import RequestError
 from jaxllm.row_results import RowResults
 from jaxllm.scheduler import ScheduledBatch, Scheduler
 from jaxllm.sequence import Sequence
@@ -29,6 +33,8 @@ class StepNews:
 
     seqs: list[Sequence]   # one sequence of each request with news
     num_new_tokens: int    # tokens appended to sequences (every beam's count)
+    # (request id, error) of the requests that failed in the step, for their callers
+    failed: list[tuple[str, RequestError]] = dataclasses.field(default_factory=list)
 
 
 def finish_reason(seq: Sequence, output_processor: OutputProcessor,
@@ -64,6 +70,8 @@ class Postprocessor:
         """Takes each row's prompt logprobs and sampled token (a beam's candidates)."""
         now = time.monotonic()
         news = StepNews([], 0)
+        for row, error in results.errors.items():
+            self._fail(batch.scheduled[row].seq, error, news)
         requests_with_news: set[str] = set()
         for row, item in enumerate(batch.scheduled):
             seq = item.seq
@@ -94,6 +102,15 @@ class Postprocessor:
         if seqs[0].group is not None:
             groups.abort(seqs[0].group)
         return seqs[0]
+
+    def _fail(self, seq: Sequence, error: RequestError, news: StepNews) -> None:
+        """Ends ``seq``'s request with its own error (unless it ended meanwhile: an abort)."""
+        if seq.is_finished:
+            return
+        for live in self.scheduler.find(seq.request_id):
+            self.scheduler.finish(live, "error")
+        self.output_processor.discard(seq.request_id)
+        news.failed.append((seq.request_id, error))
 
     def _take_sample(self, seq: Sequence, row: int, results: RowResults, now: float,
                      news: StepNews) -> None:

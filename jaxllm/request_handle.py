@@ -1,5 +1,6 @@
 """The callers' side of the executor: a handle per request, the table of those in flight, and
-the error every caller gets when the engine is gone."""
+the errors callers get: a RequestError when their own request failed (the engine goes on), an
+EngineDeadError when the engine is gone."""
 
 from __future__ import annotations
 
@@ -14,6 +15,26 @@ from jaxllm.sequence import Request
 
 class EngineDeadError(RuntimeError):
     """The executor loop stopped on an error (the cause is chained) or was shut down."""
+
+
+class RequestError(RuntimeError):
+    """One request failed through its own fault (the cause is chained); its blocks are freed
+    and the engine serves the other requests on."""
+
+
+class LogitsProcessorError(RequestError):
+    """A request's Python logits processor raised or returned a bad value
+    (``jaxllm.logits_processors``)."""
+
+
+def short_error(exc: BaseException, limit: int = 120) -> str:
+    """``Type: message`` of ``exc``: its message's first line, cut to ``limit`` characters
+    (a device error's message can run to pages)."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > limit or len(lines) > 1:
+        text = text[:limit].rstrip() + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class RequestHandle:
@@ -58,6 +79,7 @@ class RequestHandles:
         self._handles: dict[str, RequestHandle] = {}
         self._lock = threading.Lock()
         self._error: BaseException | None = None
+        self.failure: str | None = None   # the loop's error, as its callers were told
         self._stopped = False
 
     def register(self, handles: list[RequestHandle], then: Callable[[], None]) -> None:
@@ -65,7 +87,7 @@ class RequestHandles:
         lock, so concurrent submissions reach the loop in the order they were accepted."""
         with self._lock:
             if self._error is not None:
-                raise EngineDeadError(f"the engine's executor loop failed: {self._error!r}") from self._error
+                raise EngineDeadError(self.failure) from self._error
             if self._stopped:
                 raise EngineDeadError("the engine was shut down")
             ids = [handle.request.request_id for handle in handles]
@@ -87,6 +109,13 @@ class RequestHandles:
         if handle is not None:
             handle.put(output)
 
+    def fail(self, request_id: str, error: RequestError) -> None:
+        """Ends one request's handle with its own error (the engine goes on)."""
+        with self._lock:
+            handle = self._handles.pop(request_id, None)
+        if handle is not None:
+            handle.put(error)
+
     def stop(self) -> None:
         """Refuses new requests from now on (shutdown)."""
         with self._lock:
@@ -96,7 +125,8 @@ class RequestHandles:
         """Every caller still waiting gets an EngineDeadError; with ``cause`` (the loop's
         error, chained), later submissions are refused with it too."""
         with self._lock:
-            self._error = self._error or cause
+            if cause is not None and self._error is None:
+                self._error, self.failure = cause, message
             handles = list(self._handles.values())
             self._handles.clear()
         for handle in handles:

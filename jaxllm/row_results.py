@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 
 from jaxllm.outputs import Logprob, PositionLogprobs
+from jaxllm.request_handle import RequestError
 from jaxllm.scheduler import ScheduledSequence
 from jaxllm.sequence import Sequence
 
@@ -24,6 +25,9 @@ class RowResults:
     # Only for rows that asked: {row: {token id: Logprob}} and {row: [(position, entry)]}.
     top_logprobs: dict[int, PositionLogprobs]
     prompt_logprobs: dict[int, list[tuple[int, PositionLogprobs]]]
+    # {row: error} for rows whose request failed in the step (a logits processor's fault):
+    # their sampled token is void and the request ends with the error.
+    errors: dict[int, RequestError] = dataclasses.field(default_factory=dict)
 
 
 def num_top_logprobs(seq: Sequence) -> int | None:

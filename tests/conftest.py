@@ -45,6 +45,32 @@ def tiny_llama_dir(tmp_path_factory):
     return path, model
 
 
+# The engine options of the tiny Llama's shared engine. Tests that need an engine of their own
+# (another budget, a pool to exhaust, one to break or shut down) start from these, so most of
+# their step shapes are already in the persistent compilation cache.
+TINY_ENGINE_OPTIONS = dict(max_model_len=96, num_blocks=96, block_size=8, max_num_seqs=16,
+                           max_num_batched_tokens=64, max_logprobs=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_llama_dir):
+    """One engine over the tiny Llama for every test that only submits requests to it: the
+    engine-level tests leave it idle (no running request, every block free) when they end."""
+    from jaxllm import Engine
+
+    path, _ = tiny_llama_dir
+    with Engine(str(path), **TINY_ENGINE_OPTIONS) as engine:
+        yield engine
+
+
+@pytest.fixture
+def tiny(tiny_engine, tiny_llama_dir):
+    """(the shared tiny engine, the transformers model with its weights)."""
+    yield tiny_engine, tiny_llama_dir[1]
+    stats = tiny_engine.stats()
+    assert stats["num_running"] == 0 and stats["num_waiting"] == 0, "a test left requests behind"
+
+
 class FakeModelRunner:
     """The ModelRunner protocol the executor drives, without a model: subclasses say in
     ``dispatch(batch, prepared)`` which token each scheduled row samples (a list, one per row).

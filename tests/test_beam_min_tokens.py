@@ -5,16 +5,8 @@ from __future__ import annotations
 
 import pytest
 from conftest import random_prompts
-from test_parallel_and_beam import OPTIONS   # the same shapes: its compiled steps serve here too
 
-from jaxllm import Engine, SamplingParams
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    path, hf_model = tiny_llama_dir
-    with Engine(str(path), **OPTIONS) as engine:
-        yield engine, hf_model
+from jaxllm import SamplingParams
 
 
 def hf_beams(hf_model, prompt, width, n, max_tokens, eos, min_tokens, length_penalty):

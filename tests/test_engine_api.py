@@ -7,21 +7,18 @@ import shutil
 import threading
 
 import pytest
+from conftest import TINY_ENGINE_OPTIONS as OPTIONS
 from conftest import random_prompts
 
 from jaxllm import Engine, EngineDeadError, SamplingParams
 from jaxllm.models.registry import UnsupportedArchitectureError
 
-OPTIONS = dict(max_model_len=96, num_blocks=64, block_size=8, max_num_seqs=8,
-               max_num_batched_tokens=64)
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_llama_dir):
-    path, _ = tiny_llama_dir
-    with Engine(str(path), **OPTIONS) as eng:
-        yield eng
+@pytest.fixture
+def engine(tiny):
+    return tiny[0]
 
 
 def test_engine_generate_accepts_every_prompt_form(engine):

@@ -6,12 +6,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_ENGINE_OPTIONS as OPTIONS
 from conftest import random_prompts
 
 from jaxllm import Engine, SamplingParams, register_strategy
-
-OPTIONS = dict(max_model_len=96, num_blocks=64, block_size=8, max_num_seqs=8,
-               max_num_batched_tokens=64, max_logprobs=5)
 
 
 @register_strategy("test_force_token", token=7.0)
@@ -19,13 +17,6 @@ def force_token(logits, args):
     """A strategy defined by a user: only the token named in its argument survives."""
     keep = jnp.arange(logits.shape[-1])[None, :] == args["token"][:, None].astype(jnp.int32)
     return jnp.where(keep, logits, -jnp.inf)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    path, hf_model = tiny_llama_dir
-    with Engine(str(path), **OPTIONS) as engine:
-        yield engine, hf_model
 
 
 def _hf_log_softmax(hf_model, token_ids):
@@ -54,21 +45,27 @@ def test_changing_sampling_values_never_recompiles(tiny):
     assert all(len(o.outputs[0].token_ids) == 6 for o in outputs)
 
 
-def test_seeded_request_same_tokens_alone_in_a_batch_chunked_and_preempted(tiny_llama_dir):
+@pytest.fixture(scope="module")
+def chunked(tiny_llama_dir):
+    """The tiny Llama with a 16-token step budget: long prompts prefill in chunks."""
+    with Engine(str(tiny_llama_dir[0]), **{**OPTIONS, "max_num_batched_tokens": 16}) as engine:
+        yield engine
+
+
+def test_seeded_request_same_tokens_alone_in_a_batch_chunked_and_preempted(tiny, chunked, tiny_llama_dir):
+    engine, _ = tiny
     path, _ = tiny_llama_dir
     prompt = random_prompts([40], seed=2)[0]
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=24,
                             ignore_eos=True, repetition_penalty=1.1)
     others = [SamplingParams(temperature=t, seed=s, max_tokens=24, ignore_eos=True)
               for t, s in ((0.0, 1), (1.5, 2), (0.7, 3))]
-    with Engine(str(path), **OPTIONS) as engine:
-        alone = engine.generate(prompt, params).outputs[0].token_ids
-        mixed = engine.generate(random_prompts([7, 30, 11], seed=3) + [prompt], others + [params], use_tqdm=False)
-        assert mixed[-1].outputs[0].token_ids == alone
+    alone = engine.generate(prompt, params).outputs[0].token_ids
+    mixed = engine.generate(random_prompts([7, 30, 11], seed=3) + [prompt], others + [params], use_tqdm=False)
+    assert mixed[-1].outputs[0].token_ids == alone
     # 16-token budget: the 40-token prompt is prefilled in chunks beside the others' decodes.
-    with Engine(str(path), **{**OPTIONS, "max_num_batched_tokens": 16}) as chunked:
-        out = chunked.generate([prompt] + random_prompts([20, 25], seed=4), [params] + others[:2], use_tqdm=False)
-        assert out[0].outputs[0].token_ids == alone
+    out = chunked.generate([prompt] + random_prompts([20, 25], seed=4), [params] + others[:2], use_tqdm=False)
+    assert out[0].outputs[0].token_ids == alone
     # A pool too small for all at once: someone is preempted and recomputed.
     with Engine(str(path), **{**OPTIONS, "num_blocks": 13, "enable_prefix_caching": False}) as tight:
         out = tight.generate(random_prompts([30, 30], seed=5) + [prompt], others[1:] + [params], use_tqdm=False)
@@ -101,13 +98,12 @@ def test_logprobs_and_prompt_logprobs_equal_transformers(tiny):
             assert abs(entry[int(t)].logprob - row[t]) < 1e-4
 
 
-def test_prompt_logprobs_across_chunks_and_with_a_cached_prefix(tiny_llama_dir):
-    path, hf_model = tiny_llama_dir
+def test_prompt_logprobs_across_chunks_and_with_a_cached_prefix(chunked, tiny_llama_dir):
+    hf_model = tiny_llama_dir[1]
     prompt = random_prompts([45], seed=7)[0]
     expected = _hf_log_softmax(hf_model, prompt)
-    with Engine(str(path), **{**OPTIONS, "max_num_batched_tokens": 16}) as engine:
-        engine.generate(prompt, SamplingParams(temperature=0, max_tokens=2))     # fills the prefix cache
-        out = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0))
+    chunked.generate(prompt, SamplingParams(temperature=0, max_tokens=2))     # fills the prefix cache
+    out = chunked.generate(prompt, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0))
     got = [entry[prompt[p]].logprob for p, entry in enumerate(out.prompt_logprobs) if p > 0]
     np.testing.assert_allclose(got, expected[np.arange(44), prompt[1:]], atol=1e-4)
 
@@ -195,8 +191,8 @@ def test_python_logits_processor_is_applied_per_request(tiny):
     ({"logit_bias": {256: 1.0}}, "logit_bias"),
     ({"allowed_token_ids": [1, 999]}, "allowed_token_ids"),
     ({"stop_token_ids": [300]}, "stop_token_ids"),
-    ({"logprobs": 6}, "max_logprobs"),
-    ({"prompt_logprobs": 9}, "max_logprobs"),
+    ({"logprobs": 17}, "max_logprobs"),
+    ({"prompt_logprobs": 17}, "max_logprobs"),
     ({"strategy": "no_such_strategy"}, "not registered"),
     ({"strategy": "typical", "strategy_args": {"p": 0.5}}, "unknown argument"),
 ])

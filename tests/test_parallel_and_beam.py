@@ -6,19 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import TINY_ENGINE_OPTIONS as OPTIONS
 from conftest import make_tiny_llama, random_prompts
 
 from jaxllm import Engine, RequestOutputKind, SamplingParams
-
-OPTIONS = dict(max_model_len=96, num_blocks=64, block_size=8, max_num_seqs=8,
-               max_num_batched_tokens=64, max_logprobs=16)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir):
-    path, hf_model = tiny_llama_dir
-    with Engine(str(path), **OPTIONS) as engine:
-        yield engine, hf_model
 
 
 def _prompt(n, seed=0):
@@ -127,7 +118,7 @@ def test_beam_search_on_a_batch_with_a_small_pool_and_other_requests(tiny_llama_
 def test_beam_search_bad_settings_are_refused(tiny):
     engine, _ = tiny
     for kwargs, message in [({"stop": ["x"]}, "stop"), ({"repetition_penalty": 1.2}, "penalties"),
-                            ({"beam_width": 9}, "max_num_seqs")]:
+                            ({"beam_width": 17}, "max_num_seqs")]:
         with pytest.raises(ValueError, match=message):
             engine.generate([1, 2], SamplingParams(use_beam_search=True, beam_width=kwargs.pop("beam_width", 2),
                                                    temperature=0, **kwargs))

@@ -8,18 +8,13 @@ import threading
 import numpy as np
 import pytest
 
-from jaxllm import Engine, SamplingParams
+from jaxllm import SamplingParams
 from jaxllm.sampling_params import RequestOutputKind
 
-OPTIONS = dict(max_model_len=96, num_blocks=96, block_size=8, max_num_seqs=16,
-               max_num_batched_tokens=64)
 
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama_dir):
-    path, _ = tiny_llama_dir
-    with Engine(str(path), **OPTIONS) as eng:
-        yield eng
+@pytest.fixture
+def engine(tiny):
+    return tiny[0]
 
 
 def _params(max_tokens=10, **kwargs):
