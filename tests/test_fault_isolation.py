@@ -20,6 +20,7 @@ from jaxllm import (Engine, EngineDeadError, LogitsProcessorError, RequestError,
 from jaxllm import strategies
 from jaxllm.logits_processors import check_result
 from jaxllm.strategies import SamplingStrategy, engine_strategies
+from jaxllm.strategy_examples import register_examples
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 SEEDED = SamplingParams(temperature=1.0, top_k=20, seed=7, max_tokens=8, ignore_eos=True)
@@ -205,8 +206,10 @@ def test_engine_leaves_out_strategies_that_fail_at_its_shape(tiny_llama_dir, cap
 
 
 def test_engine_strategies_serves_exactly_those_selected():
+    register_examples()
     served, refused = engine_strategies(4, 256, ("epsilon", "typical"))
-    assert list(served) == [n for n in _names() if n in ("epsilon", "typical")] and not refused
+    in_registry_order = [s.name for s in registered_strategies() if s.name in ("epsilon", "typical")]
+    assert list(served) == in_registry_order and not refused
     served, _ = engine_strategies(4, 256, ())
     assert served == {}
 
