@@ -32,6 +32,30 @@ def make_tiny_llama(path: Path, seed: int = 0, **overrides):
     return model
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<|im_end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def save_byte_tokenizer(path: Path):
+    """Saves a small byte-level BPE tokenizer (256 bytes + merges + "<|im_end|>" = 300 ids, EOS
+    0) with a chat template to ``path``; returns it. Made here, so no test needs a hub."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_end|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ['{"name": "Ada", "age": 36, "tags": ["math", "code"], "ok": true}',
+            "Hello world, the quick brown fox jumps over the lazy dog. 0123456789"]
+    tokenizer.train_from_iterator(text * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
 def random_prompts(lengths, seed: int = 0, vocab: int = 256) -> list[list[int]]:
     """Prompts of the given lengths, random token ids below ``vocab`` (the tiny models')."""
     rng = np.random.default_rng(seed)
@@ -43,6 +67,16 @@ def tiny_llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
     model = make_tiny_llama(path)
     return path, model
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama_dir(tmp_path_factory):
+    """A tiny random Llama (320-token vocabulary, EOS 0) with a byte-level tokenizer and a chat
+    template: text prompts, chat and structured outputs on a tiny model."""
+    path = tmp_path_factory.mktemp("tiny_chat_llama")
+    model = make_tiny_llama(path, seed=3, vocab_size=320, eos_token_id=0)
+    tokenizer = save_byte_tokenizer(path)
+    return path, model, tokenizer
 
 
 # The engine options of the tiny Llama's shared engine. Tests that need an engine of their own
