@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType, ReaderTensor
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
+from .gguf_reader import open_gguf
 from .hf_safetensors import INDEX_FILE, SINGLE_FILE, name_mismatches
 from .weight_spec import Transform
 
@@ -60,12 +61,13 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     Raises:
         FileExistsError: ``out_dir`` already exists.
+        CheckpointFileError: the file is empty, truncated or corrupt (the message says how).
         ValueError: an unsupported architecture or tensor type, or missing/unexpected tensors.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; remove it or pick another output directory")
-    reader = GGUFReader(gguf_path)
+    reader = open_gguf(gguf_path)
     metadata = {key: field.contents() for key, field in reader.fields.items()}
     from jaxllm.models.registry import get_gguf_family
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import DTypeLike
-from safetensors import safe_open
 
+from .file_checks import CheckpointFileError, open_safetensors
 from .weight_spec import WeightSpec, place
 
 SINGLE_FILE = "model.safetensors"
@@ -32,8 +32,13 @@ def checkpoint_files(model_dir: str | os.PathLike) -> list[Path]:
     model_dir = Path(model_dir)
     index = model_dir / INDEX_FILE
     if index.is_file():
-        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / name for name in shard_names]
+        try:
+            contents = json.loads(index.read_text())
+        except ValueError as e:
+            raise CheckpointFileError(f"{index} is not a valid index (JSON: {e})") from e
+        if not isinstance(contents, dict) or not isinstance(contents.get("weight_map"), dict):
+            raise CheckpointFileError(f"{index} has no 'weight_map' of tensor names to files")
+        return [model_dir / name for name in sorted(set(contents["weight_map"].values()))]
     if (model_dir / SINGLE_FILE).is_file():
         return [model_dir / SINGLE_FILE]
     raise FileNotFoundError(f"{model_dir} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
@@ -60,6 +65,8 @@ def load_params(model_dir: str | os.PathLike, specs: list[WeightSpec], num_layer
 
     Raises:
         ValueError: a tensor is missing, unexpected, or has the wrong shape.
+        CheckpointFileError: a file is empty, truncated or corrupt (checked from its header
+            before any tensor is read).
     """
     by_name: dict[str, list[WeightSpec]] = defaultdict(list)
     for spec in specs:
@@ -67,7 +74,7 @@ def load_params(model_dir: str | os.PathLike, specs: list[WeightSpec], num_layer
     files = checkpoint_files(model_dir)
     names_by_file = {}
     for path in files:
-        with safe_open(path, framework="numpy") as f:
+        with open_safetensors(path) as f:
             names_by_file[path] = [n for n in f.keys() if not n.endswith(_IGNORED_SUFFIXES)]
     found = {n for names in names_by_file.values() for n in names} - set(optional)
     if problems := name_mismatches(by_name, found):
@@ -75,7 +82,7 @@ def load_params(model_dir: str | os.PathLike, specs: list[WeightSpec], num_layer
 
     params: dict[str, Any] = {}
     for path, names in names_by_file.items():
-        with safe_open(path, framework="numpy") as f:
+        with open_safetensors(path) as f:
             for name in names:
                 if name not in by_name:  # an optional tensor
                     continue
