@@ -191,16 +191,19 @@ class Engine:
         output with ``finish_reason="abort"``. Unknown or finished ids are ignored."""
         self._executor.abort(request_id)
 
-    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+    def chat(self, messages: str | list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | SequenceT[SamplingParams] | None = None,
              use_tqdm: bool = True) -> RequestOutput | list[RequestOutput]:
         """Applies the model's chat template (with the generation prompt) and generates.
 
-        ``messages`` is one conversation (a list of {"role", "content"} dicts) or a list of them.
+        ``messages`` is one conversation, a list of ``{"role": str, "content": str}`` dicts; a
+        list of conversations; or a single string, taken as one user message. A content may
+        also be a list of ``{"type": "text", "text": str}`` parts (vLLM's form), joined with
+        newlines. One conversation (or string) returns one output, a list of them a list.
+        Every message is checked before the template runs: a TypeError or ValueError names the
+        index and field of the first bad one (e.g. ``messages[1] has no 'content'``).
         """
-        single = bool(messages) and isinstance(messages[0], dict)
-        conversations = [messages] if single else list(messages)
-        prompts = [self.input_processor.chat_prompt(conv) for conv in conversations]
+        single, prompts = self.input_processor.chat_prompts(messages)
         outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm and not single)
         return outputs[0] if single else outputs
 

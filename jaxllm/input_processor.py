@@ -10,6 +10,7 @@ Nothing here imports jax.
 from __future__ import annotations
 
 import itertools
+import numbers
 import threading
 import time
 from collections.abc import Sequence
@@ -17,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from jaxllm import chat_messages
 from jaxllm.beam_search import BeamSearchState
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import SamplingParams, is_int
 from jaxllm.sampling_rows import SamplingLimits, check_sampling_limits
 from jaxllm.sequence import Request
 
@@ -97,21 +99,26 @@ class InputProcessor:
             prompt=text, prompt_token_ids=tuple(token_ids), sampling_params=params, seed=seed,
             eos_token_ids=self.eos_token_ids, arrival_time=time.monotonic(), priority=priority)
 
-    def chat_prompt(self, conversation: list[dict[str, str]]) -> dict[str, Any]:
-        """The conversation through the model's chat template, with the generation prompt."""
+    def chat_prompts(self, messages: Any) -> tuple[bool, list[dict[str, Any]]]:
+        """(whether one conversation was given, a prompt per conversation) through the model's
+        chat template, with the generation prompt. Every message is checked first
+        (``chat_messages.conversations``: what ``messages`` may be), so a malformed one is named
+        by its index and field, with or without a tokenizer, before any template runs."""
+        single, conversations = chat_messages.conversations(messages)
         tokenizer = self._require_tokenizer()
-        if not conversation:
-            raise ValueError("chat messages are empty")
         if not tokenizer.chat_template:
             where = (f"{self.model_source} carries no tokenizer.chat_template in its metadata"
                      if str(self.model_source).endswith(".gguf")
                      else f"the tokenizer of {self.model_source} has no chat template")
             raise ValueError(f"chat() needs a chat template, and {where}: format the prompt "
                              "yourself and call generate()")
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        # The template already wrote any BOS/special tokens as text: do not add them twice.
-        token_ids = tokenizer.encode(text, add_special_tokens=False)
-        return {"prompt": text, "prompt_token_ids": token_ids}
+        prompts = []
+        for conversation in conversations:
+            text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            # The template already wrote any BOS/special tokens as text: do not add them twice.
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return single, prompts
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -121,16 +128,16 @@ class InputProcessor:
         if isinstance(prompt, dict):
             if "prompt_token_ids" not in prompt:
                 raise ValueError(f"a dict prompt needs 'prompt_token_ids', got keys {sorted(prompt)}")
-            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-        if isinstance(prompt, (list, tuple)):
-            return None, list(prompt)
+            return prompt.get("prompt"), token_ids(prompt["prompt_token_ids"], "prompt_token_ids")
+        if isinstance(prompt, (list, tuple, np.ndarray)):
+            return None, token_ids(prompt, "prompt token ids")
         raise TypeError(f"a prompt must be a str, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
             raise ValueError("prompt is empty (0 tokens)")
         vocab = self.vocab_size
-        bad = [t for t in token_ids if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
+        bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
         if len(token_ids) >= self.max_model_len:
@@ -198,14 +205,34 @@ class InputProcessor:
 
 
 def normalize_prompts(prompts: Any) -> tuple[bool, list[PromptType]]:
-    """(is_single, prompts): a str, a dict or a flat list of ints is one prompt."""
+    """(is_single, prompts): a str, a dict, a 1-D array or a flat list of numbers is one prompt
+    (numbers that are not ints, such as bools and floats, are refused as token ids later)."""
     if isinstance(prompts, (str, dict)):
         return True, [prompts]
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 1:
+        return True, [prompts.tolist()]
     if isinstance(prompts, (list, tuple)):
         if not prompts:
             raise ValueError("prompts is an empty list")
-        if all(isinstance(t, (int, np.integer)) for t in prompts):
+        if all(isinstance(t, (numbers.Number, np.generic)) for t in prompts):
             return True, [list(prompts)]
         return False, list(prompts)
     raise TypeError(f"prompts must be a str, a list of token ids, a dict or a list of those, "
                     f"got {type(prompts).__name__}")
+
+
+def token_ids(value: Any, field: str) -> list[int]:
+    """``value`` as a list of Python ints: a list, tuple or 1-D array of integers (numpy's
+    included). Bools, floats and anything else are refused, naming ``field`` and the index."""
+    if value is None:
+        raise TypeError(f"{field} is None; expected a list of token ids")
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1:
+            raise TypeError(f"{field} must be a list or a 1-D array, got shape {value.shape}")
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{field} must be a list of token ids, got {type(value).__name__}")
+    for index, token in enumerate(value):
+        if not is_int(token):
+            raise TypeError(f"{field} must be ints: [{index}] is {type(token).__name__} {token!r}")
+    return [int(t) for t in value]

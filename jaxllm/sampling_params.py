@@ -21,7 +21,8 @@ class RequestOutputKind(enum.Enum):
     FINAL_ONLY = 2  # a single output when the request finishes
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer, numpy's included; not a bool (an int to Python, never meant as a number)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -52,7 +53,7 @@ _OPTIONAL_INTS = {"seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
 
 def _token_ids(name: str, value: Any, allow_empty: bool) -> list[int]:
     ids = list(value) if isinstance(value, (list, tuple)) else None
-    if ids is None or not all(_is_int(t) and t >= 0 for t in ids) or (not ids and not allow_empty):
+    if ids is None or not all(is_int(t) and t >= 0 for t in ids) or (not ids and not allow_empty):
         empty = "" if allow_empty else "a non-empty "
         raise ValueError(f"{name} must be {empty}list of non-negative integer token ids, got {value!r}")
     return [int(t) for t in ids]
@@ -155,13 +156,13 @@ class SamplingParams:
     def _check_numbers(self) -> None:
         for name, (integer, in_range, allowed) in _NUMBERS.items():
             value = getattr(self, name)
-            if not (_is_int(value) if integer else _is_real(value)) or not in_range(value):
+            if not (is_int(value) if integer else _is_real(value)) or not in_range(value):
                 kind = "an integer" if integer else "a finite number"
                 raise ValueError(f"{name} must be {kind} {allowed}, got {value!r}")
             setattr(self, name, int(value) if integer else float(value))
         for name, (in_range, allowed) in _OPTIONAL_INTS.items():
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or not in_range(value)):
+            if value is not None and (not is_int(value) or not in_range(value)):
                 raise ValueError(f"{name} must be None or an integer {allowed}, got {value!r}")
             setattr(self, name, None if value is None else int(value))
         if self.top_k == -1:
@@ -182,7 +183,7 @@ class SamplingParams:
     def _check_token_controls(self) -> None:
         if self.logit_bias is not None:
             bias = self.logit_bias
-            if not isinstance(bias, dict) or not all(_is_int(t) and t >= 0 and _is_real(b)
+            if not isinstance(bias, dict) or not all(is_int(t) and t >= 0 and _is_real(b)
                                                      for t, b in bias.items()):
                 raise ValueError("logit_bias must map non-negative integer token ids to finite "
                                  f"numbers, got {bias!r}")

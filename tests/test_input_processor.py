@@ -24,6 +24,9 @@ class CharTokenizer:
         return "".join(f"<{m['role']}>{m['content']}" for m in conversation) + "<assistant>"
 
 
+USER_HI = {"role": "user", "content": "hi"}
+
+
 def make(tokenizer=CharTokenizer(), **overrides) -> InputProcessor:
     options = dict(max_model_len=64, max_num_seqs=4, max_logprobs=5, num_usable_blocks=8,
                    block_size=4, strategies={}, seed=0, model_source="tiny")
@@ -94,13 +97,14 @@ def test_prompts_without_a_tokenizer_must_be_token_ids():
         processor.request([3], SamplingParams(stop=["x"]))
 
 
-def test_chat_prompt_uses_the_template_or_says_there_is_none():
-    chat = make(tokenizer=CharTokenizer(chat_template="...")).chat_prompt([{"role": "user", "content": "hi"}])
-    assert chat["prompt"] == "<user>hi<assistant>" and len(chat["prompt_token_ids"]) == 19
+def test_chat_prompts_use_the_template_or_say_there_is_none():
+    single, prompts = make(tokenizer=CharTokenizer(chat_template="...")).chat_prompts([USER_HI])
+    assert single and prompts[0]["prompt"] == "<user>hi<assistant>"
+    assert len(prompts[0]["prompt_token_ids"]) == 19
     with pytest.raises(ValueError, match="needs a chat template.*tiny has no chat template"):
-        make().chat_prompt([{"role": "user", "content": "hi"}])
+        make().chat_prompts([USER_HI])
     with pytest.raises(ValueError, match="m.gguf carries no tokenizer.chat_template"):
-        make(model_source="m.gguf").chat_prompt([{"role": "user", "content": "hi"}])
+        make(model_source="m.gguf").chat_prompts([USER_HI])
 
 
 def test_normalize_prompts_tells_one_prompt_from_a_list():
