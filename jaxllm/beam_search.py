@@ -106,13 +106,17 @@ class BeamSearchState:
         """The n best hypotheses, best first."""
         return self.hypotheses[:n]
 
+    def score(self, cumulative_logprob: float, length: int) -> float:
+        """A beam's score: its cumulative log-probability / length ** length_penalty."""
+        return cumulative_logprob / length ** self.length_penalty
+
     def _add_hypotheses(self, beams, top, stops, length: int) -> None:
         all_finished = all(h.finished for h in self.hypotheses)
         closed = (all_finished and self.early_stopping is True) or not self.improvement_possible
         new = []
         for rank, ((score, b, t), stop) in enumerate(zip(top, stops)):
             just_finished = stop and rank < self.beam_width
-            penalised = score / length ** self.length_penalty
+            penalised = self.score(score, length)
             if closed:
                 penalised += _NEG
             if not just_finished:

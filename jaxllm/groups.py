@@ -120,12 +120,12 @@ def beam_step(group: SequenceGroup) -> BeamStep:
 
 def abort(group: SequenceGroup) -> None:
     """After its live sequences finished with "abort": the request reports exactly n
-    completions (vLLM). Beam search: the best n running beams, best first. Completions that
+    completions (vLLM). Beam search: the n best beams so far, best first. Completions that
     never started (n > 1 before the prompt ran, or fewer beams than n) are empty."""
     first = group.seqs[0]
     n = first.request.sampling_params.n
     if group.beam is not None:
-        group.final = group.seqs[:n]
+        group.final = _best_beams_so_far(group, n)
     reported = group.final if group.beam is not None else group.seqs
     for index in range(len(reported), n):
         empty = _prompt_only(first, index)
@@ -142,6 +142,18 @@ def completions_to_report(seq: Sequence) -> tuple[list[Sequence], bool] | None:
     if group.beam is not None:
         return None if group.final is None else (group.final, True)
     return sorted(group.seqs, key=lambda s: s.index), group.is_finished
+
+
+def _best_beams_so_far(group: SequenceGroup, n: int) -> list[Sequence]:
+    """An aborted search's n best beams, ranked as vLLM ranks them: the finished hypotheses and
+    the running beams together, by beam score (a running beam scored at its current length)."""
+    search, first = group.beam, group.seqs[0]
+    ranked = [(h.score, _hypothesis_sequence(first, h, search.eos_token_ids))
+              for h in search.hypotheses if h.finished]
+    ranked += [(search.score(sum(beam.output_logprobs), beam.num_output_tokens), beam)
+               for beam in group.seqs if beam.num_output_tokens]
+    ranked.sort(key=lambda entry: -entry[0])   # stable: hypotheses first on a tie
+    return [seq for _, seq in ranked[:n]]
 
 
 def _prompt_only(first: Sequence, index: int, request: Request | None = None) -> Sequence:

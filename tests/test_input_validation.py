@@ -121,30 +121,19 @@ def test_chat_prompts_check_every_message_before_any_template_runs():
         make(tokenizer=None).chat_prompts("hi")
 
 
-def _jinja_tokenizer():
-    """A real transformers tokenizer (word level) whose chat template reads role and content."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, "<|user|>": 1, "<|assistant|>": 2, "hello": 3, "there": 4}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
-    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
-                               "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    return tokenizer
-
-
-def test_a_real_chat_template_gets_a_checked_conversation():
-    processor = make(tokenizer=_jinja_tokenizer())
+def test_a_real_chat_template_gets_a_checked_conversation(tiny_chat_llama_dir):
+    """transformers' tokenizer and jinja template (conftest's byte-level one)."""
+    processor = make(tokenizer=tiny_chat_llama_dir[2])
     single, prompts = processor.chat_prompts("hello there")
-    assert single and prompts[0]["prompt_token_ids"] == [1, 3, 4, 2]
+    assert single and prompts[0]["prompt"] == "<user>hello there<|im_end|><assistant>"
     parts = [{"role": "user", "content": [{"type": "text", "text": "hello"},
                                           {"type": "text", "text": "there"}]}]
-    assert processor.chat_prompts([parts])[1][0]["prompt_token_ids"] == [1, 3, 4, 2]
+    assert processor.chat_prompts([parts])[1][0]["prompt"] == "<user>hello\nthere<|im_end|><assistant>"
     # What used to fail inside jinja2 (UndefinedError) or transformers is named before it runs.
     with pytest.raises(ValueError, match=r"messages\[0\] has no 'content'"):
         processor.chat_prompts([{"role": "user"}])
+    with pytest.raises(TypeError, match=r"messages\[0\] must be a dict .* got str 'h'"):
+        processor.chat_prompts(["h", "i"])
 
 
 # ---------------------------------------------------------------- through the engine
