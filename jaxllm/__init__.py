@@ -18,6 +18,7 @@ _EXPORTS = {
     "LogitsProcessorError": "jaxllm.request_handle",
     "SamplingParams": "jaxllm.sampling_params",
     "RequestOutputKind": "jaxllm.sampling_params",
+    "StructuredOutputsParams": "jaxllm.structured_outputs",
     "RequestOutput": "jaxllm.outputs",
     "CompletionOutput": "jaxllm.outputs",
     "RequestMetrics": "jaxllm.outputs",

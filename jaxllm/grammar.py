@@ -27,10 +27,12 @@ import numpy as np
 
 from jaxllm.structured_outputs import StructuredOutputsParams
 
-# Free whitespace between JSON tokens, when any is allowed: at most this many characters per
-# gap, so a model cannot loop on spaces or newlines until max_tokens (a known failure of
-# unbounded ``[ \t\n\r]*``) while pretty-printed JSON stays possible.
-JSON_WHITESPACE = r"[ \t\n\r]{0,12}"
+# Free whitespace between JSON tokens, when any is allowed: one space, or a newline and up to
+# MAX_JSON_INDENT spaces of indentation, so compact and pretty-printed JSON are both possible
+# but a model cannot loop on whitespace until max_tokens (a known failure of unbounded
+# ``[ \t\n\r]*``: random tiny models here wrote 100 tokens of tabs and carriage returns).
+MAX_JSON_INDENT = 16
+JSON_WHITESPACE = rf"(?: ?|\n {{0,{MAX_JSON_INDENT}}})"
 
 
 def _llguidance() -> Any:
@@ -126,6 +128,17 @@ class GrammarMasks:
         if self._executor is None:
             self._executor = llg.LLExecutor()
         llg.numpy.fill_next_token_bitmask_par(self._executor, matchers, out)
+
+
+def sequence_matcher(seq: Any) -> Any:
+    """A constrained sequence's matcher: on first use, a copy of its request's grammar fed the
+    tokens the sequence already has (none, except for a sample forked after its first token)."""
+    if seq.matcher is None:
+        seq.matcher = seq.request.grammar.deep_copy()
+        if seq.output_token_ids and not seq.matcher.consume_tokens(seq.output_token_ids):
+            raise RuntimeError(f"request {seq.request_id}: its tokens do not fit its grammar: "
+                               f"{seq.matcher.get_error()}")
+    return seq.matcher
 
 
 def consume(matcher: Any, token_id: int) -> str | None:

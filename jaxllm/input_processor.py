@@ -20,9 +20,11 @@ import numpy as np
 
 from jaxllm import chat_messages
 from jaxllm.beam_search import BeamSearchState
+from jaxllm.grammar import GrammarCompiler
 from jaxllm.sampling_params import SamplingParams, is_int
 from jaxllm.sampling_rows import SamplingLimits, check_sampling_limits
 from jaxllm.sequence import Request
+from jaxllm.structured_outputs import StructuredOutputsParams
 
 PromptType = str | list[int] | dict[str, Any]
 
@@ -60,6 +62,8 @@ class InputProcessor:
         self._request_counter = itertools.count()
         self._seed_rng = np.random.default_rng(seed)
         self._seed_lock = threading.Lock()
+        self._grammars = (None if tokenizer is None
+                          else GrammarCompiler(tokenizer, vocab_size, eos_token_ids))
 
     def requests(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None,
@@ -89,6 +93,7 @@ class InputProcessor:
         text, token_ids = self.tokenize(prompt)
         self.validate_prompt(token_ids, params)
         self.validate_sampling(params)
+        grammar = None if params.structured_outputs is None else self.grammar(params.structured_outputs)
         if params.seed is None:
             with self._seed_lock:
                 seed = int(self._seed_rng.integers(0, 2**63 - 1))
@@ -97,7 +102,16 @@ class InputProcessor:
         return Request(
             request_id=str(next(self._request_counter)) if request_id is None else str(request_id),
             prompt=text, prompt_token_ids=tuple(token_ids), sampling_params=params, seed=seed,
-            eos_token_ids=self.eos_token_ids, arrival_time=time.monotonic(), priority=priority)
+            eos_token_ids=self.eos_token_ids, arrival_time=time.monotonic(), priority=priority,
+            grammar=grammar)
+
+    def grammar(self, constraint: StructuredOutputsParams) -> Any:
+        """The constraint's matcher at its start, compiled here in the caller's thread (cached
+        by content), so a bad one is refused before submission and the executor never waits."""
+        if self._grammars is None:
+            raise ValueError(f"structured_outputs needs the model's tokenizer, and {self.model_source} "
+                             "has none")
+        return self._grammars.matcher(constraint)
 
     def chat_prompts(self, messages: Any) -> tuple[bool, list[dict[str, Any]]]:
         """(whether one conversation was given, a prompt per conversation) through the model's

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.buckets import BucketPolicy
+from jaxllm.grammar import GrammarMasks, mask_words, sequence_matcher
 from jaxllm.kv_cache import KVCache
 from jaxllm.logits_processors import HostProcessors
 from jaxllm.models.rope import RotaryTables
@@ -80,8 +81,9 @@ class ModelRunner:
         self.num_strategy_args = max([len(s.defaults) for s in strategies] + [1])
         self.rotary = rotary
         self.layout = StepLayout(block_size, rotary.shape, max_block_copies=max_num_seqs,
-                                 num_strategy_args=self.num_strategy_args, limits=limits)
-        largest = StepKey(max_num_batched_tokens, max_num_seqs, max_blocks_per_seq)
+                                 num_strategy_args=self.num_strategy_args, limits=limits,
+                                 mask_words=mask_words(vocab_size))
+        largest = StepKey(max_num_batched_tokens, max_num_seqs, max_blocks_per_seq, structured=True)
         self._buffers = HostBuffers(self.layout, largest)
         # Each row's last sampled token, kept on the device for the next step (token feedback).
         self.last_tokens = jnp.zeros(max_num_seqs, jnp.int32)
@@ -91,6 +93,7 @@ class ModelRunner:
         # The Python logits processors of the rows that sample, run from the step's host
         # callback, and their faults until the step is fetched.
         self.host_processors = HostProcessors()
+        self.grammar_masks = GrammarMasks()
 
     def prepare_inputs(self, batch: ScheduledBatch, previous: ScheduledBatch | None = None) -> PreparedStep:
         """Lays the batch out in bucketed host arrays for the step: views of the runner's
@@ -105,8 +108,11 @@ class ModelRunner:
         self.host_processors.prepare({
             r: item.seq for r, item in enumerate(scheduled)
             if item.completes_prefill and item.seq.request.sampling_params.logits_processors})
-        key = StepKey(*base, host_processors=self.host_processors.active)
+        constrained = [(sequence_matcher(item.seq), r) for r, item in enumerate(scheduled)
+                       if item.completes_prefill and item.seq.request.grammar is not None]
+        key = StepKey(*base, host_processors=self.host_processors.active, structured=bool(constrained))
         a = self._buffers.views(key)
+        self.grammar_masks.fill(constrained, a["grammar_mask"])
         previous_rows = {item.seq: r for r, item in enumerate(previous.scheduled)} if previous else {}
         keep = {item.seq for item in scheduled} | set(previous_rows)
         seeds: list[tuple[int, np.ndarray, int]] = []

@@ -152,8 +152,11 @@ class OutputProcessor:
         """Detokenizes what make_output needs; returns the output token ids to report."""
         token_ids = seq.output_token_ids
         if state.stop_str is None and seq.is_finished and state.detokenizer is not None:
-            # As vLLM: the text of the EOS / stop token that ended generation is not shown.
-            stop_token_ended = seq.finish_reason == "stop" and not state.include_stop_str
+            # As vLLM: the text of the EOS / stop token that ended generation is not shown (a
+            # structured output's last token, which completed its grammar, is).
+            last = token_ids[-1] if token_ids else None
+            stop_token_ended = seq.finish_reason == "stop" and not state.include_stop_str and (
+                seq.stop_reason == last or (seq.stop_reason is None and last in seq.request.eos_token_ids))
             self._detokenize(state, token_ids[:-1] if stop_token_ended else token_ids)
             if state.stop_str is None:
                 state.text += state.detokenizer.flush()

@@ -2,8 +2,8 @@
 
 The Postprocessor is the one place that decides when a sequence ends. ``finish_reason`` checks
 a sampled sequence in vLLM's order: EOS and stop token ids (once past ``min_tokens``), stop
-strings (the OutputProcessor, which owns the text, finds them), then ``max_tokens`` and
-``max_model_len``. Beam search ends beams as ``BeamSearchState`` decides (groups.beam_step), and
+strings (the OutputProcessor, which owns the text, finds them), a structured output whose
+grammar is complete, then ``max_tokens`` and ``max_model_len``. Beam search ends beams as ``BeamSearchState`` decides (groups.beam_step), and
 aborts end whatever is left of a request. A row that failed through its request's own fault
 (``RowResults.errors``: a logits processor raised) ends every live sequence of that request
 with finish_reason "error" and hands its error to the executor for the caller; its sampled
@@ -20,6 +20,7 @@ import dataclasses
 import time
 
 from jaxllm import groups
+from jaxllm.grammar import consume, sequence_matcher
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.request_handle import RequestError
 from jaxllm.row_results import RowResults
@@ -52,6 +53,8 @@ def finish_reason(seq: Sequence, output_processor: OutputProcessor,
     stop_str = output_processor.check_stop(seq)
     if stop_str is not None:
         return "stop", stop_str
+    if seq.matcher is not None and seq.matcher.is_stopped():
+        return "stop", None
     if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= max_model_len:
         return "length", None
     return None
@@ -82,6 +85,8 @@ class Postprocessor:
                     seq.prompt_logprobs.append(entry)
             if item.completes_prefill:
                 self._take_sample(seq, row, results, now, news)
+                if seq.is_finished:   # its token broke its grammar
+                    continue
             # Before a finish frees them: the blocks a sequence's last step filled are worth
             # caching too (a max_tokens=1 request's prompt, say).
             self.scheduler.record_outputs(seq, item.completes_prefill)
@@ -122,7 +127,14 @@ class Postprocessor:
             return
         if row in results.top_logprobs:
             seq.output_top_logprobs.append(results.top_logprobs[row])
-        self._append(seq, results.token_ids[row], results.logprobs[row], now, news)
+        token_id = results.token_ids[row]
+        self._append(seq, token_id, results.logprobs[row], now, news)
+        if seq.request.grammar is not None:
+            verdict = consume(sequence_matcher(seq), token_id)
+            if verdict not in (None, "stop"):
+                self._fail(seq, RequestError(
+                    f"request {seq.request_id}: sampled token {token_id} broke its structured "
+                    f"output's grammar: {verdict}"), news)
 
     def _stop_or_fork(self, seq: Sequence, now: float, news: StepNews) -> bool:
         """After a sample: ends or forks what it decides; True when the caller has news."""

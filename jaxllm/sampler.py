@@ -31,7 +31,7 @@ import numpy as np
 from jaxllm.penalties import apply_penalties, row_counts
 from jaxllm.step_inputs import SamplingTensors
 from jaxllm.strategies import SamplingStrategy
-from jaxllm.token_lists import apply_token_lists, ban_until_min_tokens
+from jaxllm.token_lists import apply_grammar_mask, apply_token_lists, ban_until_min_tokens
 
 HostLogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -181,7 +181,10 @@ class Sampler:
 
     def _process(self, logits: jax.Array, params: SamplingTensors, token_counts: jax.Array | None,
                  host_processors: bool) -> jax.Array:
-        """Steps 2-4: token lists, penalties, host processors (each a no-op unless a row uses it)."""
+        """Steps 1-4: the structured-outputs mask (only in steps that ship one), token lists,
+        penalties, host processors (each a no-op unless a row uses it)."""
+        if params.grammar_mask.shape[1]:
+            logits = apply_grammar_mask(logits, params.grammar_mask)
         logits = apply_token_lists(logits, params.allowed_ids, params.bias_ids, params.bias_values,
                                    params.min_tokens_stop_ids, params.output_index, params.min_tokens)
         if token_counts is not None:

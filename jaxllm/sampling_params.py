@@ -10,6 +10,8 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
+from jaxllm.structured_outputs import StructuredOutputsParams
+
 LOGIT_BIAS_LIMIT = 100.0  # logit_bias values are clamped to [-100, 100], as vLLM does
 
 
@@ -109,6 +111,9 @@ class SamplingParams:
             ``fn(output_token_ids: list[int], logits: np.ndarray) -> np.ndarray`` and applied
             in order before sampling; slow (one host round trip per step), an escape hatch.
         output_kind: for streaming calls, whether each output is cumulative or a delta.
+        structured_outputs: constrain the output to a JSON schema, regex, choice or grammar
+            (``StructuredOutputsParams``; needs the model's tokenizer and ``jaxllm[grammar]``).
+            Not with beam search.
     """
 
     n: int = 1
@@ -139,6 +144,7 @@ class SamplingParams:
     strategy_args: dict[str, Any] | None = None
     logits_processors: list[Callable[[list[int], Any], Any]] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
@@ -152,6 +158,12 @@ class SamplingParams:
         self._check_strategy()
         if not isinstance(self.output_kind, RequestOutputKind):
             raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError("structured_outputs must be a StructuredOutputsParams, got "
+                                 f"{type(self.structured_outputs).__name__}")
+            if self.use_beam_search:
+                raise ValueError("structured_outputs is not supported with beam search")
 
     def _check_numbers(self) -> None:
         for name, (integer, in_range, allowed) in _NUMBERS.items():

@@ -9,6 +9,10 @@ samples nothing anyone keeps. ``source`` says where a row's value comes from; fi
 Per-request values that cannot exceed a fixed width are refused at submission
 (``check_sampling_limits``), never truncated.
 
+The structured-outputs bitmask is the one field whose width depends on the step key: W =
+ceil(V / 32) words in steps with a constrained row (``StepKey.structured``), 0 in the others,
+so a plain step ships no mask at all.
+
 Shape legend: S rows, A strategy arguments, W a limit's width.
 """
 
@@ -55,7 +59,8 @@ class RowField:
         param: the ``SamplingParams`` attribute copied verbatim into an [S] column, if it is
             a plain copy.
         width: None for an [S] column; else the ``SamplingLimits`` attribute giving W of an
-            [S, W] column, or "strategy_args" for the engine's widest strategy (A).
+            [S, W] column, "strategy_args" for the engine's widest strategy (A), or
+            "mask_words" for the structured-outputs bitmask.
     """
 
     dtype: type
@@ -95,13 +100,17 @@ ROW_FIELDS: dict[str, RowField] = {
     "min_tokens_stop_ids": RowField(np.int32, -1, "SamplingParams.stop_token_ids + EOS ids (unless "
                                     "ignore_eos), banned while output_index < min_tokens",
                                     width="max_min_tokens_stop_ids"),
+    "grammar_mask": RowField(np.int32, -1, "the structured-outputs bitmask of the row's next token "
+                             "(bit t % 32 of word t // 32 allows token t; -1 words allow all)",
+                             width="mask_words"),
 }
 COPIED_FIELDS = tuple((name, f.param) for name, f in ROW_FIELDS.items() if f.param is not None)
 
 
-def row_widths(limits: SamplingLimits, num_strategy_args: int) -> dict[str, int]:
+def row_widths(limits: SamplingLimits, num_strategy_args: int, mask_words: int) -> dict[str, int]:
     """The W (or A) of every [S, W] field."""
-    return {name: num_strategy_args if f.width == "strategy_args" else getattr(limits, f.width)
+    special = {"strategy_args": num_strategy_args, "mask_words": mask_words}
+    return {name: special[f.width] if f.width in special else getattr(limits, f.width)
             for name, f in ROW_FIELDS.items() if f.width is not None}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from jaxllm.outputs import PositionLogprobs, RequestMetrics
 from jaxllm.sampling_params import SamplingParams
@@ -26,6 +26,9 @@ class Request:
     arrival_time: float
     cache_salt: str | None = None  # joins the prefix-cache key: equal salts share cached blocks
     priority: int = 0  # lower is served first; equal priorities are first come, first served
+    # structured outputs: the constraint's matcher at its start (``jaxllm.grammar``), which
+    # each sequence copies; never advanced itself
+    grammar: Any = None
 
 
 class SequenceStatus(enum.Enum):
@@ -70,6 +73,9 @@ class Sequence:
     # n > 1 and beam search: the completion index and the group of the request's sequences.
     index: int = 0
     group: SequenceGroup | None = None
+    # structured outputs: this sequence's copy of the request's matcher, made on first use
+    # (``grammar.sequence_matcher``) and fed every token it samples
+    matcher: Any = None
 
     @classmethod
     def from_request(cls, request: Request) -> "Sequence":
@@ -128,10 +134,11 @@ class Sequence:
     @property
     def needs_host_tokens(self) -> bool:
         """Whether the next step needs the host to know every token so far: beam search picks
-        tokens on the host; Python logits processors read the token history. (Penalties count
-        the tokens on the device.)"""
+        tokens on the host; Python logits processors read the token history; a structured
+        output's mask follows from every token. (Penalties count the tokens on the device.)"""
         return ((self.group is not None and self.group.beam is not None)
-                or bool(self.request.sampling_params.logits_processors))
+                or bool(self.request.sampling_params.logits_processors)
+                or self.request.grammar is not None)
 
     @property
     def is_finished(self) -> bool:

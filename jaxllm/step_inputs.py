@@ -44,11 +44,12 @@ def _build(cls: type, num_rows: int, **values: Any) -> Any:
     """Host arrays for ``num_rows`` rows: every field's pad unless given in ``values``.
 
     [S] fields broadcast a scalar or take an [S] array; [S, W] fields take an array (default
-    width 1 of pads). For tests and for trying a strategy on hand-made logits.
+    width 1 of pads; the grammar mask, none). For tests and for trying a strategy on hand-made
+    logits.
     """
     fields = {}
     for name, field in ROW_FIELDS.items():
-        shape = (num_rows,) if field.width is None else (num_rows, 1)
+        shape = (num_rows,) if field.width is None else (num_rows, int(field.width != "mask_words"))
         if name in values:
             value = np.asarray(values.pop(name), field.dtype)
             shape = shape if field.width is None else value.shape
@@ -92,13 +93,16 @@ class DeviceState:
 
 
 class StepKey(NamedTuple):
-    """The static key a step is compiled for: its bucket (T, S, P) and whether Python logits
-    processors run in it (the one variant with a host callback, compiled on first use)."""
+    """The static key a step is compiled for: its bucket (T, S, P), whether Python logits
+    processors run in it (the one variant with a host callback), and whether a row is
+    constrained by structured outputs (the variant that ships a token bitmask). Both variants
+    compile on first use."""
 
     num_tokens: int
     num_rows: int
     num_blocks: int
     host_processors: bool = False
+    structured: bool = False
 
 
 @jax.tree_util.register_dataclass

@@ -75,6 +75,8 @@ class StepLayout:
         max_block_copies: C, the most copy-on-write block copies one step makes.
         num_strategy_args: A, the widest registered strategy's argument count (at least 1).
         limits: the widths of the sparse sampling rows.
+        mask_words: W of the structured-outputs bitmask in steps with a constrained row,
+            ceil(V / 32) (0 in the others).
     """
 
     block_size: int
@@ -82,6 +84,7 @@ class StepLayout:
     max_block_copies: int
     num_strategy_args: int = 1
     limits: SamplingLimits = SamplingLimits()
+    mask_words: int = 0
 
     @functools.lru_cache(maxsize=None)
     def shapes(self, key: StepKey) -> dict[str, tuple[int, ...]]:
@@ -89,7 +92,8 @@ class StepLayout:
         sizes = {"T": key.num_tokens, "S": key.num_rows, "P": key.num_blocks,
                  "R": self.rotary_shape[0], "Hr": self.rotary_shape[1],
                  "C": self.max_block_copies, "2": 2,
-                 **row_widths(self.limits, self.num_strategy_args)}
+                 **row_widths(self.limits, self.num_strategy_args,
+                              self.mask_words if key.structured else 0)}
         return {name: tuple(sizes[d] for d in f.dims) for name, f in ARRAY_FIELDS.items()}
 
     def reset(self, arrays: dict[str, np.ndarray]) -> None:

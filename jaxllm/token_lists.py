@@ -50,6 +50,18 @@ def ban_until_min_tokens(logits: jax.Array, stop_ids: jax.Array, output_index: j
     return logits.at[rows, columns].set(-jnp.inf, mode="drop")
 
 
+def apply_grammar_mask(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Structured outputs: keeps the tokens whose bit is set in the row's bitmask ``mask``
+    [S, ceil(V/32)] int32 (bit t % 32 of word t // 32), -inf elsewhere. Rows of -1 words
+    allow everything; only runs (it touches all of [S, V]) when some row is constrained."""
+    def restrict(x: jax.Array) -> jax.Array:
+        bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1            # [S, W, 32]
+        allowed = bits.reshape(mask.shape[0], -1)[:, :x.shape[1]] != 0
+        return jnp.where(allowed, x, -jnp.inf)
+
+    return jax.lax.cond(jnp.any(mask != -1), restrict, lambda x: x, logits)
+
+
 def apply_token_lists(logits: jax.Array, allowed_ids: jax.Array, bias_ids: jax.Array,
                       bias_values: jax.Array, stop_ids: jax.Array, output_index: jax.Array,
                       min_tokens: jax.Array) -> jax.Array:

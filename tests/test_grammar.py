@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from jaxllm.grammar import JSON_WHITESPACE, GrammarCompiler, GrammarMasks, consume, mask_words
+from jaxllm.grammar import MAX_JSON_INDENT, GrammarCompiler, GrammarMasks, consume, mask_words
 from jaxllm.structured_outputs import StructuredOutputsParams
 
 VOCAB = 320
@@ -68,16 +68,17 @@ def test_random_walks_under_each_constraint_satisfy_it(compiler, seed):
 
 
 def test_free_json_whitespace_is_bounded(compiler):
-    """A model that always prefers whitespace still has to write the object: each gap holds at
-    most JSON_WHITESPACE's bound, so it cannot loop on spaces until max_tokens."""
+    """A model that always prefers whitespace still has to write the object: each gap holds one
+    space or a newline and an indentation, so it cannot loop on whitespace until max_tokens."""
     grammars, tokenizer = compiler
     spaces = [i for i in range(VOCAB) if tokenizer.decode([i]) in (" ", "\n", "  ")]
     tokens = walk(grammars.matcher(StructuredOutputsParams(json=SCHEMA)), np.random.default_rng(0),
                   prefer=spaces)
     text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id])
     assert json.loads(text).keys() == {"name", "age"}
-    longest_gap = max(len(run) for run in re.findall(r"[ \t\n\r]+", text))
-    assert longest_gap <= int(JSON_WHITESPACE.split(",")[1].rstrip("}"))
+    outside_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)
+    gaps = re.findall(r"[ \t\n\r]+", outside_strings)
+    assert all(gap == " " or re.fullmatch(r"\n {0,%d}" % MAX_JSON_INDENT, gap) for gap in gaps), gaps
     compact = walk(grammars.matcher(StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)),
                    np.random.default_rng(0), prefer=spaces)
     compact_text = tokenizer.decode([t for t in compact if t != tokenizer.eos_token_id])

@@ -12,6 +12,7 @@ import torch
 from conftest import make_tiny_llama, random_prompts
 
 from jaxllm import Engine, RequestOutputKind, SamplingParams
+from jaxllm.step_inputs import StepKey
 
 OPTIONS = dict(max_model_len=64, num_blocks=40, block_size=8, max_num_seqs=4,
                max_num_batched_tokens=16, max_logprobs=8, warmup=True)
@@ -114,4 +115,4 @@ def test_python_logits_processors_are_the_one_variant(warmed):
     assert "/jax/core/compile/jaxpr_trace_duration" in events.names    # the counter sees it
     assert engine.stats()["num_compilations"] > compiled
     assert all(key.host_processors for key in engine.model_runner.step.keys
-               if key not in {(*k, False) for k in engine.bucket_policy.keys()})
+               if key not in {StepKey(*k) for k in engine.bucket_policy.keys()})

@@ -56,7 +56,7 @@ def test_sampling_params_defaults_are_vllms():
                     skip_special_tokens=True, logit_bias=None, allowed_token_ids=None,
                     use_beam_search=False, beam_width=1, length_penalty=1.0, early_stopping=False,
                     strategy=None, strategy_args=None, logits_processors=None,
-                    output_kind=RequestOutputKind.CUMULATIVE)
+                    output_kind=RequestOutputKind.CUMULATIVE, structured_outputs=None)
     assert {name: getattr(params, name) for name in expected} == expected
     assert {f.name for f in dataclasses.fields(SamplingParams)} == set(expected)
     assert not params.is_greedy and not params.needs_penalties
