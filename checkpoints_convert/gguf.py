@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tqdm.auto as tqdm
 from gguf import GGMLQuantizationType, ReaderTensor
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
@@ -80,7 +81,7 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     tmp_dir = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex[:8]}.partial")
     tmp_dir.mkdir()
     try:
-        _write_weights(plan, tmp_dir, max_shard_bytes)
+        _write_weights(plan, tmp_dir, max_shard_bytes, f"Converting {gguf_path.name} to float32")
         config.save_pretrained(tmp_dir)
         _generation_config(metadata).save_pretrained(tmp_dir)
         _tokenizer(metadata).save_pretrained(tmp_dir)
@@ -105,7 +106,7 @@ def _plan_tensors(gguf_path: Path, tensors: list[ReaderTensor],
 
 
 def _write_weights(plan: list[tuple[ReaderTensor, str, Transform]], out_dir: Path,
-                   max_shard_bytes: int) -> None:
+                   max_shard_bytes: int, description: str) -> None:
     shards: list[list[tuple[ReaderTensor, str, Transform]]] = [[]]
     shard_bytes = 0
     for entry in plan:
@@ -117,15 +118,18 @@ def _write_weights(plan: list[tuple[ReaderTensor, str, Transform]], out_dir: Pat
         shard_bytes += nbytes
 
     weight_map = {}
+    bar = tqdm.tqdm(total=len(plan), desc=description, unit="tensor")
     for i, shard in enumerate(shards):
         filename = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         arrays = {}
         for tensor, hf_name, transform in shard:
+            bar.update()
             # dequantize gives [rows, cols] in numpy order, i.e. HF's [out, in].
             w = dequantize(tensor.data, tensor.tensor_type)
             arrays[hf_name] = np.ascontiguousarray(transform(w), dtype=np.float32)
             weight_map[hf_name] = filename
         save_file(arrays, out_dir / filename, metadata={"format": "pt"})
+    bar.close()
     if len(shards) > 1:
         total = sum(4 * int(np.prod(t.shape)) for t, _, _ in plan)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

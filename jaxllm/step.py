@@ -13,6 +13,8 @@ XLA updates it in place instead of copying it every step.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -25,6 +27,8 @@ from jaxllm.packing import PackedLayout, unpack
 from jaxllm.penalties import count_samples
 from jaxllm.sampler import Sampler
 from jaxllm.step_inputs import DeviceState, StepArrays, StepInputs, StepKey, StepOutputs
+
+logger = logging.getLogger(__name__)
 
 
 def copy_blocks(kv_cache: KVCache, copies: jax.Array) -> KVCache:
@@ -125,6 +129,16 @@ class CompiledStep:
 
     def __call__(self, params: Any, state: DeviceState, key: StepKey, layout: PackedLayout,
                  buffers: tuple[Any, Any]) -> tuple[DeviceState, StepOutputs]:
-        """Runs one step on packed host buffers."""
+        """Runs one step on packed host buffers (compiling it first for a new key: logged at
+        INFO, which ``python -m jaxllm`` shows, so a first run says why it waits)."""
+        if key in self.keys:
+            return self._jitted(params, state, buffers, key, layout)
         self.keys.add(key)
-        return self._jitted(params, state, buffers, key, layout)
+        logger.info("compiling the step for %d tokens x %d rows x %d blocks%s (first use of "
+                    "this shape)...", key.num_tokens, key.num_rows, key.num_blocks,
+                    " with a structured-outputs mask" * key.structured
+                    + " with Python logits processors" * key.host_processors)
+        start = time.perf_counter()
+        result = self._jitted(params, state, buffers, key, layout)
+        logger.info("compiled in %.1f s", time.perf_counter() - start)
+        return result
