@@ -1,33 +1,48 @@
-"""Command line: ``python -m jaxllm generate "Hello, my name is"``."""
+"""Command line: ``python -m jaxllm generate "Hello, my name is"`` completes a prompt;
+``python -m jaxllm serve --model M`` serves a model over the OpenAI API (``jaxllm.server``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from jaxllm.engine import Engine
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.cli_options import (HelpFormatter, add_debug_option, add_engine_options,
+                                engine_options, non_negative_int, positive_int, run_command)
+from jaxllm.model_source import DEFAULT_GGUF_FILE
+from jaxllm.server import cli as serve_cli
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="complete a prompt and print the text")
-    gen.add_argument("prompt")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command_name", required=True)
+    gen = sub.add_parser("generate", formatter_class=HelpFormatter,
+                         help="complete a prompt and print the text",
+                         description="Complete one prompt and print the text.")
+    gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--model", default=None,
-                     help="HF directory, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
+                     help=f"HF directory, .gguf file or hub id; unset: {DEFAULT_GGUF_FILE}")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    args = parser.parse_args(argv)
+    gen.add_argument("--max-tokens", type=positive_int, default=64, help="most tokens to generate")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 disables")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables")
+    gen.add_argument("--seed", type=non_negative_int, default=None,
+                     help="the request's seed; unset: drawn from the engine's generator, whose "
+                          "base seed is fixed (0), so a sampled run repeats its output")
+    add_engine_options(gen, warmup=False)
+    add_debug_option(gen)
+    gen.set_defaults(command=generate)
+    serve_cli.add_parser(sub)
+    return parser
+
+
+def generate(args: argparse.Namespace) -> int:
+    from jaxllm.engine import Engine
+    from jaxllm.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, max_tokens=args.max_tokens)
-    with Engine(args.model, dtype=args.dtype) as engine:
+    with Engine(args.model, **engine_options(args)) as engine:
         if args.chat:
             output = engine.chat([{"role": "user", "content": args.prompt}], params)
         else:
@@ -35,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     completion = output.outputs[0]
     print(completion.text if args.chat else args.prompt + completion.text)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_command(parser, args, args.command)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""What the ``jaxllm`` commands share: the engine's options as flags (defaults read from
+EngineConfig, shown in ``--help``), argument types, and how a user's mistake is reported: one
+line, ``jaxllm: error: ...``, exit status 2, a traceback only with ``--debug``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from jaxllm.config import EngineConfig
+
+HelpFormatter = argparse.ArgumentDefaultsHelpFormatter
+
+# Exceptions that mean the user asked for something that cannot be (a missing model, an
+# option out of range, a port in use, a missing extra), not a bug in jaxllm.
+USER_ERRORS = (OSError, ValueError, ImportError)
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+# EngineConfig field -> (argparse keyword arguments but the default, help)
+_ENGINE_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
+    "dtype": ({"choices": ["float32", "bfloat16"]},
+              "weights, activations and KV cache dtype; unset: float32 on CPU, bfloat16 on GPU/TPU"),
+    "max_model_len": ({"type": positive_int},
+                      "longest prompt + output in tokens; unset: the model's max_position_embeddings"),
+    "block_size": ({"type": positive_int}, "tokens per KV block (a power of two)"),
+    "num_blocks": ({"type": positive_int},
+                   "KV blocks in the pool; unset: as many as --kv-cache-memory-bytes holds"),
+    "kv_cache_memory_bytes": ({"type": positive_int},
+                              "KV cache budget when --num-blocks is unset; unset: 25%% of the "
+                              "accelerator's memory, 2 GiB on CPU"),
+    "max_num_seqs": ({"type": positive_int}, "most sequences in one step"),
+    "max_num_batched_tokens": ({"type": positive_int}, "token budget of one step"),
+    "max_logprobs": ({"type": positive_int}, "most logprobs / prompt_logprobs a request may ask for"),
+    "attention": ({}, "attention implementation ('reference' or a registered kernel); "
+                      "unset: the platform's best"),
+    "enable_prefix_caching": ({"action": argparse.BooleanOptionalAction},
+                              "reuse the KV blocks of identical prompt prefixes across requests"),
+}
+
+
+def add_engine_options(parser: argparse.ArgumentParser, *, warmup: bool) -> None:
+    """The engine's flags (``--max-model-len`` for ``max_model_len``...), and ``--warmup``
+    with this command's default."""
+    group = parser.add_argument_group("engine options")
+    for field, (kwargs, help_text) in _ENGINE_FLAGS.items():
+        group.add_argument(_flag(field), dest=field, default=_DEFAULTS[field], help=help_text, **kwargs)
+    group.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=warmup,
+                       help="compile every step shape at start-up (with a progress bar), so "
+                            "requests never wait for a compilation")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The EngineConfig fields set by ``add_engine_options``' flags."""
+    return {field: getattr(args, field) for field in (*_ENGINE_FLAGS, "warmup")}
+
+
+def add_debug_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line")
+
+
+def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                command: Callable[[argparse.Namespace], int]) -> int:
+    """``command(args)``, a user error reported as ``jaxllm: error: <one line>`` (exit 2)."""
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        return 130
+    except USER_ERRORS as exc:
+        if getattr(args, "debug", False):
+            raise
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        message = " ".join(lines) or type(exc).__name__
+        print(f"{parser.prog}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
