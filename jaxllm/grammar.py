@@ -104,8 +104,8 @@ class GrammarCompiler:
     def matcher(self, params: StructuredOutputsParams) -> Any:
         """A matcher at the start of ``params``' grammar; ValueError naming the problem if the
         constraint is invalid."""
-        key = json.dumps({k: v for k, v in vars(params).items() if v not in (None, False)},
-                         sort_keys=True)
+        # Not sort_keys: a schema's property order is the order the output writes them in.
+        key = json.dumps({k: v for k, v in vars(params).items() if v not in (None, False)})
         grammar = self.compile(key)
         matcher = _llguidance().LLMatcher(self.lltokenizer, grammar, log_level=0)
         if matcher.is_error():

@@ -85,6 +85,16 @@ def test_free_json_whitespace_is_bounded(compiler):
     assert json.dumps(json.loads(compact_text), separators=(",", ":"), ensure_ascii=False) == compact_text
 
 
+def test_json_properties_come_in_the_schemas_order(compiler):
+    grammars, tokenizer = compiler
+    for order in (["name", "age"], ["age", "name"]):
+        schema = {**SCHEMA, "properties": {k: SCHEMA["properties"][k] for k in order}}
+        tokens = walk(grammars.matcher(StructuredOutputsParams(json=schema)), np.random.default_rng(1),
+                      prefer=[tokenizer.eos_token_id])
+        text = tokenizer.decode([t for t in tokens if t != tokenizer.eos_token_id])
+        assert list(json.loads(text)) == order
+
+
 def test_grammars_are_cached_by_content(compiler):
     grammars, _ = compiler
     before = grammars.compile.cache_info()
