@@ -6,15 +6,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxllm.cli_options import (HelpFormatter, add_debug_option, add_engine_options,
+from jaxllm.cli_options import (HelpFormatter, Parser, add_debug_option, add_engine_options,
                                 engine_options, non_negative_int, positive_int, run_command)
 from jaxllm.model_source import DEFAULT_GGUF_FILE
 from jaxllm.server import cli as serve_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__, formatter_class=HelpFormatter)
-    sub = parser.add_subparsers(dest="command_name", required=True)
+    parser = Parser(prog="jaxllm", description=__doc__, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command_name", metavar="{generate,serve}", required=True)
     gen = sub.add_parser("generate", formatter_class=HelpFormatter,
                          help="complete a prompt and print the text",
                          description="Complete one prompt and print the text.")

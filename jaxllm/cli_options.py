@@ -14,6 +14,13 @@ from jaxllm.config import EngineConfig
 
 HelpFormatter = argparse.ArgumentDefaultsHelpFormatter
 
+
+class Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are one line too (the usage block is in ``--help``)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 # Exceptions that mean the user asked for something that cannot be (a missing model, an
 # option out of range, a port in use, a missing extra), not a bug in jaxllm.
 USER_ERRORS = (OSError, ValueError, ImportError)
@@ -22,16 +29,20 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def _int_at_least(text: str, lowest: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
     return value
 
 
