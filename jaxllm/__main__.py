@@ -7,7 +7,8 @@ import argparse
 import sys
 
 from jaxllm.cli_options import (HelpFormatter, Parser, add_debug_option, add_engine_options,
-                                engine_options, non_negative_int, positive_int, run_command)
+                                engine_options, log_to_stderr, non_negative_int, positive_int,
+                                run_command)
 from jaxllm.model_source import DEFAULT_GGUF_FILE
 from jaxllm.server import cli as serve_cli
 
@@ -42,6 +43,10 @@ def generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, max_tokens=args.max_tokens)
+    log_to_stderr("info")
+    print(f"jaxllm: loading {args.model or DEFAULT_GGUF_FILE} (a first run converts a GGUF file "
+          "and compiles the model's steps; later runs reuse both from the cache)",
+          file=sys.stderr, flush=True)
     with Engine(args.model, **engine_options(args)) as engine:
         if args.chat:
             output = engine.chat([{"role": "user", "content": args.prompt}], params)

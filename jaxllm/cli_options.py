@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +83,16 @@ def add_engine_options(parser: argparse.ArgumentParser, *, warmup: bool) -> None
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The EngineConfig fields set by ``add_engine_options``' flags."""
     return {field: getattr(args, field) for field in (*_ENGINE_FLAGS, "warmup")}
+
+
+def log_to_stderr(level: str) -> None:
+    """jaxllm's own log lines (compiling a step, ...) on stderr, at ``level``; the root logger
+    and jax's are left alone."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    logger = logging.getLogger("jaxllm")
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
 
 
 def add_debug_option(parser: argparse.ArgumentParser) -> None:

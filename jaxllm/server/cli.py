@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import logging
 import os
 import socket
 import sys
 
 from jaxllm.cli_options import (HelpFormatter, add_debug_option, add_engine_options,
-                                engine_options, non_negative_int, positive_int)
+                                engine_options, log_to_stderr, non_negative_int, positive_int)
 from jaxllm.model_source import DEFAULT_GGUF_FILE
 from jaxllm.server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_WAITING_REQUESTS
 
@@ -77,7 +76,7 @@ def serve(args: argparse.Namespace) -> int:
     if api_key is None and not _is_loopback(args.host):
         print(f"jaxllm: warning: serving on {args.host} without an API key: anyone who can reach "
               "it can use it (--api-key)", file=sys.stderr)
-    _log_to_stderr(logging.getLogger("jaxllm"), args.log_level)
+    log_to_stderr(args.log_level)
     name = args.served_model_name or args.model or DEFAULT_GGUF_FILE.partition(".")[0]
     print(f"jaxllm: loading {args.model or DEFAULT_GGUF_FILE}", file=sys.stderr, flush=True)
     with Engine(args.model, seed=args.seed, **engine_options(args)) as engine:
@@ -89,14 +88,6 @@ def serve(args: argparse.Namespace) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                     timeout_graceful_shutdown=5)
     return 0
-
-
-def _log_to_stderr(logger: logging.Logger, level: str) -> None:
-    """jaxllm's own log lines next to uvicorn's (the root logger, and jax's, left alone)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(level.upper())
 
 
 def _check_can_listen(host: str, port: int) -> None:
