@@ -34,6 +34,9 @@ class ModelConfig:
         rope: the distinct rotary tables; ``layer_rope[i]`` picks layer i's.
         layer_windows: each layer's sliding window (0 = full attention); () = all full.
         layer_rope: each layer's index into ``rope``; () = all 0.
+        qkv_shards: the fused q|k|v projection's output axis is laid out as this many
+            consecutive [q | k | v] blocks, one per tensor-parallel shard, each holding its
+            shard's heads (``jaxllm.sharding``); 1 = plain q | k | v.
     """
 
     architecture: str
@@ -60,16 +63,20 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     layer_windows: tuple[int, ...] = ()
     layer_rope: tuple[int, ...] = ()
+    qkv_shards: int = 1
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "qkv_shards"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.num_key_value_heads % self.qkv_shards:
+            raise ValueError(f"num_key_value_heads ({self.num_key_value_heads}) must be a multiple "
+                             f"of qkv_shards ({self.qkv_shards})")
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
@@ -151,6 +158,8 @@ class EngineConfig:
             compiles into its steps); one not registered, or failing its check at the engine's
             shape, is an error at ``Engine()``. None: every registered strategy that passes its
             check; the others are left out with a warning (``jaxllm.strategies``).
+        tensor_parallel_size: devices the model is split over, Megatron-style (attention heads,
+            MLP columns/rows, vocabulary; ``jaxllm.sharding``). 1 = one device, no mesh.
     """
 
     dtype: str | None = None
@@ -172,6 +181,7 @@ class EngineConfig:
     max_allowed_token_ids: int = SamplingLimits.max_allowed_token_ids
     max_min_tokens_stop_ids: int = SamplingLimits.max_min_tokens_stop_ids
     strategies: tuple[str, ...] | None = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.strategies is not None:
@@ -195,6 +205,9 @@ class EngineConfig:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                 f"max_num_seqs ({self.max_num_seqs})")
+        if type(self.tensor_parallel_size) is not int or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got "
+                             f"{self.tensor_parallel_size!r}")
         _ = self.sampling_limits  # SamplingLimits refuses a width below 1
 
     @property

@@ -35,6 +35,7 @@ from jaxllm.outputs import RequestOutput
 from jaxllm.sampler import Sampler
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import Scheduler
+from jaxllm.sharding import TensorParallel
 from jaxllm.step import CompiledStep
 from jaxllm.strategies import engine_strategies
 from jaxllm.warmup import warmup
@@ -51,7 +52,7 @@ class Engine:
         **engine_options: fields of :class:`jaxllm.config.EngineConfig` (dtype, max_model_len,
             block_size, num_blocks, kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens,
             scan_layers, attention, seed, enable_prefix_caching, max_logprobs, warmup,
-            strategies).
+            strategies, tensor_parallel_size).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, **engine_options: Any) -> None:
@@ -65,6 +66,9 @@ class Engine:
         self.model_config = self.family.config_from_hf(hf_config)
         self.platform = jax.default_backend()
         self.config = c = options.resolve(self.model_config, self.platform, _accelerator_memory())
+        self.tensor_parallel = (TensorParallel.create(
+            self.model_config, c.tensor_parallel_size, self.family.partition_rules, self.family.name)
+            if c.tensor_parallel_size > 1 else None)
         self.tokenizer = model_files.load_tokenizer(self.model_dir)
         self.eos_token_ids = model_files.eos_token_ids(self.model_dir, hf_config, self.tokenizer)
         strategy_examples.register_examples()
@@ -92,18 +96,23 @@ class Engine:
 
     def _build_runner(self) -> ModelRunner:
         """Loads the weights and wires the compiled step (model + sampler) to its host side."""
-        c, mc = self.config, self.model_config
-        params = self.family.load_params(self.model_dir, mc, np.dtype(jax.numpy.dtype(c.dtype)))
+        c, tp = self.config, self.tensor_parallel
+        params = self.family.load_params(self.model_dir, self.model_config,
+                                         np.dtype(jax.numpy.dtype(c.dtype)))
+        mc, attention = self.model_config, get_attention(c.attention)
+        if tp is not None:
+            params, mc, attention = tp.layout_params(params), tp.config, tp.attention(attention)
         if not c.scan_layers:
             params = unstack_layers(params, mc.num_hidden_layers)
-        self.model = CausalLM(config=mc, dtype=jax.numpy.dtype(c.dtype),
-                              attention_fn=get_attention(c.attention), scan_layers=c.scan_layers,
-                              layer_cls=self.family.layer)
+        self.model = CausalLM(config=mc, dtype=jax.numpy.dtype(c.dtype), attention_fn=attention,
+                              scan_layers=c.scan_layers, layer_cls=self.family.layer)
         sampler = Sampler(tuple(self.strategies.values()), c.max_logprobs,
                           lambda logits, use: self.model_runner.host_logits_processor(logits, use))
         return ModelRunner(
-            CompiledStep(self.model, sampler), jax.device_put(params),
-            allocate_kv_cache(mc, c.num_blocks, c.block_size, c.dtype), c.block_size,
+            CompiledStep(self.model, sampler, tp and tp.mesh),
+            jax.device_put(params) if tp is None else tp.place_params(params),
+            allocate_kv_cache(mc, c.num_blocks, c.block_size, c.dtype,
+                              tp and tp.kv_cache_sharding), c.block_size,
             c.max_num_batched_tokens, c.max_num_seqs, self.bucket_policy.max_blocks_per_seq,
             c.max_model_len, mc.vocab_size, RotaryTables(mc.rope), tuple(self.strategies.values()),
             self.bucket_policy, limits=c.sampling_limits)

@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxllm.kv_cache import KVCache
 from jaxllm.models.causal_lm import LMHead
@@ -80,6 +81,22 @@ def head_logits(model: nn.Module, params: Any, normed: jax.Array) -> jax.Array:
                       params["embed_tokens"]["embedding"])
 
 
+def _replicated(mesh: jax.sharding.Mesh | None) -> Any:
+    """Under tensor parallelism, gathers the vocabulary-split logits whole onto every device
+    once, so the sampler runs replicated: left split, GSPMD partitioned the sampler too, with
+    ~20 small collectives per step (maxima, sums, gathers) in place of this one."""
+    if mesh is None:
+        return lambda x: x
+    return lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec()))
+
+
+def _under_mesh(mesh: jax.sharding.Mesh, jitted: Any, args: tuple) -> Any:
+    """Calls (and so traces) the step with the tensor-parallel mesh as the context mesh, which
+    the model's matmuls read (``layers.dot_general``)."""
+    with jax.set_mesh(mesh):
+        return jitted(*args)
+
+
 class CompiledStep:
     """The jitted step: ``(params, state, key, layout, buffers) -> (state, outputs)``, where
     ``buffers`` are a ``StepArrays`` packed as ``layout`` (``jaxllm.packing``), the layout of
@@ -89,9 +106,14 @@ class CompiledStep:
     step sampled. A token whose ``feedback_rows`` entry is r >= 0 takes ``last_tokens[r]`` as
     its id instead of ``inputs.token_ids``: the executor schedules and dispatches a step before
     the previous one's tokens reach the host.
+
+    ``mesh``: the tensor-parallel mesh (``jaxllm.sharding``); None on one device, where the
+    step is traced and called exactly as without one.
     """
 
-    def __init__(self, model: nn.Module, sampler: Sampler) -> None:
+    def __init__(self, model: nn.Module, sampler: Sampler, mesh: jax.sharding.Mesh | None = None) -> None:
+        whole = _replicated(mesh)
+
         def step(params: Any, state: DeviceState, buffers: tuple[jax.Array, jax.Array],
                  key: StepKey, layout: PackedLayout) -> tuple[DeviceState, StepOutputs]:
             arrays: StepArrays = unpack(buffers, layout)
@@ -100,10 +122,11 @@ class CompiledStep:
             inputs = dataclasses.replace(arrays.inputs, token_ids=jnp.where(
                 arrays.feedback_rows >= 0, fed_back, arrays.inputs.token_ids))
             kv_cache, logits, normed = _forward(model, params, kv_cache, inputs)
-            vocab = logits.shape[1]
+            logits, vocab = whole(logits), logits.shape[1]
             prompt = jax.lax.cond(
                 jnp.any(arrays.prompt_next_ids >= 0),
-                lambda: sampler.score_prompt(head_logits(model, params, normed), arrays.prompt_next_ids),
+                lambda: sampler.score_prompt(whole(head_logits(model, params, normed)),
+                                             arrays.prompt_next_ids),
                 lambda: sampler.no_prompt_scores(key.num_tokens, vocab))
             rows = sampler(logits, arrays.sampling, state.token_counts,
                            host_processors=key.host_processors)
@@ -120,6 +143,9 @@ class CompiledStep:
                 prompt_top_token_ids=prompt.top_token_ids, prompt_top_logprobs=prompt.top_logprobs)
 
         self._jitted = jax.jit(step, donate_argnums=1, static_argnums=(3, 4))
+        if mesh is not None:
+            jitted = self._jitted
+            self._jitted = lambda *args: _under_mesh(mesh, jitted, args)
         self.keys: set[StepKey] = set()
 
     @property

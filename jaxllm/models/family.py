@@ -5,7 +5,9 @@ described: it builds a ``ModelFamily`` from
   * ``config_from_hf``: the HF config -> explicit ``ModelConfig`` fields;
   * ``weight_map``: every HF tensor -> its place in the params tree, with named transforms;
   * ``gguf``: its GGUF metadata -> HF config, and GGUF tensor names -> HF names;
-  * ``layer``: the decoder layer class (the shared ``layers.DecoderLayer`` unless it differs).
+  * ``layer``: the decoder layer class (the shared ``layers.DecoderLayer`` unless it differs);
+  * ``partition_rules``: how tensor parallelism splits its params (``DECODER_PARTITION_RULES``
+    unless its tree differs).
 ``registry`` maps HF ``architectures`` and GGUF ``general.architecture`` names to families.
 """
 
@@ -24,6 +26,7 @@ from jaxllm.checkpoints_convert.weight_spec import TakeRows, Transform, WeightSp
 from jaxllm.config import ModelConfig
 from jaxllm.models.layers import DecoderLayer
 from jaxllm.models.rope import RopeSpec
+from jaxllm.sharding import TP_AXIS, PartitionRules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,7 @@ class ModelFamily:
     weight_map: Callable[[ModelConfig], list[WeightSpec]]
     gguf: GGUFFamily | None = None
     layer: type = DecoderLayer
+    partition_rules: PartitionRules = ()
 
     def load_params(self, model_dir: str | os.PathLike, config: ModelConfig,
                     dtype: DTypeLike = np.float32) -> dict[str, Any]:
@@ -174,3 +178,19 @@ def decoder_weight_map(c: ModelConfig, norms: dict[str, str], *, fused_qkv: bool
         for suffix, shape, path, extra in per_layer:
             specs.append(WeightSpec(f"{prefix}layers.{i}.{suffix}", shape, ("layers", *path), layer=i, **extra))
     return specs
+
+
+# Megatron's split of the tree above over the "tp" mesh axis (``jaxllm.sharding``): q|k|v
+# (laid out per shard, see ``layers.Attention``) and gate/up by output columns, o_proj and
+# down_proj by input rows (one all-reduce each per layer), the vocabulary in the embedding and
+# the untied head. Every other leaf (norms, biases added after a reduction) is replicated.
+DECODER_PARTITION_RULES: PartitionRules = (
+    ("embed_tokens/embedding", (TP_AXIS, None)),
+    ("lm_head/kernel", (None, TP_AXIS)),
+    ("self_attn/qkv_proj/kernel", (None, TP_AXIS)),
+    ("self_attn/qkv_proj/bias", (TP_AXIS,)),
+    ("self_attn/o_proj/kernel", (TP_AXIS, None)),
+    ("mlp/(gate|up)_proj/kernel", (None, TP_AXIS)),
+    ("mlp/(gate|up)_proj/bias", (TP_AXIS,)),
+    ("mlp/down_proj/kernel", (TP_AXIS, None)),
+)

@@ -103,4 +103,5 @@ def gguf_tensor_map(hf: Gemma3TextConfig) -> dict:
 
 FAMILY = family.ModelFamily(name="gemma3", architectures=("Gemma3ForCausalLM",),
                      config_from_hf=config_from_hf, weight_map=weight_map,
-                     gguf=family.GGUFFamily("gemma3", gguf_hf_config, gguf_tensor_map))
+                     gguf=family.GGUFFamily("gemma3", gguf_hf_config, gguf_tensor_map),
+                     partition_rules=family.DECODER_PARTITION_RULES)

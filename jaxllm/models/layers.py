@@ -32,9 +32,11 @@ def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precisio
         then runs them as one bf16 GEMM (YNNPACK), where a bf16-output dot ran an emulated loop
         ~10x slower than float32. That GEMM takes another slow path for a single row, so a
         one-row bf16 product is computed on the row twice and the copy dropped.
-    Elsewhere it is the plain dot.
+    Elsewhere, and under a device mesh (tensor parallelism: GSPMD partitions a plain dot over
+    sharded weights, where it would gather them whole for the kernel's custom call), it is the
+    plain dot.
     """
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or not jax.sharding.get_abstract_mesh().empty:
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
     transposed = _weight_layout(lhs, rhs, dimension_numbers)
@@ -125,6 +127,8 @@ class Attention(nn.Module):
     projection. q|k|v are one matmul: the checkpoint's projections are concatenated at load
     (one [D, (N + 2K) H] kernel: on 2 CPU cores SmolLM2's 30 layers of dense math went 26.5 ->
     22.9 ms per batch-1 step; the k and v matvecs alone read at half the bandwidth of big ones).
+    Under tensor parallelism the fused axis holds ``qkv_shards`` blocks [q_s | k_s | v_s], one
+    per shard, so a column split of the kernel hands each device whole heads of all three.
     """
 
     config: ModelConfig
@@ -137,7 +141,9 @@ class Attention(nn.Module):
         num_tokens = x.shape[0]
         q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         qkv = dense(q_dim + 2 * kv_dim, c.qkv_bias, self.dtype, "qkv_proj")(x)
-        q, k, v = jnp.split(qkv, [q_dim, q_dim + kv_dim], axis=-1)
+        q_block, kv_block = q_dim // c.qkv_shards, kv_dim // c.qkv_shards
+        q, k, v = jnp.split(qkv.reshape(num_tokens, c.qkv_shards, -1),
+                            [q_block, q_block + kv_block], axis=-1)
         q = q.reshape(num_tokens, c.num_attention_heads, c.head_dim)                   # [T, N, H]
         k = k.reshape(num_tokens, c.num_key_value_heads, c.head_dim)                   # [T, K, H]
         v = v.reshape(num_tokens, c.num_key_value_heads, c.head_dim)                   # [T, K, H]

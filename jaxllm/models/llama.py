@@ -51,4 +51,5 @@ def gguf_tensor_map(hf: LlamaConfig) -> dict:
 FAMILY = family.ModelFamily(
     name="llama", architectures=("LlamaForCausalLM", "MistralForCausalLM"),
     config_from_hf=config_from_hf, weight_map=weight_map,
-    gguf=family.GGUFFamily("llama", gguf_hf_config, gguf_tensor_map))
+    gguf=family.GGUFFamily("llama", gguf_hf_config, gguf_tensor_map),
+    partition_rules=family.DECODER_PARTITION_RULES)

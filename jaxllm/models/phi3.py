@@ -52,4 +52,5 @@ def gguf_tensor_map(hf: Phi3Config) -> dict:
 
 FAMILY = family.ModelFamily(name="phi3", architectures=("Phi3ForCausalLM",),
                      config_from_hf=config_from_hf, weight_map=weight_map,
-                     gguf=family.GGUFFamily("phi3", gguf_hf_config, gguf_tensor_map))
+                     gguf=family.GGUFFamily("phi3", gguf_hf_config, gguf_tensor_map),
+                     partition_rules=family.DECODER_PARTITION_RULES)

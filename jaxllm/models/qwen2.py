@@ -41,4 +41,5 @@ def gguf_tensor_map(hf: Qwen2Config) -> dict:
 
 FAMILY = family.ModelFamily(name="qwen2", architectures=("Qwen2ForCausalLM",),
                      config_from_hf=config_from_hf, weight_map=weight_map,
-                     gguf=family.GGUFFamily("qwen2", gguf_hf_config, gguf_tensor_map))
+                     gguf=family.GGUFFamily("qwen2", gguf_hf_config, gguf_tensor_map),
+                     partition_rules=family.DECODER_PARTITION_RULES)

@@ -42,4 +42,5 @@ def gguf_tensor_map(hf: Qwen3Config) -> dict:
 
 FAMILY = family.ModelFamily(name="qwen3", architectures=("Qwen3ForCausalLM",),
                      config_from_hf=config_from_hf, weight_map=weight_map,
-                     gguf=family.GGUFFamily("qwen3", gguf_hf_config, gguf_tensor_map))
+                     gguf=family.GGUFFamily("qwen3", gguf_hf_config, gguf_tensor_map),
+                     partition_rules=family.DECODER_PARTITION_RULES)
