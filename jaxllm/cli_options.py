@@ -66,6 +66,8 @@ _ENGINE_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
                       "unset: the platform's best"),
     "enable_prefix_caching": ({"action": argparse.BooleanOptionalAction},
                               "reuse the KV blocks of identical prompt prefixes across requests"),
+    "tensor_parallel_size": ({"type": positive_int},
+                             "devices the model is split over (attention heads, MLP, vocabulary)"),
 }
 
 

@@ -5,7 +5,8 @@ The equality checks need 4 CPU devices, which XLA only fakes when told before ja
 they run in one subprocess (``--xla_force_host_platform_device_count=4``) over three tiny
 random float32 models: Llama with biases (4 query / 2 kv heads: split at TP=2, replicated at
 TP=4), Qwen3 (q/k norms, 1 kv head: replicated; the reference attention) and Gemma 3 with scanned layers (traced
-per-layer windows, tied head over a vocabulary-split embedding, soft-capped logits).
+per-layer windows, tied head over a vocabulary-split embedding, soft-capped logits); the slow
+test does the same for SmolLM2-135M (9 query / 3 kv heads) at TP=3.
 """
 
 from __future__ import annotations
@@ -80,18 +81,19 @@ def models(tmp_path_factory):
     return root
 
 
-def test_tensor_parallel_matches_one_device(models):
-    cases = [("llama", str(models / "llama"), [2, 4], {}),
-             ("qwen3", str(models / "qwen3"), [2], {"attention": "reference"}),
-             ("gemma3", str(models / "gemma3"), [2], {"scan_layers": True})]
+def run_checks(cases: list) -> dict:
+    """Runs ``CHECKS`` on ``cases`` in a subprocess with 4 CPU devices; its report."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     result = subprocess.run([sys.executable, "-c", CHECKS, json.dumps(cases)], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert sorted(report) == ["gemma3/tp2", "llama/tp2", "llama/tp4", "qwen3/tp2"]
-    # kv heads of the model as run: split (llama at 2, gemma3), else replicated up to the size.
-    kv_heads = {"llama/tp2": 2, "llama/tp4": 4, "qwen3/tp2": 2, "gemma3/tp2": 2}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def assert_matches_one_device(report: dict, kv_heads: dict[str, int]) -> None:
+    """Every check: same tokens, logprobs within 1e-4, q|k|v and down_proj split Megatron-style,
+    the KV cache split over ``kv_heads[check]`` kv heads (the model's, or replicated ones)."""
+    assert sorted(report) == sorted(kv_heads)
     for check, r in report.items():
         tp = int(check.split("tp")[-1])
         assert r["same_tokens"], check
@@ -101,6 +103,21 @@ def test_tensor_parallel_matches_one_device(models):
         assert r["cache_spec"] == ["None", "None", "None", "tp"] and r["devices"] == tp, check
         assert r["cache_shape"][3] == kv_heads[check], check
         assert r["cache_shard"][3] == kv_heads[check] // tp, check
+
+
+def test_tensor_parallel_matches_one_device(models):
+    report = run_checks([("llama", str(models / "llama"), [2, 4], {}),
+                         ("qwen3", str(models / "qwen3"), [2], {"attention": "reference"}),
+                         ("gemma3", str(models / "gemma3"), [2], {"scan_layers": True})])
+    # llama's 2 kv heads are split at 2 and repeated at 4; qwen3's one is repeated.
+    assert_matches_one_device(report, {"llama/tp2": 2, "llama/tp4": 4, "qwen3/tp2": 2,
+                                       "gemma3/tp2": 2})
+
+
+@pytest.mark.slow
+def test_smollm2_tensor_parallel_3_matches_one_device():
+    """The default model: 9 query heads and 3 kv heads, one of each kind per device at 3."""
+    assert_matches_one_device(run_checks([("smollm2", None, [3], {})]), {"smollm2/tp3": 3})
 
 
 @pytest.mark.parametrize(("name", "size", "message"), [
