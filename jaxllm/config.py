@@ -106,9 +106,12 @@ class ModelConfig:
     def softmax_scale(self) -> float:
         return self.head_dim ** -0.5 if self.attention_scale is None else self.attention_scale
 
-    def kv_cache_bytes_per_token(self, dtype: str) -> int:
-        """Bytes of K and V one token takes in the cache, over all layers."""
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * DTYPE_BYTES[dtype]
+    def kv_cache_bytes_per_token(self, dtype: str, tensor_parallel_size: int = 1) -> int:
+        """Bytes of K and V one token takes in the cache, over all layers, on each device of a
+        tensor-parallel group (kv heads split over it, or one replicated head per device when
+        fewer: ``jaxllm.sharding``)."""
+        kv_heads = max(self.num_key_value_heads // tensor_parallel_size, 1)
+        return 2 * self.num_hidden_layers * kv_heads * self.head_dim * DTYPE_BYTES[dtype]
 
     @property
     def sliding_window(self) -> int | None:
@@ -128,8 +131,9 @@ class EngineConfig:
         block_size: tokens per KV block.
         num_blocks: KV blocks in the pool (block 0 is the reserved padding sink). None derives
             it from ``kv_cache_memory_bytes``.
-        kv_cache_memory_bytes: memory budget for the KV cache when num_blocks is None.
-            None = 25% of the accelerator memory, or 2 GiB on CPU.
+        kv_cache_memory_bytes: memory budget for the KV cache when num_blocks is None, per
+            device under tensor parallelism (each holds its kv heads of every block).
+            None = 25% of the accelerator memory, or 2 GiB on CPU (shared by faked devices).
         max_num_seqs: most sequences in one step.
         max_num_batched_tokens: token budget of one step (prefill chunks + decodes).
         scan_layers: scan over stacked layer weights (compile once per layer body) or unroll.
@@ -232,9 +236,12 @@ class EngineConfig:
         blocks_per_seq = -(-max_model_len // self.block_size)
         num_blocks = self.num_blocks
         if num_blocks is None:
+            tp = self.tensor_parallel_size
+            # Per device; CPU devices (faked ones under tensor parallelism) share the host's.
             budget = self.kv_cache_memory_bytes or (
-                CPU_KV_CACHE_BYTES if on_cpu else int((accelerator_memory_bytes or 8 * 1024**3) * 0.25))
-            by_budget = budget // (self.block_size * model.kv_cache_bytes_per_token(dtype))
+                CPU_KV_CACHE_BYTES // tp if on_cpu
+                else int((accelerator_memory_bytes or 8 * 1024**3) * 0.25))
+            by_budget = budget // (self.block_size * model.kv_cache_bytes_per_token(dtype, tp))
             # Never allocate more than every sequence could use at once.
             num_blocks = int(min(by_budget, self.max_num_seqs * blocks_per_seq + 1))
             if num_blocks < 2:

@@ -22,7 +22,8 @@ from hf_compare import save_tiny
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen3Config, Qwen3ForCausalLM
 
 from jaxllm import Engine
-from jaxllm.config import EngineConfig
+from jaxllm.config import EngineConfig, ModelConfig
+from jaxllm.models.rope import RopeSpec
 
 COMMON = dict(vocab_size=256, intermediate_size=96, max_position_embeddings=256,
               eos_token_id=None, bos_token_id=None, pad_token_id=None)
@@ -134,3 +135,24 @@ def test_impossible_splits_are_refused_at_engine(models, name, size, message):
 def test_tensor_parallel_size_must_be_a_positive_integer(size):
     with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
         EngineConfig(tensor_parallel_size=size)
+
+
+def test_kv_cache_budget_is_per_device():
+    """Each device holds its kv heads of every block: the per-device budget buys N times the
+    blocks when N splits the kv heads, 2 / N times with replicated heads (2 kv heads here);
+    CPU's default 2 GiB is shared by its faked devices."""
+    model = ModelConfig(architecture="LlamaForCausalLM", vocab_size=100, hidden_size=64,
+                        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, rope=(RopeSpec(16),),
+                        max_position_embeddings=512)
+
+    def blocks(tp: int, platform: str = "gpu") -> int:
+        config = EngineConfig(tensor_parallel_size=tp, kv_cache_memory_bytes=None if platform == "cpu"
+                              else 2 ** 20, max_num_seqs=10 ** 4,
+                              max_num_batched_tokens=10 ** 4)
+        return config.resolve(model, platform).num_blocks
+
+    assert model.kv_cache_bytes_per_token("float32", 2) == model.kv_cache_bytes_per_token("float32") // 2
+    assert model.kv_cache_bytes_per_token("float32", 4) == model.kv_cache_bytes_per_token("float32", 2)
+    assert (blocks(2), blocks(4)) == (2 * blocks(1), 2 * blocks(1))
+    assert blocks(2, "cpu") == blocks(1, "cpu")
