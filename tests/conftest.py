@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,13 @@ def tiny_engine(tiny_llama_dir):
 def tiny(tiny_engine, tiny_llama_dir):
     """(the shared tiny engine, the transformers model with its weights)."""
     yield tiny_engine, tiny_llama_dir[1]
-    stats = tiny_engine.stats()
+    # Aborts (a closed stream) take effect at the loop's next iteration: wait for it, briefly.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = tiny_engine.stats()
+        if stats["num_running"] == 0 and stats["num_waiting"] == 0:
+            break
+        time.sleep(0.01)
     assert stats["num_running"] == 0 and stats["num_waiting"] == 0, "a test left requests behind"
 
 
