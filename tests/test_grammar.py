@@ -139,3 +139,19 @@ def test_a_token_the_grammar_refuses_is_reported(compiler):
 def test_compiler_needs_a_tokenizer():
     with pytest.raises(ValueError, match="tokenizer"):
         GrammarCompiler(None, VOCAB, frozenset())
+
+
+def test_the_step_applies_a_bitmask_exactly_as_llguidance_reads_it():
+    import jax.numpy as jnp
+    from llguidance.numpy import apply_token_bitmask_inplace
+
+    from jaxllm.token_lists import apply_grammar_mask
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, VOCAB)).astype(np.float32)
+    mask = rng.integers(-2**31, 2**31, size=(3, mask_words(VOCAB))).astype(np.int32)
+    mask[1] = -1                                                 # an unconstrained row
+    expected = logits.copy()
+    apply_token_bitmask_inplace(expected, mask)
+    np.testing.assert_array_equal(np.asarray(apply_grammar_mask(jnp.asarray(logits), jnp.asarray(mask))),
+                                  expected)
