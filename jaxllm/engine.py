@@ -55,10 +55,21 @@ class Engine:
             strategies, tensor_parallel_size).
     """
 
-    def __init__(self, model: str | os.PathLike | None = None, **engine_options: Any) -> None:
+    def __new__(cls, model: str | os.PathLike | None = None, **engine_options: Any) -> Any:
+        """``data_parallel_size`` > 1 builds that many replicas behind one front instead
+        (``jaxllm.data_parallel.DataParallelEngine``, the same API)."""
+        if engine_options.get("data_parallel_size", 1) != 1:
+            from jaxllm.data_parallel import DataParallelEngine
+
+            return DataParallelEngine(model, **engine_options)
+        return super().__new__(cls)
+
+    def __init__(self, model: str | os.PathLike | None = None, *,
+                 devices: list[jax.Device] | None = None, **engine_options: Any) -> None:
         from jaxllm.model_source import cache_dir, resolve_model
 
         _enable_persistent_compilation_cache(cache_dir() / "xla")
+        engine_options.pop("data_parallel_size", None)   # 1 here: __new__ took the others
         options = EngineConfig(**engine_options)
         self.model_dir = resolve_model(model)
         hf_config = model_files.load_hf_config(self.model_dir)
@@ -67,8 +78,10 @@ class Engine:
         self.platform = jax.default_backend()
         self.config = c = options.resolve(self.model_config, self.platform, _accelerator_memory())
         self.tensor_parallel = (TensorParallel.create(
-            self.model_config, c.tensor_parallel_size, self.family.partition_rules, self.family.name)
-            if c.tensor_parallel_size > 1 else None)
+            self.model_config, c.tensor_parallel_size, self.family.partition_rules, self.family.name,
+            devices) if c.tensor_parallel_size > 1 else None)
+        # One device (a data-parallel replica's) without tensor parallelism; None: the default.
+        self.device = devices[0] if devices and c.tensor_parallel_size == 1 else None
         self.tokenizer = model_files.load_tokenizer(self.model_dir)
         self.eos_token_ids = model_files.eos_token_ids(self.model_dir, hf_config, self.tokenizer)
         strategy_examples.register_examples()
@@ -110,9 +123,9 @@ class Engine:
                           lambda logits, use: self.model_runner.host_logits_processor(logits, use))
         return ModelRunner(
             CompiledStep(self.model, sampler, tp and tp.mesh),
-            jax.device_put(params) if tp is None else tp.place_params(params),
+            jax.device_put(params, self.device) if tp is None else tp.place_params(params),
             allocate_kv_cache(mc, c.num_blocks, c.block_size, c.dtype,
-                              tp and tp.kv_cache_sharding), c.block_size,
+                              tp.kv_cache_sharding if tp else self.device), c.block_size,
             c.max_num_batched_tokens, c.max_num_seqs, self.bucket_policy.max_blocks_per_seq,
             c.max_model_len, mc.vocab_size, RotaryTables(mc.rope), tuple(self.strategies.values()),
             self.bucket_policy, limits=c.sampling_limits)

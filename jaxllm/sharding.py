@@ -79,9 +79,9 @@ class TensorParallel:
 
     @classmethod
     def create(cls, config: ModelConfig, size: int, rules: PartitionRules,
-               family: str) -> TensorParallel:
-        """Checks the split (``check_tensor_parallel``) and builds the mesh over the first
-        ``size`` devices.
+               family: str, devices: list[jax.Device] | None = None) -> TensorParallel:
+        """Checks the split (``check_tensor_parallel``) and builds the mesh over ``devices``
+        (a data-parallel replica's group) or the first ``size`` devices.
 
         Raises:
             ValueError: the split is impossible, or the family declares no partition rules.
@@ -92,7 +92,8 @@ class TensorParallel:
                              "tensor_parallel_size must be 1")
         sharded = dataclasses.replace(config, qkv_shards=size,
                                       num_key_value_heads=max(config.num_key_value_heads, size))
-        mesh = Mesh(np.asarray(jax.devices()[:size]), (TP_AXIS,), axis_types=(AxisType.Auto,))
+        group = (devices or jax.devices())[:size]
+        mesh = Mesh(np.asarray(group), (TP_AXIS,), axis_types=(AxisType.Auto,))
         return cls(config, size, rules, sharded, mesh)
 
     def layout_params(self, params: dict[str, Any]) -> dict[str, Any]:
