@@ -77,14 +77,17 @@ def add_engine_options(parser: argparse.ArgumentParser, *, warmup: bool) -> None
     group = parser.add_argument_group("engine options")
     for field, (kwargs, help_text) in _ENGINE_FLAGS.items():
         group.add_argument(_flag(field), dest=field, default=_DEFAULTS[field], help=help_text, **kwargs)
+    group.add_argument("--data-parallel-size", type=positive_int, default=1,
+                       help="engine replicas, each on its own tensor-parallel group of devices, "
+                            "requests routed to the one with the most free KV blocks")
     group.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=warmup,
                        help="compile every step shape at start-up (with a progress bar), so "
                             "requests never wait for a compilation")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The EngineConfig fields set by ``add_engine_options``' flags."""
-    return {field: getattr(args, field) for field in (*_ENGINE_FLAGS, "warmup")}
+    """The Engine options set by ``add_engine_options``' flags."""
+    return {field: getattr(args, field) for field in (*_ENGINE_FLAGS, "warmup", "data_parallel_size")}
 
 
 def log_to_stderr(level: str) -> None:
