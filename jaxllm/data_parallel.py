@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 
+from jaxllm.engine import Engine
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 
@@ -38,8 +39,6 @@ class DataParallelEngine:
     replica 0's: every replica loads the same model with the same options."""
 
     def __init__(self, model: Any = None, *, data_parallel_size: int, **engine_options: Any) -> None:
-        from jaxllm.engine import Engine
-
         if type(data_parallel_size) is not int or data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be a positive integer, got {data_parallel_size!r}")
         tp = engine_options.get("tensor_parallel_size", 1)
@@ -67,9 +66,12 @@ class DataParallelEngine:
         return getattr(self.replicas[0], name)
 
     # ---- routing ----
-    def _load(self, engine: Any, extra_blocks: int = 0) -> tuple[int, int]:
-        stats = engine.stats()
-        return (-(stats["kv_blocks_free"] - extra_blocks), stats["num_running"] + stats["num_waiting"])
+    @staticmethod
+    def _load(engine: Any) -> tuple[int, int]:
+        """(-free KV blocks, requests in flight): the smaller, the more room."""
+        scheduler = engine.scheduler
+        return (-engine.kv_cache_manager.num_free_blocks,
+                len(scheduler.running) + len(scheduler.waiting))
 
     def _route(self, request_id: str) -> Any:
         with self._lock:
@@ -89,24 +91,23 @@ class DataParallelEngine:
         their shares at once; outputs come back in prompt order."""
         single, requests = self.replicas[0].input_processor.requests(prompts, sampling_params, priority)
         block_size = self.replicas[0].config.block_size
-        given = [0] * len(self.replicas)
+        loads = [self._load(engine) for engine in self.replicas]
         shares: list[list[int]] = [[] for _ in self.replicas]
         for i, request in enumerate(requests):
-            r = min(range(len(self.replicas)), key=lambda k: self._load(self.replicas[k], given[k]))
+            r = min(range(len(self.replicas)), key=loads.__getitem__)
             shares[r].append(i)
-            given[r] += -(-len(request.prompt_token_ids) // block_size)
-        params = [r.sampling_params for r in requests]
-        prompts_ids = [{"prompt_token_ids": list(r.prompt_token_ids)} for r in requests]
+            free, busy = loads[r]
+            loads[r] = (free + -(-len(request.prompt_token_ids) // block_size), busy + 1)
         outputs: list[Any] = [None] * len(requests)
 
         def run(r: int) -> None:
             if shares[r]:
+                mine = [requests[i] for i in shares[r]]
                 got = self.replicas[r].generate(
-                    [prompts_ids[i] for i in shares[r]], [params[i] for i in shares[r]], use_tqdm=False,
-                    priority=[requests[i].priority for i in shares[r]])
+                    [{"prompt": q.prompt, "prompt_token_ids": list(q.prompt_token_ids)} for q in mine],
+                    [q.sampling_params for q in mine], use_tqdm=False, priority=[q.priority for q in mine])
                 for i, output in zip(shares[r], got):
                     outputs[i] = output
-                    output.prompt = requests[i].prompt
 
         with ThreadPoolExecutor(len(self.replicas)) as pool:
             list(pool.map(run, range(len(self.replicas))))
@@ -137,10 +138,7 @@ class DataParallelEngine:
             with self._lock:
                 self._owners.pop(request_id, None)
 
-    def chat(self, messages: Any, sampling_params: Any = None, use_tqdm: bool = True) -> Any:
-        single, prompts = self.replicas[0].input_processor.chat_prompts(messages)
-        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm and not single)
-        return outputs[0] if single else outputs
+    chat = Engine.chat   # the template through input_processor, then this front's generate
 
     def abort(self, request_id: str) -> None:
         with self._lock:
