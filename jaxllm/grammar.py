@@ -19,7 +19,6 @@ mask depends on it), as beam search and Python logits processors do.
 from __future__ import annotations
 
 import functools
-import json
 import threading
 from typing import Any
 
@@ -81,7 +80,7 @@ class GrammarCompiler:
         self._eos = sorted(eos_token_ids)
         self._lock = threading.Lock()
         self._lltokenizer: Any = None
-        self.compile = functools.lru_cache(maxsize=cache_size)(self._compile)
+        self.validate = functools.lru_cache(maxsize=cache_size)(self._validate)
 
     @property
     def lltokenizer(self) -> Any:
@@ -93,20 +92,17 @@ class GrammarCompiler:
                     self._hf_tokenizer, n_vocab=self.vocab_size, eos_token=self._eos or None)
             return self._lltokenizer
 
-    def _compile(self, key: str) -> str:
-        params = StructuredOutputsParams(**json.loads(key))
-        grammar = grammar_text(params)
+    def _validate(self, grammar: str, kind: str) -> None:
+        """Checks a grammar against the tokenizer, once per distinct grammar text."""
         is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar, self.lltokenizer)
         if is_error:
-            raise ValueError(f"structured_outputs.{params.kind} is invalid: {messages[0]}")
-        return grammar
+            raise ValueError(f"structured_outputs.{kind} is invalid: {messages[0]}")
 
     def matcher(self, params: StructuredOutputsParams) -> Any:
         """A matcher at the start of ``params``' grammar; ValueError naming the problem if the
         constraint is invalid."""
-        # Not sort_keys: a schema's property order is the order the output writes them in.
-        key = json.dumps({k: v for k, v in vars(params).items() if v not in (None, False)})
-        grammar = self.compile(key)
+        grammar = grammar_text(params)   # cheap; it keeps a schema's property order
+        self.validate(grammar, params.kind)
         matcher = _llguidance().LLMatcher(self.lltokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise ValueError(f"structured_outputs.{params.kind} is invalid: {matcher.get_error()}")

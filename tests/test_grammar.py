@@ -97,10 +97,10 @@ def test_json_properties_come_in_the_schemas_order(compiler):
 
 def test_grammars_are_cached_by_content(compiler):
     grammars, _ = compiler
-    before = grammars.compile.cache_info()
+    before = grammars.validate.cache_info()
     grammars.matcher(StructuredOutputsParams(json=dict(SCHEMA)))
     grammars.matcher(StructuredOutputsParams(json=json.dumps(SCHEMA)))
-    after = grammars.compile.cache_info()
+    after = grammars.validate.cache_info()
     assert after.hits - before.hits >= 1 and after.misses - before.misses <= 1
 
 
