@@ -200,7 +200,8 @@ class InputProcessor:
     def _validate_beam_search(self, params: SamplingParams) -> None:
         """Beam search ranks raw log-probabilities, so logits-changing options do not apply."""
         unsupported = [name for name, used in (
-            ("stop", bool(params.stop)), ("logit_bias", bool(params.logit_bias)), ("allowed_token_ids", params.allowed_token_ids is not None),
+            ("stop", bool(params.stop)), ("logit_bias", bool(params.logit_bias)),
+            ("allowed_token_ids", params.allowed_token_ids is not None),
             ("penalties", params.needs_penalties), ("logits_processors", bool(params.logits_processors)),
             ("logprobs", params.logprobs is not None)) if used]
         if unsupported:

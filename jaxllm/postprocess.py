@@ -3,8 +3,8 @@
 The Postprocessor is the one place that decides when a sequence ends. ``finish_reason`` checks
 a sampled sequence in vLLM's order: EOS and stop token ids (once past ``min_tokens``), stop
 strings (the OutputProcessor, which owns the text, finds them), a structured output whose
-grammar is complete, then ``max_tokens`` and ``max_model_len``. Beam search ends beams as ``BeamSearchState`` decides (groups.beam_step), and
-aborts end whatever is left of a request. A row that failed through its request's own fault
+grammar is complete, then ``max_tokens`` and ``max_model_len``. Beam search ends beams as
+``BeamSearchState`` decides (groups.beam_step), and aborts end whatever is left of a request. A row that failed through its request's own fault
 (``RowResults.errors``: a logits processor raised) ends every live sequence of that request
 with finish_reason "error" and hands its error to the executor for the caller; its sampled
 token is dropped. Every sequence it ends, and every sequence it forks (n > 1, new beams), goes
