@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import tqdm.auto as tqdm
 
-from jaxllm import model_files, strategy_examples
+from jaxllm import model_files, multihost, strategy_examples
 from jaxllm.buckets import BucketPolicy
 from jaxllm.config import EngineConfig
 from jaxllm.executor import Executor, RequestHandle
@@ -77,6 +77,8 @@ class Engine:
         self.model_config = self.family.config_from_hf(hf_config)
         self.platform = jax.default_backend()
         self.config = c = options.resolve(self.model_config, self.platform, _accelerator_memory())
+        if jax.process_count() > 1:
+            multihost.check_config(c.tensor_parallel_size)
         self.tensor_parallel = (TensorParallel.create(
             self.model_config, c.tensor_parallel_size, self.family.partition_rules, self.family.name,
             devices) if c.tensor_parallel_size > 1 else None)
@@ -94,7 +96,10 @@ class Engine:
                                    c.prefill_first)
         self.bucket_policy = BucketPolicy.from_config(c, self.platform)
         self.model_runner = self._build_runner()
-        if c.warmup:
+        # Several processes (jax.distributed): process 0 runs the requests, the others replay
+        # its steps, its warm-up included (``jaxllm.multihost``).
+        self.multihost = multihost.MultiHost.attach(self.model_runner) if jax.process_count() > 1 else None
+        if c.warmup and (self.multihost is None or self.multihost.is_leader):
             warmup(self.model_runner, self.bucket_policy)
         self._executor = Executor(self.scheduler, self.model_runner,
                                   OutputProcessor(self.tokenizer), c.max_model_len,
@@ -133,6 +138,8 @@ class Engine:
     # ---- lifecycle ----
     def shutdown(self) -> None:
         self._executor.shutdown()
+        if self.multihost is not None:
+            self.multihost.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -279,7 +286,7 @@ class Engine:
 
 def _accelerator_memory() -> int | None:
     """The default device's memory in bytes, where the platform reports it."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("bytes_limit")
 
 

@@ -8,11 +8,13 @@ feedback, penalty counts) lives here too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxllm.buckets import BucketPolicy
 from jaxllm.grammar import GrammarMasks, mask_words, sequence_matcher
@@ -86,14 +88,20 @@ class ModelRunner:
         largest = StepKey(max_num_batched_tokens, max_num_seqs, max_blocks_per_seq, structured=True)
         self._buffers = HostBuffers(self.layout, largest)
         # Each row's last sampled token, kept on the device for the next step (token feedback).
-        self.last_tokens = jnp.zeros(max_num_seqs, jnp.int32)
+        # Under tensor parallelism, replicated over the cache's mesh from the start, as the step
+        # returns them: left uncommitted, the first step's shape was compiled a second time.
+        state = _replicated_like(kv_cache.k)
+        self.last_tokens = jnp.zeros(max_num_seqs, jnp.int32, device=state)
         # Penalty slots for the rows of the step being prepared and of the one in flight.
         self.penalty_slots = PenaltySlots(2 * max_num_seqs, max_model_len)
-        self.token_counts = jnp.zeros((2 * max_num_seqs, vocab_size), jnp.int32)
+        self.token_counts = jnp.zeros((2 * max_num_seqs, vocab_size), jnp.int32, device=state)
         # The Python logits processors of the rows that sample, run from the step's host
         # callback, and their faults until the step is fetched.
         self.host_processors = HostProcessors()
         self.grammar_masks = GrammarMasks()
+        # Called with (key, penalty seeds, packed buffers) before each step is dispatched: a
+        # multi-host leader publishes the step for its followers (``jaxllm.multihost``).
+        self.on_dispatch: Callable[[StepKey, list, tuple[np.ndarray, np.ndarray]], None] | None = None
 
     def prepare_inputs(self, batch: ScheduledBatch, previous: ScheduledBatch | None = None) -> PreparedStep:
         """Lays the batch out in bucketed host arrays for the step: views of the runner's
@@ -180,11 +188,18 @@ class ModelRunner:
     def run_step(self, prepared: PreparedStep) -> StepOutputs:
         """Seeds new penalty slots, then dispatches the compiled step on the runner's params
         and device state; returns at once (JAX dispatch is async)."""
-        for slot, token_ids, num_prompt in prepared.penalty_seeds:
+        buffers = pack(prepared.arrays, self.layout.packed(prepared.key))
+        if self.on_dispatch is not None:
+            self.on_dispatch(prepared.key, prepared.penalty_seeds, buffers)
+        return self.run_packed(prepared.key, prepared.penalty_seeds, buffers)
+
+    def run_packed(self, key: StepKey, penalty_seeds: list[tuple[int, np.ndarray, int]],
+                   buffers: tuple[np.ndarray, np.ndarray]) -> StepOutputs:
+        """``run_step`` on inputs already packed (a multi-host follower's, as the leader
+        packed them)."""
+        for slot, token_ids, num_prompt in penalty_seeds:
             self.token_counts = seed_slot(self.token_counts, np.int32(slot), token_ids, np.int32(num_prompt))
-        layout = self.layout.packed(prepared.key)
-        state, outputs = self.step(self.params, self.state, prepared.key, layout,
-                                   pack(prepared.arrays, layout))
+        state, outputs = self.step(self.params, self.state, key, self.layout.packed(key), buffers)
         self.kv_cache, self.last_tokens, self.token_counts = state.kv_cache, state.last_tokens, state.token_counts
         return outputs
 
@@ -208,3 +223,9 @@ class ModelRunner:
                               tuple(host[-4:]) if want_prompt else None)
         results.errors = self.host_processors.take_faults(scheduled)
         return results
+
+
+def _replicated_like(array: jax.Array) -> NamedSharding | None:
+    """Replicated over ``array``'s mesh, if it is laid out on one; None otherwise."""
+    sharding = array.sharding
+    return NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else None

@@ -3,7 +3,8 @@
 Each key is compiled and run once on a step of padding only (``StepLayout.padding``, the layout
 ``prepare_inputs`` pads with), which changes nothing outside the reserved KV block 0. Every
 sampling feature but Python logits processors runs inside these same executables, so after
-warm-up no request compiles anything; the penalty slots' seeding call is compiled here too.
+warm-up no request compiles anything; the penalty slots' seeding call is compiled here too
+(with the first step).
 Running (not only compiling) also fills JAX's persistent compilation cache and any lazy
 initialisation, so a second start-up only loads. (JAX does not write executables with host
 callbacks to that cache, so the variant for Python logits processors, compiled on first use,
@@ -20,7 +21,6 @@ import tqdm.auto as tqdm
 
 from jaxllm.buckets import BaseKey, BucketPolicy
 from jaxllm.model_runner import ModelRunner, PreparedStep
-from jaxllm.penalties import seed_slot
 from jaxllm.step_inputs import StepKey
 
 
@@ -42,10 +42,11 @@ def warmup(model_runner: ModelRunner, policy: BucketPolicy, *, progress: bool = 
     step = model_runner.step
     before = step.num_compilations
     # Slot 0 holds no sequence yet: seeding it with no tokens leaves it as it is (all zeros).
-    no_tokens = np.full(model_runner.max_model_len, -1, np.int32)
-    model_runner.token_counts = seed_slot(model_runner.token_counts, np.int32(0), no_tokens, np.int32(0))
+    # The seeding rides with the first step, so a multi-host follower replays it too.
+    seeds = [(0, np.full(model_runner.max_model_len, -1, np.int32), 0)]
     for key in tqdm.tqdm(keys, desc="Compiling steps", unit="step", disable=not progress):
         key = StepKey(*key)
-        padding = PreparedStep(key, model_runner.layout.padding(key), [])
+        padding = PreparedStep(key, model_runner.layout.padding(key), seeds)
+        seeds = []
         jax.block_until_ready(model_runner.run_step(padding))
     return step.num_compilations - before
