@@ -1,12 +1,13 @@
 """Decode step time under tensor parallelism on faked CPU devices, and what multi-host adds.
 
     python benchmarks/tensor_parallel.py [--model PATH] [--sizes 1 2 4] [--batch 1 8]
-        [--tokens 32] [--gspmd] [--multihost] [--out PATH.json]
+        [--tokens 32] [--rounds 5] [--gspmd] [--multihost] [--out PATH.json]
 
-Each configuration builds an Engine in a fresh process whose CPU is split into devices
-(``JAX_NUM_CPU_DEVICES``), generates greedily for ``--batch`` prompts of 16 tokens, and reports
-the decode step time (t(N tokens) - t(1 token)) / (N - 1), best of two, after a run that
-compiles. The faked devices share the machine's cores: a TP=N step does the same arithmetic
+One process whose CPU is split into max(sizes) devices (``JAX_NUM_CPU_DEVICES``) builds an
+Engine per configuration, generates greedily for ``--batch`` prompts of 16 tokens, and reports
+the decode step time (t(N tokens) - t(1 token)) / (N - 1), min and median of ``--rounds``
+measured round-robin over the configurations (so a change of machine load hits all alike),
+after a run that compiles. The faked devices share the machine's cores: a TP=N step does the same arithmetic
 as TP=1 plus its collectives, so TP=N minus TP=1 is what the collectives (and the per-device
 dispatch) cost, not a speed-up.
 
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,8 +46,8 @@ def random_llama(path: Path) -> str:
     return str(path)
 
 
-def measure(engine, batch: int, num_tokens: int) -> float:
-    """Decode ms per step for ``batch`` greedy rows."""
+def decode_ms(engine, batch: int, num_tokens: int) -> float:
+    """Decode ms per step for ``batch`` greedy rows: (t(N tokens) - t(1 token)) / (N - 1)."""
     from jaxllm import SamplingParams
 
     prompts = [[(7 * r + i) % 1000 + 1 for i in range(16)] for r in range(batch)]
@@ -56,38 +58,66 @@ def measure(engine, batch: int, num_tokens: int) -> float:
                         use_tqdm=False)
         return time.perf_counter() - start
 
-    run(num_tokens)   # compiles the prefill and decode shapes
-    t_n, t_1 = min(run(num_tokens) for _ in range(2)), min(run(1) for _ in range(2))
-    return (t_n - t_1) / (num_tokens - 1) * 1e3
+    return (run(num_tokens) - run(1)) / (num_tokens - 1) * 1e3
+
+
+def build(spec: dict, tp: int, attention: str | None = None, gspmd: bool = False):
+    """An engine at ``tp``; ``gspmd``: attention left to GSPMD (no ``shard_map``)."""
+    from jaxllm import Engine
+    from jaxllm.sharding import TensorParallel
+
+    options = dict(max_num_seqs=max(spec["batch"]), max_model_len=256, warmup=False,
+                   tensor_parallel_size=tp)
+    if attention:
+        options["attention"] = attention
+    wrap = TensorParallel.attention
+    if gspmd:
+        TensorParallel.attention = lambda self, attention_fn: attention_fn
+    try:
+        return Engine(spec["model"], **options)
+    finally:
+        TensorParallel.attention = wrap
+
+
+def compare(engines: dict, spec: dict) -> dict:
+    """Each engine's decode ms per step for each batch: measured round-robin ``rounds`` times
+    (so load changes hit every configuration alike), min and median."""
+    for engine in engines.values():   # compile the shapes the rounds use
+        for b in spec["batch"]:
+            decode_ms(engine, b, spec["tokens"])
+    times: dict = {(name, b): [] for name in engines for b in spec["batch"]}
+    for _ in range(spec["rounds"]):
+        for name, engine in engines.items():
+            for b in spec["batch"]:
+                times[name, b].append(decode_ms(engine, b, spec["tokens"]))
+    return {name: {f"batch{b}_ms": {"min": min(times[name, b]),
+                                    "median": statistics.median(times[name, b])}
+                   for b in spec["batch"]} for name in engines}
 
 
 def worker(spec: dict) -> dict:
-    """One configuration, in this process (its devices already set by the environment)."""
+    """The configurations of ``spec``, in this process (its devices set by the environment)."""
     import jax
 
     if spec.get("process_id") is not None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(spec["coordinator"], 2, spec["process_id"])
-    from jaxllm import Engine
-    from jaxllm.sharding import TensorParallel
-
+    engines = {f"tp{tp}": build(spec, tp) for tp in spec["sizes"]}
     if spec.get("gspmd"):
-        TensorParallel.attention = lambda self, attention_fn: attention_fn
-    options = dict(max_num_seqs=max(spec["batch"]), max_model_len=256, warmup=False,
-                   tensor_parallel_size=spec["tp"])
-    if spec.get("attention"):
-        options["attention"] = spec["attention"]
-    engine = Engine(spec["model"], **options)
+        engines["tp2_reference_shard_map"] = build(spec, 2, "reference")
+        engines["tp2_reference_gspmd"] = build(spec, 2, "reference", gspmd=True)
     if jax.process_index() > 0:
-        engine.multihost.follow()
-        engine.shutdown()
+        for engine in engines.values():
+            engine.multihost.follow()
+            engine.shutdown()
         return {}
-    result = {f"batch{b}_ms": measure(engine, b, spec["tokens"]) for b in spec["batch"]}
-    if engine.multihost is not None:
-        mh = engine.multihost
-        result.update(publish_ms_per_step=mh.publish_time_s / mh.num_steps * 1e3,
-                      bytes_per_step=mh.num_bytes / mh.num_steps, steps=mh.num_steps)
-    engine.shutdown()
+    result = compare(engines, spec)
+    for name, engine in engines.items():
+        if engine.multihost is not None:
+            mh = engine.multihost
+            result[name].update(publish_ms_per_step=mh.publish_time_s / mh.num_steps * 1e3,
+                                bytes_per_step=mh.num_bytes / mh.num_steps, steps=mh.num_steps)
+        engine.shutdown()
     return result
 
 
@@ -125,6 +155,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--gspmd", action="store_true")
     parser.add_argument("--multihost", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
@@ -135,22 +166,16 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or random_llama(Path(tmp) / "llama")
-        spec = dict(model=model, batch=args.batch, tokens=args.tokens)
-        devices = max(args.sizes)
-        report: dict = {"devices": devices, "cpu_count": os.cpu_count(), "batch": args.batch,
-                        "tokens": args.tokens}
-        for tp in args.sizes:
-            report[f"tp{tp}"] = run_config({**spec, "tp": tp}, devices)
-            print(f"tp{tp}", report[f"tp{tp}"], flush=True)
-        if args.gspmd:
-            for name, gspmd in (("shard_map", False), ("gspmd", True)):
-                report[f"tp2_reference_{name}"] = run_config(
-                    {**spec, "tp": 2, "attention": "reference", "gspmd": gspmd}, devices)
-                print(f"tp2_reference_{name}", report[f"tp2_reference_{name}"], flush=True)
+        spec = dict(model=model, batch=args.batch, tokens=args.tokens, rounds=args.rounds)
+        report: dict = {"cpu_count": os.cpu_count(), "batch": args.batch, "tokens": args.tokens,
+                        "rounds": args.rounds, "load_average": os.getloadavg()}
+        report[f"{max(args.sizes)}_devices"] = run_config(
+            {**spec, "sizes": args.sizes, "gspmd": args.gspmd}, max(args.sizes))
+        print(report[f"{max(args.sizes)}_devices"], flush=True)
         if args.multihost:
-            report["tp2_1x2_devices"] = run_config({**spec, "tp": 2}, 2)
-            report["tp2_2x1_processes"] = run_config({**spec, "tp": 2}, 1, processes=2)
-            for name in ("tp2_1x2_devices", "tp2_2x1_processes"):
+            report["1_process_x_2_devices"] = run_config({**spec, "sizes": [2]}, 2)
+            report["2_processes_x_1_device"] = run_config({**spec, "sizes": [2]}, 1, processes=2)
+            for name in ("1_process_x_2_devices", "2_processes_x_1_device"):
                 print(name, report[name], flush=True)
     text = json.dumps(report, indent=2)
     print(text)

@@ -90,7 +90,7 @@ class ModelRunner:
         # Each row's last sampled token, kept on the device for the next step (token feedback).
         # Under tensor parallelism, replicated over the cache's mesh from the start, as the step
         # returns them: left uncommitted, the first step's shape was compiled a second time.
-        state = _replicated_like(kv_cache.k)
+        state = _replicated_like(kv_cache)
         self.last_tokens = jnp.zeros(max_num_seqs, jnp.int32, device=state)
         # Penalty slots for the rows of the step being prepared and of the one in flight.
         self.penalty_slots = PenaltySlots(2 * max_num_seqs, max_model_len)
@@ -225,7 +225,7 @@ class ModelRunner:
         return results
 
 
-def _replicated_like(array: jax.Array) -> NamedSharding | None:
-    """Replicated over ``array``'s mesh, if it is laid out on one; None otherwise."""
-    sharding = array.sharding
+def _replicated_like(kv_cache: KVCache | None) -> NamedSharding | None:
+    """Replicated over the KV cache's mesh, if it is laid out on one; None otherwise."""
+    sharding = getattr(getattr(kv_cache, "k", None), "sharding", None)
     return NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else None
