@@ -21,9 +21,10 @@ already runs for ``jax.distributed``); followers block on that key. Chosen over
     leader does not wait for the followers to read it (the step's own collectives keep them
     in lockstep).
 Measured on CPU, 2 processes on one 2-core machine: a set + blocking get costs ~0.65 ms for a
-100 B to 20 kB value (~4.8 ms at 200 kB), against 1.2-2 ms for ``broadcast_one_to_all``
-(``benchmarks/tensor_parallel.py --multihost`` measures it through the engine). A tiny
-model's step is ~5-20 kB packed.
+100 B to 20 kB value (~4.8 ms at 200 kB), against 1.2-2 ms for ``broadcast_one_to_all`` of
+the same sizes. Through the engine (``benchmarks/tensor_parallel.py --multihost``, other jobs
+loading the machine) the leader spent 3.8 ms a step publishing 14 kB steps: see
+docs/scaling.md.
 
 The leader keeps the last ``_WINDOW`` steps in the store and deletes older ones: it cannot be
 more than two steps ahead of the slowest follower (it dispatches step N + 1 before waiting for
