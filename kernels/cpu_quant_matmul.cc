@@ -14,16 +14,22 @@
 // dot products against 8-bit-quantized activations).
 //
 // Layout of the work: output features in pieces of whole kLanes-feature groups shared out over
-// XLA's intra-op threads. Within a group, rows of x in register groups of RG (1, 2, 4, 8 or
-// kLanes) against NC = kLanes / RG features: kLanes vector accumulators, summed by one
-// transposing reduction tree (cpu_vec.h). More rows than kLanes take several row groups, each
-// decoding the group's weights again from L1.
+// XLA's intra-op threads. Within a group, rows of x in register groups of RG = 1, 2 or 4
+// against NC = kLanes / RG features: kLanes vector accumulators, summed by one transposing
+// reduction tree (cpu_vec.h). More than 4 rows take several row groups, each decoding the
+// group's weights again from L1 (measured on SmolLM2's q|k|v, 16 rows: groups of 4 took 11 ms
+// on one core, of 8 (NC = 2) 12.4 and of 16 (NC = 1) 15.6: decoding is cheaper than the
+// accumulators' loads of x). K is cut in slices whose rows of x stay in L1.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 #include "cpu_ffi_common.h"
@@ -40,15 +46,29 @@ constexpr int kVecs = kChunk / kLanes;    // vectors of a chunk
 constexpr int kHalf = kVecs / 2;          // vectors of 16 weights
 static_assert(kVecs % 2 == 0, "a chunk is two halves of 16 weights");
 
-typedef uint8_t vu8_row __attribute__((vector_size(kLanes), aligned(1), may_alias));
-typedef int8_t vs8_row __attribute__((vector_size(kLanes), aligned(1), may_alias));
-
-// kLanes bytes from p, unsigned or signed, widened to int32 lanes.
+// kLanes bytes from p, unsigned or signed, widened to int32 lanes: one vpmovzxbd / vpmovsxbd
+// (GCC 12 widens a byte vector through __builtin_convertvector a byte at a time).
 inline vi load_u8(const uint8_t* p) {
-  return __builtin_convertvector(*reinterpret_cast<const vu8_row*>(p), vi);
+#if defined(__AVX512F__)
+  return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__AVX2__)
+  return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#else
+  vi v;
+  for (int l = 0; l < kLanes; ++l) v[l] = p[l];
+  return v;
+#endif
 }
 inline vi load_s8(const uint8_t* p) {
-  return __builtin_convertvector(*reinterpret_cast<const vs8_row*>(p), vi);
+#if defined(__AVX512F__)
+  return (vi)_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__AVX2__)
+  return (vi)_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#else
+  vi v;
+  for (int l = 0; l < kLanes; ++l) v[l] = static_cast<int8_t>(p[l]);
+  return v;
+#endif
 }
 inline vf to_vf(vi v) { return __builtin_convertvector(v, vf); }
 
@@ -56,6 +76,19 @@ inline float f16(const uint8_t* p) {
   _Float16 h;
   std::memcpy(&h, p, sizeof(h));
   return static_cast<float>(h);
+}
+
+// The float16 at p in every lane: one broadcast and one conversion.
+inline vf f16_splat(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, sizeof(h));
+#if defined(__AVX512F__)
+  return (vf)_mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(h)));
+#elif defined(__AVX2__) && defined(__F16C__)
+  return (vf)_mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(h)));
+#else
+  return splat(f16(p));
+#endif
 }
 
 // Lane indices 0, 1, ..., kLanes - 1 plus an offset (shift counts for the high bits).
@@ -73,7 +106,7 @@ struct Q4_0 {  // d f16, 16 bytes: weight j low nibble of byte j, weight 16 + j 
   static constexpr int kWeights = 32, kBytes = 18;
   template <typename F>
   static void decode(const uint8_t* b, F&& f) {
-    const vf d = splat(f16(b));
+    const vf d = f16_splat(b);
     vf w[kVecs];
     for (int v = 0; v < kHalf; ++v) {
       const vi q = load_u8(b + 2 + v * kLanes);
@@ -88,7 +121,7 @@ struct Q4_1 {  // d f16, m f16, nibbles as Q4_0; q d + m
   static constexpr int kWeights = 32, kBytes = 20;
   template <typename F>
   static void decode(const uint8_t* b, F&& f) {
-    const vf d = splat(f16(b)), m = splat(f16(b + 2));
+    const vf d = f16_splat(b), m = f16_splat(b + 2);
     vf w[kVecs];
     for (int v = 0; v < kHalf; ++v) {
       const vi q = load_u8(b + 4 + v * kLanes);
@@ -103,7 +136,7 @@ struct Q5_0 {  // d f16, qh u32 (bit j: 5th bit of weight j), nibbles as Q4_0; (
   static constexpr int kWeights = 32, kBytes = 22;
   template <typename F>
   static void decode(const uint8_t* b, F&& f) {
-    const vf d = splat(f16(b));
+    const vf d = f16_splat(b);
     uint32_t bits;
     std::memcpy(&bits, b + 2, sizeof(bits));
     const vi qh = vi{} + static_cast<int32_t>(bits);
@@ -123,7 +156,7 @@ struct Q8_0 {  // d f16, 32 int8; q d
   static constexpr int kWeights = 32, kBytes = 34;
   template <typename F>
   static void decode(const uint8_t* b, F&& f) {
-    const vf d = splat(f16(b));
+    const vf d = f16_splat(b);
     vf w[kVecs];
     for (int v = 0; v < kVecs; ++v) w[v] = to_vf(load_s8(b + 2 + v * kLanes)) * d;
     f(0, w);
@@ -222,21 +255,26 @@ struct Q6_K {  // ql 128, qh 64, 16 int8 scales (one per 16 weights), d f16. Chu
   }
 };
 
-// y[r0:r0+RG, f:f+NC] for NC = kLanes / RG features: per block of each feature's row, the
-// decoded chunks times RG rows of x (padded with zero rows), kLanes accumulators, then one
-// transposing reduction tree. Features past N repeat the last one and are not stored.
+// Bytes of x a row group's slice of K may take: half of a 32 kB L1, so that the slice stays
+// there while the group's features are read against it (4 rows of a K = 4096 product: 64 kB).
+constexpr int kSliceBytes = 16 << 10;
+
+// y[r0:r0+RG, f:f+NC] (+)= x[r0:r0+RG, blocks b0..b1) . w[f:f+NC, same] for NC = kLanes / RG
+// features: per block of each feature's row, the decoded chunks times RG rows of x (padded
+// with zero rows), kLanes accumulators, then one transposing reduction tree; stored for the
+// first slice of K (b0 == 0), added after. Features past N repeat the last one, not stored.
 template <typename T, int RG>
 inline void block(const float* x, const uint8_t* data, const float* scale, float* y, int R,
-                  int K, int N, int64_t row_bytes, int r0, int f) {
+                  int K, int N, int64_t row_bytes, int r0, int f, int b0, int b1) {
   constexpr int NC = kLanes / RG;
   const uint8_t* rows[NC];
   for (int j = 0; j < NC; ++j) rows[j] = data + int64_t{std::min(f + j, N - 1)} * row_bytes;
   vf acc[RG][NC] = {};
-  const int num_blocks = K / T::kWeights;
-  for (int blk = 0; blk < num_blocks; ++blk) {
+  for (int blk = b0; blk < b1; ++blk) {
+#pragma GCC unroll 16
     for (int j = 0; j < NC; ++j) {
       const uint8_t* p = rows[j] + int64_t{blk} * T::kBytes;
-      // The same block of the next group's feature (a prefetch never faults: integer address).
+      // The same block of the next features (a prefetch never faults: integer address).
       __builtin_prefetch(reinterpret_cast<const void*>(
           reinterpret_cast<uintptr_t>(p) + NC * row_bytes));
       const float* xb = x + int64_t{r0} * K + blk * T::kWeights;
@@ -253,28 +291,34 @@ inline void block(const float* x, const uint8_t* data, const float* scale, float
     for (int j = 0; j < NC; ++j) in[bit_reversed(i * NC + j)] = acc[i][j];
   const vf sums = transposed_sums(in);
   for (int i = 0; i < RG && r0 + i < R; ++i)
-    for (int j = 0; j < NC && f + j < N; ++j)
-      y[int64_t{r0 + i} * N + f + j] = sums[i * NC + j] * (scale ? scale[f + j] : 1.0f);
+    for (int j = 0; j < NC && f + j < N; ++j) {
+      float& out = y[int64_t{r0 + i} * N + f + j];
+      const float sum = sums[i * NC + j] * (scale ? scale[f + j] : 1.0f);
+      out = b0 == 0 ? sum : out + sum;
+    }
 }
 
 // Features [f0, f1) (whole kLanes groups but the last): per group, rows of x in register
-// groups as large as the rows left (a group of RG rows takes NC features at a time).
+// groups of up to 4 (a group of RG rows takes NC features at a time), and K in
+// slices whose RG rows of x fit kSliceBytes, each read against the group's kLanes features.
 template <typename T>
 void feature_range(const float* x, const uint8_t* data, const float* scale, float* y, int R,
                    int K, int N, int64_t row_bytes, int f0, int f1) {
+  const int num_blocks = K / T::kWeights;
   for (int g = f0; g < f1; g += kLanes) {
     for (int r0 = 0; r0 < R;) {
       const int left = R - r0;
       auto run = [&]<int RG>() {
-        for (int f = g; f < std::min(g + kLanes, f1); f += kLanes / RG)
-          block<T, RG>(x, data, scale, y, R, K, N, row_bytes, r0, f);
+        constexpr int slice = std::max(1, kSliceBytes / (RG * 4 * T::kWeights));  // blocks
+        for (int b0 = 0; b0 < num_blocks; b0 += slice)
+          for (int f = g; f < std::min(g + kLanes, f1); f += kLanes / RG)
+            block<T, RG>(x, data, scale, y, R, K, N, row_bytes, r0, f, b0,
+                         std::min(num_blocks, b0 + slice));
         r0 += RG;
       };
       if (left == 1) run.template operator()<1>();
       else if (left == 2) run.template operator()<2>();
-      else if (left <= 4) run.template operator()<4>();
-      else if (left <= 8 || kLanes == 8) run.template operator()<8>();
-      else run.template operator()<kLanes>();
+      else run.template operator()<4>();
     }
   }
 }
