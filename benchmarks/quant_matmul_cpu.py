@@ -16,11 +16,13 @@ on Gemma 3 270M's attention output 1024 -> 640 and MLP down 2048 -> 640):
 
 Per case, type and row count: ms (minimum over the repeats; the implementations alternate call
 by call so that on a shared machine all see the same load), GB/s of packed weights read (bytes
-of the quantized weights / time), and the speedups over the float32 kernel (``cpu_matmul``,
-the model's layout: [K, N] projections, [N, K] head) and over XLA's dot on float32 weights
+of the quantized weights / time), the speedups over the float32 kernel (``cpu_matmul``, the
+model's layout: [K, N] projections, [N, K] head) and over XLA's dot on float32 weights
 (``jnp.dot``; a lower bound on dequantize + dot, which also dequantizes). Weights are random
 bytes with sane float16 scales (speed does not depend on the values). For scale, a plain
-reduction's read bandwidth is measured first. Writes the table as JSON to ``--out``.
+reduction's read bandwidth is measured first. The speedups are also given in process CPU time
+(all threads), steadier than the wall clock when other jobs share the cores. Writes the table
+as JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -111,15 +113,21 @@ def measure(case: str, qtype: str, rows_list: list[int], repeats: int, seed: int
         usable = {impl: fn for impl, fn in fns.items()
                   if impl != "f32" or rows <= cpu_matmul.MAX_ROWS}
         times: dict[str, list[float]] = {impl: [] for impl in usable}
+        cpu_times: dict[str, list[float]] = {impl: [] for impl in usable}
         for repeat in range(repeats + 1):                                # the first compiles
             for impl, fn in usable.items():
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 fn(x, args[impl]).block_until_ready()
                 if repeat:
                     times[impl].append(time.perf_counter() - start)
+                    cpu_times[impl].append(time.process_time() - cpu_start)
         best = {impl: min(t) for impl, t in times.items()}
+        cpu = {impl: min(t) for impl, t in cpu_times.items()}
         results[rows] = {
             "ms": {impl: 1000 * s for impl, s in best.items()},
+            "cpu_ms": {impl: 1000 * s for impl, s in cpu.items()},
+            "cpu_speedup_vs_f32": cpu["f32"] / cpu["quant"] if "f32" in cpu else None,
+            "cpu_speedup_vs_xla": cpu["xla"] / cpu["quant"],
             "quant_gb_per_s": quant_bytes / best["quant"] / 1e9,
             "f32_gb_per_s": float_bytes / best["f32"] / 1e9 if "f32" in best else None,
             "speedup_vs_f32": best["f32"] / best["quant"] if "f32" in best else None,
@@ -144,7 +152,8 @@ def main() -> None:
     print(f"read bandwidth (XLA reduction over 1 GiB): {bandwidth:.1f} GB/s; "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"{'case':<15}{'type':<6}{'rows':>5}{'ms':>9}{'GB/s':>7}{'of bw':>7}"
-          f"{'f32 ms':>9}{'xla ms':>9}{'vs f32':>8}{'vs xla':>8}")
+          f"{'f32 ms':>9}{'xla ms':>9}{'vs f32':>8}{'vs xla':>8}{'cpu ms':>9}{'cpu vs f32':>11}"
+          f"{'cpu vs xla':>11}")
     report = {"machine": cpu_model(), "cores": len(os.sched_getaffinity(0)),
               "jax": jax.__version__, "read_bandwidth_gb_per_s": bandwidth, "cases": {}}
     for case in args.cases:
@@ -159,7 +168,9 @@ def main() -> None:
                 print(f"{case:<15}{qtype:<6}{rows:>5}{r['ms']['quant']:>9.2f}"
                       f"{r['quant_gb_per_s']:>7.1f}{r['quant_gb_per_s'] / bandwidth:>7.0%}"
                       f"{f32 if f32 is not None else float('nan'):>9.2f}{r['ms']['xla']:>9.2f}"
-                      f"{r['speedup_vs_f32'] or float('nan'):>7.2f}x{r['speedup_vs_xla']:>7.2f}x")
+                      f"{r['speedup_vs_f32'] or float('nan'):>7.2f}x{r['speedup_vs_xla']:>7.2f}x"
+                      f"{r['cpu_ms']['quant']:>9.2f}{r['cpu_speedup_vs_f32'] or float('nan'):>10.2f}x"
+                      f"{r['cpu_speedup_vs_xla']:>10.2f}x")
     report["load_average_after"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
