@@ -34,7 +34,7 @@ _CODES = {name: i for i, name in enumerate(QTYPES)}
 MAX_ROWS = 64          # supports() limit: every 4 rows decode the weights once more (from L1)
 # Up to how many rows the kernel beats XLA's dot on the same weights already dequantized to
 # float32 (so the real fallback, which also dequantizes, is slower still): see is_faster.
-_FASTER_UP_TO = 16
+_FASTER_UP_TO = {name: 8 if weights == 256 else 16 for name, (weights, _) in QTYPES.items()}
 _X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
@@ -68,13 +68,14 @@ def supports(rows: int, k: int, n: int, qtype: str) -> bool:
 def is_faster(rows: int, qtype: str) -> bool:
     """Whether the kernel is measured faster than dequantize + XLA's dot for ``rows`` rows of x.
 
-    Measured with benchmarks/quant_matmul_cpu.py (all of a SmolLM2-135M step's products, 2-core
-    AVX-512 VM shared with other jobs, process CPU time) against XLA's dot on weights already in
-    float32, i.e. without the dequantization the fallback also pays: 1.7-2.4x at 1 row, 2.4-4.8x
-    at 2-4, 1.6x at 8, 1.1-1.5x at 16, 0.8-1.07x at 32 and 0.65-0.8x at 64 rows (Q4_0, Q4_1,
-    Q5_0, Q8_0, int8; the K-quants alike on Gemma 3's shapes). Up to 16 rows, every type.
+    Measured with benchmarks/quant_matmul_cpu.py (2-core AVX-512 VM shared with other jobs,
+    process CPU time) against XLA's dot on weights already in float32, i.e. without the
+    dequantization the fallback also pays. All of a SmolLM2-135M step's products (Q4_0, Q4_1,
+    Q5_0, Q8_0, int8): 1.7-2.4x at 1 row, 2.4-4.8x at 2-4, 1.6x at 8, 1.1-1.5x at 16, 0.8-1.07x
+    at 32: up to 16 rows. Gemma 3's attention output and MLP down (Q4_K, Q5_K, Q6_K): 1.8-2.9x
+    at 1 row, 1.8-2.3x at 4, 1.04-1.34x at 8, 0.7-0.9x at 16: up to 8 rows.
     """
-    return qtype in QTYPES and 1 <= rows <= _FASTER_UP_TO
+    return qtype in QTYPES and 1 <= rows <= _FASTER_UP_TO[qtype]
 
 
 def _check(x: jax.Array, data: jax.Array, scale: jax.Array | None, qtype: str,

@@ -126,7 +126,8 @@ def test_int8_needs_a_float32_scale_per_feature(scale, match):
 
 
 def test_is_faster_thresholds():
-    assert qm.is_faster(1, "Q4_1") and qm.is_faster(16, "Q6_K")
+    assert qm.is_faster(1, "Q4_1") and qm.is_faster(16, "Q8_0") and qm.is_faster(8, "Q6_K")
+    assert not qm.is_faster(9, "Q4_K") and not qm.is_faster(17, "int8")
     assert not qm.is_faster(0, "Q4_1") and not qm.is_faster(qm.MAX_ROWS + 1, "Q8_0")
     assert not qm.is_faster(1, "Q2_K")
     assert all(qm.supports(rows, 256, 16, name) for name in qm.QTYPES
