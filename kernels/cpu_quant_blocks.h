@@ -73,16 +73,50 @@ inline vi lane_ids(int offset) {
   return ids;
 }
 
+// The two float16 scales at p and p + 2 (d and m) in every lane: one conversion for both.
+inline void f16_pair_splat(const uint8_t* p, vf& d, vf& m) {
+#if defined(__AVX512F__)
+  uint32_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  const __m128 both = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(bits)));
+  d = (vf)_mm512_broadcastss_ps(both);
+  m = (vf)_mm512_broadcastss_ps(_mm_movehdup_ps(both));
+#else
+  d = f16_splat(p);
+  m = f16_splat(p + 2);
+#endif
+}
+
+// A 4-bit weight's float, q d + m, for the nibble in the low 4 bits of each lane of q (higher
+// bits ignored). AVX-512: one vpermps from the block's table of the 16 values, instead of a
+// mask, a conversion and a multiply-add (one row of SmolLM2's q|k|v: 11% faster).
+struct Nibbles {
+#if defined(__AVX512F__)
+  vf table;
+  Nibbles(vf d, vf m) {
+    vf ids;
+    for (int l = 0; l < kLanes; ++l) ids[l] = static_cast<float>(l);
+    table = ids * d + m;
+  }
+  vf operator()(vi q) const { return (vf)_mm512_permutexvar_ps((__m512i)q, (__m512)table); }
+#else
+  vf d, m;
+  Nibbles(vf d, vf m) : d(d), m(m) {}
+  vf operator()(vi q) const { return to_vf(q & 15) * d + m; }
+#endif
+};
+
 struct Q4_0 {  // d f16, 16 bytes: weight j low nibble of byte j, weight 16 + j high; (q - 8) d
   static constexpr int kWeights = 32, kBytes = 18;
   template <typename F>
   static void decode(const uint8_t* b, F&& f) {
     const vf d = f16_splat(b);
+    const Nibbles value(d, d * -8.0f);  // q d - 8 d: rounded once, as (q - 8) d (exact 8 d)
     vf w[kVecs];
     for (int v = 0; v < kHalf; ++v) {
       const vi q = load_u8(b + 2 + v * kLanes);
-      w[v] = to_vf((q & 15) - 8) * d;
-      w[kHalf + v] = to_vf((q >> 4) - 8) * d;
+      w[v] = value(q);
+      w[kHalf + v] = value(q >> 4);
     }
     f(0, w);
   }
@@ -92,12 +126,14 @@ struct Q4_1 {  // d f16, m f16, nibbles as Q4_0; q d + m
   static constexpr int kWeights = 32, kBytes = 20;
   template <typename F>
   static void decode(const uint8_t* b, F&& f) {
-    const vf d = f16_splat(b), m = f16_splat(b + 2);
+    vf d, m;
+    f16_pair_splat(b, d, m);
+    const Nibbles value(d, m);
     vf w[kVecs];
     for (int v = 0; v < kHalf; ++v) {
       const vi q = load_u8(b + 4 + v * kLanes);
-      w[v] = to_vf(q & 15) * d + m;
-      w[kHalf + v] = to_vf(q >> 4) * d + m;
+      w[v] = value(q);
+      w[kHalf + v] = value(q >> 4);
     }
     f(0, w);
   }
