@@ -169,7 +169,8 @@ def main() -> None:
                       f"{r['quant_gb_per_s']:>7.1f}{r['quant_gb_per_s'] / bandwidth:>7.0%}"
                       f"{f32 if f32 is not None else float('nan'):>9.2f}{r['ms']['xla']:>9.2f}"
                       f"{r['speedup_vs_f32'] or float('nan'):>7.2f}x{r['speedup_vs_xla']:>7.2f}x"
-                      f"{r['cpu_ms']['quant']:>9.2f}{r['cpu_speedup_vs_f32'] or float('nan'):>10.2f}x"
+                      f"{r['cpu_ms']['quant']:>9.2f}"
+                      f"{r['cpu_speedup_vs_f32'] or float('nan'):>10.2f}x"
                       f"{r['cpu_speedup_vs_xla']:>10.2f}x")
     report["load_average_after"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

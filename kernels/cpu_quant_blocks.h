@@ -245,7 +245,8 @@ struct Q6_K {  // ql 128, qh 64, 16 int8 scales (one per 16 weights), d f16. Chu
   static void decode(const uint8_t* b, F&& f) {
     const float d = f16(b + 208);
     float scales[16];
-    for (int i = 0; i < 16; ++i) scales[i] = d * static_cast<float>(static_cast<int8_t>(b[192 + i]));
+    for (int i = 0; i < 16; ++i)
+      scales[i] = d * static_cast<float>(static_cast<int8_t>(b[192 + i]));
     for (int h = 0; h < 2; ++h) {
       vi qh[kVecs];
       for (int v = 0; v < kVecs; ++v) qh[v] = load_u8(b + 128 + 32 * h + v * kLanes);

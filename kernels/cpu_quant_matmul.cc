@@ -128,7 +128,8 @@ void product(ffi::ThreadPool& pool, int workers, const float* x, const uint8_t* 
   jaxllm::parallel_for(pool, workers, pieces, [] { return NoState{}; },
                        [&](int64_t i, NoState&) {
                          const int f0 = int64_t{groups} * i / pieces * kLanes;
-                         const int f1 = std::min<int64_t>(N, int64_t{groups} * (i + 1) / pieces * kLanes);
+                         const int f1 = std::min<int64_t>(
+                             N, int64_t{groups} * (i + 1) / pieces * kLanes);
                          feature_range<T>(x, data, scale, y, R, K, N, row_bytes, f0, f1);
                        });
 }

@@ -32,7 +32,8 @@ def _weights(qtype: str, n: int, k: int, rng: np.random.Generator):
 
 
 def _check(got, x, w64) -> None:
-    """Equal to the float64 product within float32 accumulation error: |err| <= 1e-5 (|x| @ |w|^T)."""
+    """Equal to the float64 product within float32 accumulation error:
+    |err| <= 1e-5 (|x| @ |w|^T)."""
     x64 = np.asarray(x.astype(jnp.float32), np.float64)
     expected, bound = x64 @ w64.T, np.abs(x64) @ np.abs(w64).T
     got = np.asarray(got)
@@ -43,7 +44,8 @@ def _check(got, x, w64) -> None:
 def test_block_sizes_are_gguf_ones():
     for name in GGUF_TYPES:
         assert qm.QTYPES[name] == GGML_QUANT_SIZES[Q[name]]
-        assert qm.row_bytes(512, name) == gguf.quants.quant_shape_to_byte_shape((3, 512), Q[name])[1]
+        byte_shape = gguf.quants.quant_shape_to_byte_shape((3, 512), Q[name])
+        assert qm.row_bytes(512, name) == byte_shape[1]
 
 
 # Rows: 1, 2 and 4-row register groups and their remainders, 16 and 33 (several groups of 4).
@@ -144,3 +146,20 @@ def test_without_a_compiler_it_is_unavailable_and_says_so(monkeypatch, caplog):
     x, data, scale = _operands()
     with pytest.raises(RuntimeError, match="could not be built"):
         qm.quantized_matmul(x, data, scale, qtype="Q4_1", out_features=8)
+
+
+def test_benchmark_measures_every_implementation(monkeypatch):
+    """benchmarks/quant_matmul_cpu.py on a tiny chain: a row per count, every figure there."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quant_matmul_cpu.py"
+    spec = importlib.util.spec_from_file_location("quant_matmul_cpu_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setitem(bench.CASES, "tiny", ([(64, 48), (64, 96), (96, 40)], True))
+    result = bench.measure("tiny", "Q4_1", [1, 17], repeats=1)
+    assert result["quant_bytes"] == 48 * 40 + 96 * 40 + 40 * 60
+    one, many = result["rows"][1], result["rows"][17]
+    assert set(one["ms"]) == {"quant", "f32", "xla"} and one["speedup_vs_f32"] > 0
+    assert set(many["ms"]) == {"quant", "xla"} and many["speedup_vs_f32"] is None
