@@ -19,7 +19,9 @@
 // reduction tree (cpu_vec.h). More than 4 rows take several row groups, each decoding the
 // group's weights again from L1 (measured on SmolLM2's q|k|v, 16 rows: groups of 4 took 11 ms
 // on one core, of 8 (NC = 2) 12.4 and of 16 (NC = 1) 15.6: decoding is cheaper than the
-// accumulators' loads of x). K is cut in slices whose rows of x stay in L1.
+// accumulators' loads of x). K is cut in slices whose rows of x stay in L1. An output's
+// summation order does not depend on R (batch invariant: row i of a product is bitwise the
+// same whatever the other rows).
 
 #include <algorithm>
 #include <cstdint>
@@ -39,9 +41,10 @@ namespace {
 using namespace jaxllm;         // vectors (cpu_vec.h), the pool and dims_str (cpu_ffi_common.h)
 using namespace jaxllm::quant;  // block types (cpu_quant_blocks.h)
 
-// Bytes of x a row group's slice of K may take: half of a 32 kB L1, so that the slice stays
-// there while the group's features are read against it (4 rows of a K = 4096 product: 64 kB).
-constexpr int kSliceBytes = 16 << 10;
+// Weights of K per slice: 4 rows of x over a slice take half of a 32 kB L1, so that the slice
+// stays there while a group's features are read against it (4 rows of K = 4096: 64 kB). The
+// same for every row group, so that an output's summation order does not depend on R.
+constexpr int kSliceWeights = 1024;
 
 // y[r0:r0+RG, f:f+NC] (+)= x[r0:r0+RG, blocks b0..b1) . w[f:f+NC, same] for NC = kLanes / RG
 // features: per block of each feature's row, the decoded chunks times RG rows of x (padded
@@ -93,8 +96,8 @@ inline void block(const float* x, const uint8_t* data, const float* scale, float
 }
 
 // Features [f0, f1) (whole kLanes groups but the last): per group, rows of x in register
-// groups of up to 4 (a group of RG rows takes NC features at a time), and K in
-// slices whose RG rows of x fit kSliceBytes, each read against the group's kLanes features.
+// groups of up to 4 (a group of RG rows takes NC features at a time), and K in slices of
+// kSliceWeights, each read against the group's kLanes features.
 template <typename T>
 void feature_range(const float* x, const uint8_t* data, const float* scale, float* y, int R,
                    int K, int N, int64_t row_bytes, int f0, int f1) {
@@ -103,7 +106,7 @@ void feature_range(const float* x, const uint8_t* data, const float* scale, floa
     for (int r0 = 0; r0 < R;) {
       const int left = R - r0;
       auto run = [&]<int RG>() {
-        constexpr int slice = std::max(1, kSliceBytes / (RG * 4 * T::kWeights));  // blocks
+        constexpr int slice = kSliceWeights / T::kWeights;  // blocks
         for (int b0 = 0; b0 < num_blocks; b0 += slice)
           for (int f = g; f < std::min(g + kLanes, f1); f += kLanes / RG)
             block<T, RG>(x, data, scale, y, R, K, N, row_bytes, r0, f, b0,

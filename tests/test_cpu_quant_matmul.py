@@ -49,8 +49,8 @@ def test_block_sizes_are_gguf_ones():
 
 
 # Rows: 1, 2 and 4-row register groups and their remainders, 16 and 33 (several groups of 4).
-# K: several blocks, sliced for 4-row groups (K = 1280: 40 32-weight blocks, slices of 32; 5
-# K-quant blocks, slices of 4). N: below one 16-feature group, and over several with a tail.
+# K: several blocks, sliced (K = 1280: 40 32-weight blocks, slices of 32; 5 K-quant blocks,
+# slices of 4). N: below one 16-feature group, and over several with a tail.
 @pytest.mark.parametrize("qtype", GGUF_TYPES + ["int8"])
 @pytest.mark.parametrize("rows,k,n", [(1, 1280, 37), (2, 256, 5), (3, 768, 53), (5, 1280, 21),
                                       (7, 512, 16), (16, 1280, 37), (33, 256, 19)])
@@ -163,3 +163,15 @@ def test_benchmark_measures_every_implementation(monkeypatch):
     one, many = result["rows"][1], result["rows"][17]
     assert set(one["ms"]) == {"quant", "f32", "xla"} and one["speedup_vs_f32"] > 0
     assert set(many["ms"]) == {"quant", "xla"} and many["speedup_vs_f32"] is None
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q6_K"])
+def test_a_row_is_bitwise_the_same_whatever_the_other_rows(qtype):
+    """Batch invariance: 1, 2 and 4-row register groups and K slices sum in the same order."""
+    rng = np.random.default_rng(3)
+    data, scale, _ = _weights(qtype, 21, 2560, rng)
+    x = jnp.asarray(rng.standard_normal((7, 2560)), jnp.float32)
+    fn = jax.jit(functools.partial(qm.quantized_matmul, qtype=qtype, out_features=21))
+    together = np.asarray(fn(x, data, scale))
+    for i in range(7):
+        np.testing.assert_array_equal(np.asarray(fn(x[i:i + 1], data, scale))[0], together[i])
