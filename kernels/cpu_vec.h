@@ -23,9 +23,17 @@ typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 typedef float vf_row __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
 typedef uint16_t vh_row
     __attribute__((vector_size(kLanes * sizeof(uint16_t)), aligned(2), may_alias));
+typedef int8_t vs8_row __attribute__((vector_size(kLanes), aligned(1), may_alias));
+typedef uint8_t vu8_row __attribute__((vector_size(kLanes), aligned(1), may_alias));
 
 struct BF16 {
   uint16_t bits;
+};
+
+// float8_e4m3fn (OCP E4M3: 4 exponent bits, bias 7, 3 mantissa bits, no infinities), as a
+// quantized KV cache stores it: only ever widened here.
+struct F8E4M3 {
+  uint8_t bits;
 };
 
 inline float to_f32(float x) { return x; }
@@ -51,6 +59,21 @@ inline void from_f32(float x, BF16* dst) {  // round to nearest even, as XLA's c
 inline vf load_vec(const float* src) { return *reinterpret_cast<const vf_row*>(src); }
 inline vf load_vec(const BF16* src) {
   return (vf)(__builtin_convertvector(*reinterpret_cast<const vh_row*>(src), vi) << 16);
+}
+
+inline vf load_vec(const int8_t* src) {
+  return __builtin_convertvector(*reinterpret_cast<const vs8_row*>(src), vf);
+}
+// E4M3 -> float32 exactly: a normal number's exponent and mantissa bits moved into float32's
+// place with the bias changed from 7 to 127 (+120 in the exponent field); a subnormal one
+// (exponent 0) is mantissa * 2^-9. (The NaN pattern 0x7F, never written, reads as 480.)
+inline vf load_vec(const F8E4M3* src) {
+  const vi bits = __builtin_convertvector(*reinterpret_cast<const vu8_row*>(src), vi);
+  const vi magnitude = bits & 0x7F;
+  const vf normal = (vf)((magnitude << 20) + (120 << 23));
+  const vf subnormal = __builtin_convertvector(magnitude, vf) * (1.0f / 512);
+  const vf value = magnitude < 8 ? subnormal : normal;
+  return (vf)((vi)value | ((bits & 0x80) << 24));
 }
 
 inline vf splat(float x) { return vf{} + x; }
