@@ -107,6 +107,12 @@ def check_supported(kv_cache_dtype: str, attention: str, device: jax.Device) -> 
     (Ada, Hopper) for float8_e4m3fn."""
     if kv_cache_dtype not in QUANTIZED_DTYPES:
         return
+    capability = getattr(device, "compute_capability", None)
+    if (kv_cache_dtype == "fp8" and attention == "pallas_gpu" and capability is not None
+            and tuple(map(int, str(capability).split(".")[:2])) < (8, 9)):
+        raise ValueError(f"kv_cache_dtype='fp8' with the pallas_gpu attention needs an NVIDIA "
+                         f"GPU of compute capability 8.9 or later (float8_e4m3fn in Triton); "
+                         f"{device} has {capability}: use kv_cache_dtype='int8'")
     storage, _ = QUANTIZED_DTYPES[kv_cache_dtype]
     try:
         jax.jit(lambda x: x.astype(storage).astype(jnp.float32))(
@@ -114,9 +120,3 @@ def check_supported(kv_cache_dtype: str, attention: str, device: jax.Device) -> 
     except Exception as error:   # the backend's own error type differs per platform
         raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: {device.platform} device {device} "
                          f"cannot convert {storage.name}: {error}") from error
-    capability = getattr(device, "compute_capability", None)
-    if (kv_cache_dtype == "fp8" and attention == "pallas_gpu" and capability is not None
-            and tuple(map(int, str(capability).split(".")[:2])) < (8, 9)):
-        raise ValueError(f"kv_cache_dtype='fp8' with the pallas_gpu attention needs an NVIDIA "
-                         f"GPU of compute capability 8.9 or later (float8_e4m3fn in Triton); "
-                         f"{device} has {capability}: use kv_cache_dtype='int8'")
