@@ -50,6 +50,13 @@
 //     With fewer than kItemsPerWorker items per thread (a batch-1 decode has K), the contexts of
 //     decode tiles are split into pieces, one item each, merged by log-sum-exp afterwards.
 //
+// Quantized caches (quantized_kv.py; the handler JaxllmQuantizedPagedAttention): int8 or
+// float8_e4m3fn values with a float32 scale per token and kv head, in arrays [L, B, Z, K] beside
+// the caches. Cached K/V rows are dequantized as they are loaded (always into the float32 chunk
+// buffers: each head's H values times its scale), and the step's new tokens arrive already
+// quantized with their scales, which the write copies in place like the values. This step's own
+// keys are read from k / v, which the caller passes as the cache stores them.
+//
 // Vectors are GCC vector extensions, so the source carries no intrinsics and builds for any
 // -march (the build uses -march=native).
 //

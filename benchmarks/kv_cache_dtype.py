@@ -1,0 +1,114 @@
+"""What a quantized KV cache (``kv_cache_dtype`` int8 / fp8) buys and costs on SmolLM2-135M.
+
+    python benchmarks/kv_cache_dtype.py [--model PATH] [--dtypes auto,int8,fp8]
+        [--kv-cache-memory-bytes 536870912] [--tokens 256] [--rows 64] [--prompt 256]
+        [--outputs 64] [--repeats 20] [--out PATH.json]
+
+For each cache dtype, one engine with the same KV budget (``--kv-cache-memory-bytes``), and:
+
+* ``max_num_cached_tokens``: the tokens its cache holds at once (``stats()["kv_cache_max_tokens"]``)
+  and its KV bytes per token;
+* accuracy against "auto": "auto" generates ``--tokens`` greedy tokens after a chat prompt; each
+  engine then scores that same sequence as a prompt (``prompt_logprobs``, teacher forcing: every
+  position sees the same context) -> mean and max |logprob difference| of the actual tokens and
+  the fraction of positions whose top-1 token equals auto's; and each generates ``--tokens``
+  greedy tokens itself -> how many equal auto's before the first difference, and auto's top-two
+  logprob gap there (a near-tie or not);
+* decode step time: one step of ``--rows`` sequences of ``--prompt`` + ``--outputs`` tokens,
+  through the ModelRunner as ``sampling_features.py`` drives it (best and median of
+  ``--repeats``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+from sampling_features import _batch, measure
+
+PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper who "
+                                      "finds a message in a bottle. Describe every day of it."}]
+
+
+def _top1(position) -> int:
+    return next(t for t, lp in position.items() if lp.rank == 1)
+
+
+def _score(engine, sequence: list[int], num_prompt: int, top: int):
+    """prompt_logprobs of ``sequence`` from position ``num_prompt`` on: (actual tokens'
+    logprobs, top-1 ids, top-two gaps)."""
+    from jaxllm import SamplingParams
+
+    out = engine.generate({"prompt_token_ids": sequence},
+                          SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=top),
+                          use_tqdm=False)
+    positions = out.prompt_logprobs[num_prompt:]
+    chosen = np.array([p[t].logprob for p, t in zip(positions, sequence[num_prompt:])])
+    gaps = [np.subtract(*sorted((lp.logprob for lp in p.values()), reverse=True)[:2])
+            for p in positions]
+    return chosen, [_top1(p) for p in positions], gaps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dtypes", default="auto,int8,fp8")
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=512 * 1024**2)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--outputs", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    from jaxllm import Engine, SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
+    result: dict = {"kv_cache_memory_bytes": args.kv_cache_memory_bytes, "dtypes": {}}
+    reference = None
+    for dtype in args.dtypes.split(","):
+        with Engine(args.model, kv_cache_dtype=dtype, max_num_seqs=args.rows,
+                    kv_cache_memory_bytes=args.kv_cache_memory_bytes) as engine:
+            stats = engine.stats()
+            prompt = engine.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True)
+            prompt = list(getattr(prompt, "input_ids", prompt))
+            generated = list(engine.generate({"prompt_token_ids": prompt}, greedy,
+                                             use_tqdm=False).outputs[0].token_ids)
+            if reference is None:
+                reference = {"dtype": dtype, "generated": generated}
+            sequence = prompt + reference["generated"]
+            chosen, top1, gaps = _score(engine, sequence, len(prompt), top=2)
+            if dtype == reference["dtype"]:
+                reference.update(chosen=chosen, top1=top1, gaps=gaps)
+            same = next((i for i, (a, b) in enumerate(zip(generated, reference["generated"]))
+                         if a != b), len(generated))
+            entry = {
+                "cache_dtype": stats["kv_cache_dtype"],
+                "kv_bytes_per_token": engine.model_config.kv_cache_bytes_per_token(
+                    engine.config.cache_dtype),
+                "max_num_cached_tokens": stats["kv_cache_max_tokens"],
+                "mean_abs_logprob_diff": float(np.abs(chosen - reference["chosen"]).mean()),
+                "max_abs_logprob_diff": float(np.abs(chosen - reference["chosen"]).max()),
+                "teacher_forced_top1_agreement": float(np.mean(
+                    np.equal(top1, reference["top1"]))),
+                "greedy_tokens_equal_before_first_difference": same,
+                "reference_top2_gap_at_first_difference": (
+                    float(reference["gaps"][same]) if same < len(generated) else None),
+            }
+            batch = _batch(engine, args.rows, args.prompt, args.outputs,
+                           SamplingParams(temperature=0.8, max_tokens=512), seed=1)
+            entry["decode_step"] = measure(engine, batch, args.repeats)["step"]
+            result["dtypes"][dtype] = entry
+            print(dtype, json.dumps(entry), flush=True)
+    result.update(prompt_tokens=len(prompt), scored_tokens=len(reference["generated"]),
+                  rows=args.rows, context=args.prompt + args.outputs)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
