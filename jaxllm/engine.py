@@ -54,8 +54,8 @@ class Engine:
             package.
         **engine_options: fields of :class:`jaxllm.config.EngineConfig` (dtype, kv_cache_dtype,
             max_model_len, block_size, num_blocks, kv_cache_memory_bytes, max_num_seqs,
-            max_num_batched_tokens, scan_layers, attention, seed, enable_prefix_caching, max_logprobs, warmup,
-            strategies, tensor_parallel_size).
+            max_num_batched_tokens, scan_layers, attention, seed, enable_prefix_caching,
+            max_logprobs, warmup, strategies, tensor_parallel_size).
     """
 
     def __new__(cls, model: str | os.PathLike | None = None, **engine_options: Any) -> Any:
