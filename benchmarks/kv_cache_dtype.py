@@ -1,7 +1,7 @@
 """What a quantized KV cache (``kv_cache_dtype`` int8 / fp8) buys and costs on SmolLM2-135M.
 
     python benchmarks/kv_cache_dtype.py [--model PATH] [--dtypes auto,int8,fp8]
-        [--kv-cache-memory-bytes 536870912] [--tokens 256] [--rows 64] [--prompt 256]
+        [--kv-cache-memory-bytes 1073741824] [--tokens 256] [--rows 64] [--prompt 256]
         [--outputs 64] [--repeats 20] [--out PATH.json]
 
 For each cache dtype, one engine with the same KV budget (``--kv-cache-memory-bytes``), and:
@@ -54,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--dtypes", default="auto,int8,fp8")
-    parser.add_argument("--kv-cache-memory-bytes", type=int, default=512 * 1024**2)
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=1024**3)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=256)
@@ -97,6 +97,10 @@ def main() -> None:
                 "reference_top2_gap_at_first_difference": (
                     float(reference["gaps"][same]) if same < len(generated) else None),
             }
+            needed = 1 + args.rows * -(-(args.prompt + args.outputs) // engine.config.block_size)
+            if engine.config.num_blocks < needed:
+                raise SystemExit(f"{dtype}: the decode step needs {needed} KV blocks, the budget "
+                                 f"holds {engine.config.num_blocks}: raise --kv-cache-memory-bytes")
             batch = _batch(engine, args.rows, args.prompt, args.outputs,
                            SamplingParams(temperature=0.8, max_tokens=512), seed=1)
             entry["decode_step"] = measure(engine, batch, args.repeats)["step"]
