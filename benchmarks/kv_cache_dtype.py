@@ -15,17 +15,20 @@ For each cache dtype, one engine with the same KV budget (``--kv-cache-memory-by
   greedy tokens itself -> how many equal auto's before the first difference, and auto's top-two
   logprob gap there (a near-tie or not);
 * decode step time: one step of ``--rows`` sequences of ``--prompt`` + ``--outputs`` tokens,
-  through the ModelRunner as ``sampling_features.py`` drives it (best and median of
-  ``--repeats``).
+  through the ModelRunner as ``sampling_features.py`` drives it: best and median of
+  ``--repeats``, timed in rounds of one step per dtype (the engines are all kept open).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import statistics
+import time
 
 import numpy as np
-from sampling_features import _batch, measure
+from sampling_features import _batch
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper who "
                                       "finds a message in a bottle. Describe every day of it."}]
@@ -50,6 +53,19 @@ def _score(engine, sequence: list[int], num_prompt: int, top: int):
     return chosen, [_top1(p) for p in positions], gaps
 
 
+def _decode_step(engine, batch):
+    """One whole step (prepare, dispatch, fetch) of ``batch`` as a function, run twice untimed
+    (the first compiles, or loads from JAX's cache)."""
+    runner = engine.model_runner
+
+    def step():
+        runner.fetch(batch, runner.dispatch(batch, runner.prepare_inputs(batch)))
+
+    step()
+    step()
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None)
@@ -67,24 +83,25 @@ def main() -> None:
 
     greedy = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     result: dict = {"kv_cache_memory_bytes": args.kv_cache_memory_bytes, "dtypes": {}}
-    reference = None
-    for dtype in args.dtypes.split(","):
-        with Engine(args.model, kv_cache_dtype=dtype, max_num_seqs=args.rows,
-                    kv_cache_memory_bytes=args.kv_cache_memory_bytes) as engine:
-            stats = engine.stats()
+    reference, steps = None, {}
+    with contextlib.ExitStack() as stack:
+        for dtype in args.dtypes.split(","):
+            engine = stack.enter_context(Engine(args.model, kv_cache_dtype=dtype,
+                                                max_num_seqs=args.rows,
+                                                kv_cache_memory_bytes=args.kv_cache_memory_bytes))
             prompt = engine.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True)
             prompt = list(getattr(prompt, "input_ids", prompt))
             generated = list(engine.generate({"prompt_token_ids": prompt}, greedy,
                                              use_tqdm=False).outputs[0].token_ids)
             if reference is None:
                 reference = {"dtype": dtype, "generated": generated}
-            sequence = prompt + reference["generated"]
-            chosen, top1, gaps = _score(engine, sequence, len(prompt), top=2)
+            chosen, top1, gaps = _score(engine, prompt + reference["generated"], len(prompt), top=2)
             if dtype == reference["dtype"]:
                 reference.update(chosen=chosen, top1=top1, gaps=gaps)
             same = next((i for i, (a, b) in enumerate(zip(generated, reference["generated"]))
                          if a != b), len(generated))
-            entry = {
+            stats = engine.stats()
+            result["dtypes"][dtype] = entry = {
                 "cache_dtype": stats["kv_cache_dtype"],
                 "kv_bytes_per_token": engine.model_config.kv_cache_bytes_per_token(
                     engine.config.cache_dtype),
@@ -97,15 +114,25 @@ def main() -> None:
                 "reference_top2_gap_at_first_difference": (
                     float(reference["gaps"][same]) if same < len(generated) else None),
             }
+            print(dtype, json.dumps(entry), flush=True)
             needed = 1 + args.rows * -(-(args.prompt + args.outputs) // engine.config.block_size)
             if engine.config.num_blocks < needed:
                 raise SystemExit(f"{dtype}: the decode step needs {needed} KV blocks, the budget "
                                  f"holds {engine.config.num_blocks}: raise --kv-cache-memory-bytes")
-            batch = _batch(engine, args.rows, args.prompt, args.outputs,
-                           SamplingParams(temperature=0.8, max_tokens=512), seed=1)
-            entry["decode_step"] = measure(engine, batch, args.repeats)["step"]
-            result["dtypes"][dtype] = entry
-            print(dtype, json.dumps(entry), flush=True)
+            steps[dtype] = _decode_step(engine, _batch(
+                engine, args.rows, args.prompt, args.outputs,
+                SamplingParams(temperature=0.8, max_tokens=512), seed=1))
+        # Timed in rounds, one step of each dtype per round, so that load from other processes
+        # falls on all of them alike.
+        times: dict[str, list[float]] = {dtype: [] for dtype in steps}
+        for _ in range(args.repeats):
+            for dtype, step in steps.items():
+                start = time.perf_counter()
+                step()
+                times[dtype].append(time.perf_counter() - start)
+        for dtype, seconds in times.items():
+            result["dtypes"][dtype]["decode_step"] = {
+                "best_ms": 1e3 * min(seconds), "median_ms": 1e3 * statistics.median(seconds)}
     result.update(prompt_tokens=len(prompt), scored_tokens=len(reference["generated"]),
                   rows=args.rows, context=args.prompt + args.outputs)
     print(json.dumps(result, indent=2))
