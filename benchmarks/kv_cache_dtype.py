@@ -2,7 +2,7 @@
 
     python benchmarks/kv_cache_dtype.py [--model PATH] [--dtypes auto,int8,fp8]
         [--kv-cache-memory-bytes 1073741824] [--tokens 256] [--rows 64] [--prompt 256]
-        [--outputs 64] [--repeats 20] [--out PATH.json]
+        [--outputs 64] [--repeats 20] [--attention-only] [--out PATH.json]
 
 For each cache dtype, one engine with the same KV budget (``--kv-cache-memory-bytes``), and:
 
@@ -17,6 +17,10 @@ For each cache dtype, one engine with the same KV budget (``--kv-cache-memory-by
 * decode step time: one step of ``--rows`` sequences of ``--prompt`` + ``--outputs`` tokens,
   through the ModelRunner as ``sampling_features.py`` drives it: best and median of
   ``--repeats``, timed in rounds of one step per dtype (the engines are all kept open).
+
+``--attention-only`` times instead the attention of one step alone, SmolLM2's 30 layers through
+the CPU kernel as ``attention_cpu.py`` builds it (decode 64 x 512, decode 1 x 512, a 512-token
+prefill), on a float32 cache and each quantized one, alternating call by call.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ import time
 
 import numpy as np
 from sampling_features import _batch
+
+ATTENTION_CASES = {"decode_64x512": (64, 512, 1), "decode_1x512": (1, 512, 1),
+                   "prefill_512": (1, 0, 512)}
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper who "
                                       "finds a message in a bottle. Describe every day of it."}]
@@ -66,6 +73,34 @@ def _decode_step(engine, batch):
     return step
 
 
+def attention_times(dtypes: list[str], repeats: int) -> dict[str, dict[str, float]]:
+    """ms per step (best of ``repeats``) of the CPU kernel's attention over 30 layers, per case
+    and cache dtype ("auto" = float32)."""
+    from attention_cpu import (BLOCK_SIZE, HEAD_DIM, NUM_KV_HEADS, NUM_LAYERS, compile_step,
+                               make_step)
+    from jaxllm.kernels.paged_attention import cpu_ffi, quantized_kv
+
+    step = compile_step(cpu_ffi.paged_attention, 0)
+    result = {}
+    for case, (rows, context, new) in ATTENTION_CASES.items():
+        x, num_blocks, metadata = make_step(rows, context, new)
+        shape = (NUM_LAYERS, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        caches = {d: tuple(quantized_kv.allocate(shape, "float32" if d == "auto" else d)
+                           for _ in "kv") for d in dtypes}
+        times: dict[str, list[float]] = {d: [] for d in dtypes}
+        for repeat in range(repeats + 1):                            # the first compiles
+            for dtype in dtypes:
+                start = time.perf_counter()
+                out, *cache = step(x, *caches[dtype], metadata)
+                out.block_until_ready()
+                caches[dtype] = tuple(cache)
+                if repeat:
+                    times[dtype].append(time.perf_counter() - start)
+        result[case] = {d: 1e3 * min(t) for d, t in times.items()}
+        print(case, json.dumps(result[case]), flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None)
@@ -76,8 +111,15 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--outputs", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--attention-only", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.attention_only:
+        result = {"attention_ms": attention_times(args.dtypes.split(","), args.repeats)}
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+        return
 
     from jaxllm import Engine, SamplingParams
 
