@@ -51,6 +51,9 @@ def _int_at_least(text: str, lowest: int, what: str) -> int:
 _ENGINE_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
     "dtype": ({"choices": ["float32", "bfloat16"]},
               "weights, activations and KV cache dtype; unset: float32 on CPU, bfloat16 on GPU/TPU"),
+    "kv_cache_dtype": ({"choices": ["auto", "int8", "fp8", "fp8_e4m3"]},
+                       "what the KV cache stores: 'auto' = --dtype; int8 or fp8 (e4m3) with a "
+                       "float32 scale per token and kv head: ~2-4x the tokens per budget"),
     "max_model_len": ({"type": positive_int},
                       "longest prompt + output in tokens; unset: the model's max_position_embeddings"),
     "block_size": ({"type": positive_int}, "tokens per KV block (a power of two)"),

@@ -9,7 +9,12 @@ from jaxllm.sampling_rows import SamplingLimits
 
 
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1, "fp8": 1}
+# kv_cache_dtype values (vLLM's names): "auto" = the model dtype; the quantized ones store 8-bit
+# values plus a float32 scale per token and kv head (``jaxllm.kernels.paged_attention.quantized_kv``).
+QUANTIZED_KV_CACHE_DTYPES = ("int8", "fp8")
+KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}
+KV_SCALE_BYTES = 4
 CPU_KV_CACHE_BYTES = 2 * 1024**3
 
 
@@ -109,9 +114,11 @@ class ModelConfig:
     def kv_cache_bytes_per_token(self, dtype: str, tensor_parallel_size: int = 1) -> int:
         """Bytes of K and V one token takes in the cache, over all layers, on each device of a
         tensor-parallel group (kv heads split over it, or one replicated head per device when
-        fewer: ``jaxllm.sharding``)."""
+        fewer: ``jaxllm.sharding``). ``dtype``: the cache's ("float32", "bfloat16", or a
+        quantized one, whose float32 scale per kv head counts too)."""
         kv_heads = max(self.num_key_value_heads // tensor_parallel_size, 1)
-        return 2 * self.num_hidden_layers * kv_heads * self.head_dim * DTYPE_BYTES[dtype]
+        scale = KV_SCALE_BYTES if dtype in QUANTIZED_KV_CACHE_DTYPES else 0
+        return 2 * self.num_hidden_layers * kv_heads * (self.head_dim * DTYPE_BYTES[dtype] + scale)
 
     @property
     def sliding_window(self) -> int | None:
@@ -126,6 +133,10 @@ class EngineConfig:
     Attributes:
         dtype: "float32" or "bfloat16" for weights, activations and KV cache. None picks the
             platform default: float32 on CPU (bfloat16 is no faster there), bfloat16 on GPU/TPU.
+        kv_cache_dtype: what the KV cache stores (vLLM's option): "auto" = ``dtype``; "int8"
+            or "fp8" (float8_e4m3fn; alias "fp8_e4m3") = 8-bit values with a float32 scale per
+            token and kv head, about 4x (from float32) or 2x (from bfloat16) the tokens in the
+            same ``kv_cache_memory_bytes``, read dequantized by every attention implementation.
         max_model_len: longest prompt + output, in tokens. None = the model's
             max_position_embeddings.
         block_size: tokens per KV block.
@@ -167,6 +178,7 @@ class EngineConfig:
     """
 
     dtype: str | None = None
+    kv_cache_dtype: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
     num_blocks: int | None = None
@@ -195,6 +207,13 @@ class EngineConfig:
             object.__setattr__(self, "strategies", tuple(self.strategies))
         if self.dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        kv_cache_dtype = (KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
+                          if isinstance(self.kv_cache_dtype, str) else self.kv_cache_dtype)
+        if kv_cache_dtype not in ("auto", *QUANTIZED_KV_CACHE_DTYPES):
+            raise ValueError(
+                f"kv_cache_dtype must be one of 'auto', 'int8', 'fp8' (float8_e4m3fn) or "
+                f"'fp8_e4m3', got {self.kv_cache_dtype!r}")
+        object.__setattr__(self, "kv_cache_dtype", kv_cache_dtype)
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 2:
@@ -215,6 +234,12 @@ class EngineConfig:
         _ = self.sampling_limits  # SamplingLimits refuses a width below 1
 
     @property
+    def cache_dtype(self) -> str | None:
+        """What the KV cache stores: ``dtype`` for "auto" (None before ``resolve``), else the
+        quantized dtype's name ("int8", "fp8")."""
+        return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
+
+    @property
     def sampling_limits(self) -> SamplingLimits:
         """The token-list widths, validated (each at least 1)."""
         return SamplingLimits(self.max_logit_bias, self.max_allowed_token_ids,
@@ -232,6 +257,7 @@ class EngineConfig:
         """
         on_cpu = platform == "cpu"
         dtype = self.dtype or ("float32" if on_cpu else "bfloat16")
+        cache_dtype = dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
         max_model_len = self.max_model_len or model.max_position_embeddings
         blocks_per_seq = -(-max_model_len // self.block_size)
         num_blocks = self.num_blocks
@@ -241,7 +267,7 @@ class EngineConfig:
             budget = self.kv_cache_memory_bytes or (
                 CPU_KV_CACHE_BYTES // tp if on_cpu
                 else int((accelerator_memory_bytes or 8 * 1024**3) * 0.25))
-            by_budget = budget // (self.block_size * model.kv_cache_bytes_per_token(dtype, tp))
+            by_budget = budget // (self.block_size * model.kv_cache_bytes_per_token(cache_dtype, tp))
             # Never allocate more than every sequence could use at once.
             num_blocks = int(min(by_budget, self.max_num_seqs * blocks_per_seq + 1))
             if num_blocks < 2:

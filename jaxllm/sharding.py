@@ -160,11 +160,13 @@ class TensorParallel:
                                     sliding_window=window)
 
             dynamic = [a for t, a in zip(traced, (layer, sliding_window)) if t]
+            # A quantized cache's scales [L, B, Z, K] are split like its values, over K.
+            caches = jax.tree.map(lambda a: PartitionSpec(*cache[:a.ndim]), k_cache)
             run = jax.shard_map(
                 local, mesh=mesh, check_vma=False,
-                in_specs=(heads, heads, heads, cache, cache, PartitionSpec())
+                in_specs=(heads, heads, heads, caches, caches, PartitionSpec())
                 + (PartitionSpec(),) * len(dynamic),
-                out_specs=(heads, cache, cache))
+                out_specs=(heads, caches, caches))
             return run(q, k, v, k_cache, v_cache, metadata, *dynamic)
 
         return sharded

@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 def copy_blocks(kv_cache: KVCache, copies: jax.Array) -> KVCache:
     """Copies KV blocks src -> dst in every layer, for each (src, dst) row of ``copies`` [C, 2]
-    before the first (0, 0) row (padding), in order. A loop of as many iterations as real
+    before the first (0, 0) row (padding), in order; every array of the cache (a quantized
+    cache's scales too) has the block axis second. A loop of as many iterations as real
     copies: a step without copies copies nothing, and XLA updates the cache in place."""
     def copy(i: jax.Array, cache: KVCache) -> KVCache:
         src, dst = copies[i, 0], copies[i, 1]
@@ -44,7 +45,7 @@ def copy_blocks(kv_cache: KVCache, copies: jax.Array) -> KVCache:
             block = jax.lax.dynamic_slice_in_dim(a, src, 1, axis=1)
             return jax.lax.dynamic_update_slice_in_dim(a, block, dst, axis=1)
 
-        return KVCache(k=move(cache.k), v=move(cache.v))
+        return jax.tree.map(move, cache)
 
     num_copies = jnp.sum(jnp.cumprod(copies[:, 0] != copies[:, 1]))
     return jax.lax.fori_loop(0, num_copies, copy, kv_cache)

@@ -13,6 +13,12 @@ the inputs as the implementations get them (bfloat16 included), and only the vis
 cache poisoned with NaN where no token may look (``hide_keys_before_windows``) leaves it clean
 while any implementation that reads those keys at all (even masked, as 0 x NaN) fails.
 
+Quantized caches (a layout whose cache dtype is int8 or float8_e4m3fn): the context is written
+into the garbage cache quantized, as the step writes it (``quantized_kv.quantize``), and the
+ground truth reads every key and value as the cache holds it (dequantized, this step's too), so
+the float tolerances still apply; ``check_quantization_error`` bounds the distance to attention
+over the unquantized keys and values separately.
+
 ``IMPLEMENTATIONS`` names the implementations under test, each with the options it runs with
 here (Pallas in interpret mode) and what it writes for padding tokens.
 """
@@ -31,8 +37,11 @@ import pytest
 from jaxllm.kernels import cpu_build
 from jaxllm.kernels.paged_attention import cpu_ffi, pallas_gpu, reference
 from jaxllm.kernels.paged_attention.metadata import AttentionMetadata
+from jaxllm.kernels.paged_attention.quantized_kv import QuantizedKV, dequantize, quantize
 
 F32, BF16 = jnp.float32, jnp.bfloat16
+INT8, FP8 = jnp.int8, jnp.float8_e4m3fn
+QUANTIZED = (jnp.dtype(INT8), jnp.dtype(FP8))
 NUM_LAYERS = 2
 # Output tolerance (atol and rtol) against the float64 ground truth, by the narrowest dtype read.
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
@@ -70,6 +79,11 @@ class Layout:
     def cache(self) -> type:
         return self.dtype if self.cache_dtype is None else self.cache_dtype
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the cache is a ``QuantizedKV`` (int8 or fp8 values with scales)."""
+        return jnp.dtype(self.cache) in QUANTIZED
+
     def __str__(self) -> str:
         name = f"z{self.block_size}-n{self.num_heads}k{self.num_kv_heads}-h{self.head_dim}"
         name += f"-{jnp.dtype(self.dtype).name}"
@@ -99,7 +113,8 @@ class Padding:
 @dataclasses.dataclass
 class Case:
     """One step's inputs; the caches are numpy arrays in the cache dtype, so that a test can
-    poison them before ``args``."""
+    poison them before ``args``. A quantized case also has the caches' scales [L, B, Z, K]
+    and, in ``exact_caches``, the float32 caches it was quantized from."""
 
     rows: list[tuple[int, int]]
     layout: Layout
@@ -112,10 +127,20 @@ class Case:
     layer: int
     metadata: AttentionMetadata
     num_real: int
+    k_scales: np.ndarray | None = None
+    v_scales: np.ndarray | None = None
+    exact_caches: tuple[np.ndarray, np.ndarray] | None = None
+
+    def caches(self) -> tuple:
+        """(k_cache, v_cache) as attention takes them: arrays, or QuantizedKV."""
+        if self.k_scales is None:
+            return jnp.asarray(self.k_cache), jnp.asarray(self.v_cache)
+        return (QuantizedKV(jnp.asarray(self.k_cache), jnp.asarray(self.k_scales)),
+                QuantizedKV(jnp.asarray(self.v_cache), jnp.asarray(self.v_scales)))
 
     def args(self) -> tuple:
         """The positional arguments of an attention call on this case."""
-        return (*(jnp.asarray(a) for a in (self.q, self.k, self.v, self.k_cache, self.v_cache)),
+        return (*(jnp.asarray(a) for a in (self.q, self.k, self.v)), *self.caches(),
                 self.layer, self.metadata)
 
     def block_table(self, row: int) -> np.ndarray:
@@ -170,10 +195,17 @@ def build_case(rows, layout: Layout, padding: Padding | None = None) -> Case:
     k = np.concatenate([*new_k, normal(num_pad, num_kv_heads, head_dim, scale=10)])
     v = np.concatenate([*new_v, normal(num_pad, num_kv_heads, head_dim, scale=10)])
     dtype, cache_dtype = np.dtype(layout.dtype), np.dtype(layout.cache)
-    return Case(rows=rows, layout=layout, scale=0.7 * head_dim ** -0.5, q=q.astype(dtype),
+    case = Case(rows=rows, layout=layout, scale=0.7 * head_dim ** -0.5, q=q.astype(dtype),
                 k=k.astype(dtype), v=v.astype(dtype), k_cache=k_cache.astype(cache_dtype),
                 v_cache=v_cache.astype(cache_dtype), layer=layer, metadata=metadata,
                 num_real=num_real)
+    if layout.quantized:
+        # The whole garbage-and-context cache quantized, as the steps that wrote it would have.
+        k_quant, v_quant = (quantize(jnp.asarray(c), cache_dtype) for c in (k_cache, v_cache))
+        case.k_cache, case.v_cache = np.asarray(k_quant.values), np.asarray(v_quant.values)
+        case.k_scales, case.v_scales = np.asarray(k_quant.scales), np.asarray(v_quant.scales)
+        case.exact_caches = (k_cache, v_cache)
+    return case
 
 
 def scenario_case(scenario: str, layout: Layout) -> Case:
@@ -189,7 +221,10 @@ def hide_keys_before_windows(case: Case, window: int, chunk: int = 1) -> None:
     for row, (ctx, _) in enumerate(case.rows):
         hidden = np.arange(max(ctx - window + 1, 0) // chunk * chunk)
         blocks = case.block_table(row)[hidden // case.layout.block_size]
-        for cache in (case.k_cache, case.v_cache):
+        # An int8 value cannot be NaN: poison a quantized cache's scales.
+        poisoned = ((case.k_scales, case.v_scales) if case.k_scales is not None
+                    else (case.k_cache, case.v_cache))
+        for cache in poisoned:
             cache[case.layer, blocks, hidden % case.layout.block_size] = np.nan
 
 
@@ -199,9 +234,17 @@ def dense_attention(q, k, v, k_cache, v_cache, layer: int, metadata: AttentionMe
     implementations' signature (without the cache write), row by row over its cached context
     (gathered through the block table) and its tokens of this step: the token at position p
     sees positions p - W < key <= p with a window W > 0 (transformers' mask), else key <= p.
-    Keys that no token of the row sees are never read."""
+    Keys that no token of the row sees are never read. From a quantized cache, every key and
+    value (this step's too) is read as the cache holds it."""
+    if isinstance(k_cache, QuantizedKV):
+        k, v = (_as_stored(new, cache) for new, cache in ((k, k_cache), (v, v_cache)))
+        k_cache, v_cache = (np.asarray(cache.values)[layer].astype(np.float64)
+                            * np.asarray(cache.scales)[layer][..., None]
+                            for cache in (k_cache, v_cache))
+    else:
+        k_cache, v_cache = (np.asarray(cache)[layer].astype(np.float64)
+                            for cache in (k_cache, v_cache))
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    k_cache, v_cache = (np.asarray(cache)[layer].astype(np.float64) for cache in (k_cache, v_cache))
     token_rows, positions, context_lens, block_tables = (
         np.asarray(a) for a in (metadata.token_rows, metadata.positions, metadata.context_lens,
                                 metadata.block_tables))
@@ -228,6 +271,13 @@ def dense_attention(q, k, v, k_cache, v_cache, layer: int, metadata: AttentionMe
     return np.concatenate(out)
 
 
+def _as_stored(new, cache: QuantizedKV) -> np.ndarray:
+    """``new`` [T, K, H] quantized to the cache's dtype and back, in new's dtype (what the
+    implementations read for this step's tokens)."""
+    new = jnp.asarray(new)
+    return np.asarray(dequantize(quantize(new, cache.dtype), new.dtype))
+
+
 def written_cache(cache: np.ndarray, new: np.ndarray, layer: int | slice,
                   slot_mapping) -> np.ndarray:
     """A copy of ``cache`` after the step: ``new`` [T, K, H] of every token (padding ones
@@ -242,12 +292,14 @@ def written_cache(cache: np.ndarray, new: np.ndarray, layer: int | slice,
 def check_step(case: Case, got, window: int | None, *, zero_padding: bool) -> None:
     """An implementation's (out, k_cache, v_cache) on ``case`` against the ground truth: every
     real token's output within the dtypes' tolerance, padding tokens' output zero
-    (``zero_padding``) or at least finite, and both caches exactly as ``written_cache``."""
+    (``zero_padding``) or at least finite, and both caches exactly as ``written_cache`` (a
+    quantized cache's values and scales as ``quantize`` makes them)."""
     out, k_cache, v_cache = got
     layout = case.layout
     assert out.shape == case.q.shape and out.dtype == layout.dtype
     out = np.asarray(out.astype(F32))
-    tolerance = max(TOLERANCE[jnp.dtype(dtype).name] for dtype in (layout.dtype, layout.cache))
+    read_dtypes = (layout.dtype,) if layout.quantized else (layout.dtype, layout.cache)
+    tolerance = max(TOLERANCE[jnp.dtype(dtype).name] for dtype in read_dtypes)
     want = dense_attention(*case.args(), scale=case.scale, sliding_window=window)
     np.testing.assert_allclose(out[:case.num_real], want, atol=tolerance, rtol=tolerance)
     if zero_padding:
@@ -255,6 +307,21 @@ def check_step(case: Case, got, window: int | None, *, zero_padding: bool) -> No
     else:
         assert np.isfinite(out[case.num_real:]).all()
     slots = case.metadata.slot_mapping
+    if layout.quantized:
+        for name, got_cache, cache, scales, new in (
+                ("k_cache", k_cache, case.k_cache, case.k_scales, case.k),
+                ("v_cache", v_cache, case.v_cache, case.v_scales, case.v)):
+            assert isinstance(got_cache, QuantizedKV), name
+            want = quantize(jnp.asarray(new), cache.dtype)
+            np.testing.assert_array_equal(
+                np.asarray(got_cache.values).view(np.uint8),
+                written_cache(cache, np.asarray(want.values), case.layer, slots).view(np.uint8),
+                err_msg=name)
+            np.testing.assert_array_equal(
+                np.asarray(got_cache.scales),
+                written_cache(scales[..., None], np.asarray(want.scales)[..., None], case.layer,
+                              slots)[..., 0], err_msg=f"{name} scales")
+        return
     for name, got_cache, cache, new in (("k_cache", k_cache, case.k_cache, case.k),
                                         ("v_cache", v_cache, case.v_cache, case.v)):
         np.testing.assert_array_equal(np.asarray(got_cache),

@@ -50,6 +50,13 @@
 //     With fewer than kItemsPerWorker items per thread (a batch-1 decode has K), the contexts of
 //     decode tiles are split into pieces, one item each, merged by log-sum-exp afterwards.
 //
+// Quantized caches (quantized_kv.py; the handler JaxllmQuantizedPagedAttention): int8 or
+// float8_e4m3fn values with a float32 scale per token and kv head, in arrays [L, B, Z, K] beside
+// the caches. Cached K/V rows are dequantized as they are loaded (always into the float32 chunk
+// buffers: each head's H values times its scale), and the step's new tokens arrive already
+// quantized with their scales, which the write copies in place like the values. This step's own
+// keys are read from k / v, which the caller passes as the cache stores them.
+//
 // Vectors are GCC vector extensions, so the source carries no intrinsics and builds for any
 // -march (the build uses -march=native).
 //
@@ -118,6 +125,20 @@ inline void load_row(const T* src, vf* dst, int head_vecs) {
   for (int v = 0; v < head_vecs; ++v) dst[v] = load_vec(src + v * kLanes);
 }
 
+// The same for a row of `heads` kv heads of a quantized cache, each head's head_vecs vectors
+// times its scale (scales: one float per kv head of the row).
+template <typename T>
+inline void load_row_scaled(const T* src, const float* scales, vf* dst, int heads, int head_vecs) {
+  for (int kh = 0; kh < heads; ++kh) {
+    const float scale = scales[kh];
+    for (int v = 0; v < head_vecs; ++v)
+      dst[kh * head_vecs + v] = load_vec(src + (kh * head_vecs + v) * kLanes) * scale;
+  }
+}
+
+template <typename T>
+constexpr bool kQuantized = std::is_same_v<T, int8_t> || std::is_same_v<T, F8E4M3>;
+
 template <typename T>
 inline void prefetch_row(const T* row, int head_dim) {
   const char* bytes = reinterpret_cast<const char*>(row);
@@ -177,6 +198,8 @@ struct Problem {
   const void* v;
   const void* k_cache;  // [B, Z, K, H] at `layer`
   const void* v_cache;
+  const float* k_scales;  // [B, Z, K] at `layer`: a quantized cache's, else nullptr
+  const float* v_scales;
   void* out;            // [T, N, H]
   const int32_t* positions;     // [T]
   const int32_t* block_tables;  // [S, P]
@@ -239,10 +262,12 @@ struct Chunk {
   const float* v[kChunk];
 };
 
-// Fills `chunk` with keys / values rows at element offsets offset(0..n-1).
+// Fills `chunk` with keys / values rows of head_dim elements at element offsets
+// offset(0..n-1). A quantized cache's rows are dequantized with their scales: those of the
+// row's kv heads at offset / H (the scales' layout is the cache's without the head dim).
 template <typename T, typename Offset>
 void load_chunk(Scratch& w, Chunk& chunk, const T* keys, const T* values, int head_dim,
-                bool copy, Offset offset) {
+                bool copy, Offset offset, const Problem& pr) {
   const int head_vecs = head_dim / kLanes;
   for (int j = 0; j < chunk.n; ++j) {
     const int64_t row = offset(j);
@@ -253,8 +278,16 @@ void load_chunk(Scratch& w, Chunk& chunk, const T* keys, const T* values, int he
         continue;
       }
     }
-    load_row(keys + row, &w.kc[j * head_vecs], head_vecs);
-    load_row(values + row, &w.vc[j * head_vecs], head_vecs);
+    if constexpr (kQuantized<T>) {
+      const int heads = head_dim / pr.H;
+      load_row_scaled(keys + row, pr.k_scales + row / pr.H, &w.kc[j * head_vecs], heads,
+                      pr.H / kLanes);
+      load_row_scaled(values + row, pr.v_scales + row / pr.H, &w.vc[j * head_vecs], heads,
+                      pr.H / kLanes);
+    } else {
+      load_row(keys + row, &w.kc[j * head_vecs], head_vecs);
+      load_row(values + row, &w.vc[j * head_vecs], head_vecs);
+    }
     chunk.k[j] = reinterpret_cast<const float*>(&w.kc[j * head_vecs]);
     chunk.v[j] = reinterpret_cast<const float*>(&w.vc[j * head_vecs]);
   }
@@ -614,7 +647,14 @@ void attend(const Problem& pr, const Tile& tile, int kv_head, Scratch& w) {
         prefetch_row(v_cache + ahead[j], row_len);
       }
     }
-    load_chunk(w, chunk, k_cache, v_cache, row_len, !few_rows, [&](int j) { return offsets[j]; });
+    if constexpr (kQuantized<CT>) {  // a block's scales are a few lines, Z * K floats apart
+      for (int j = 0; j < n_ahead; ++j) {
+        __builtin_prefetch(pr.k_scales + ahead[j] / H);
+        __builtin_prefetch(pr.v_scales + ahead[j] / H);
+      }
+    }
+    load_chunk(w, chunk, k_cache, v_cache, row_len, !few_rows, [&](int j) { return offsets[j]; },
+               pr);
     step(chunk);
   }
   pf.reset(0, 0);
@@ -627,7 +667,8 @@ void attend(const Problem& pr, const Tile& tile, int kv_head, Scratch& w) {
     chunk.kpos = pr.positions + s0;
     chunk.windowed = chunk.kpos[0] < mask_below;  // positions increase along the chunk
     load_chunk(w, chunk, static_cast<const QT*>(pr.k), static_cast<const QT*>(pr.v), row_len,
-               !few_rows, [&](int j) { return (static_cast<int64_t>(s0 + j) * K + head0) * H; });
+               !few_rows, [&](int j) { return (static_cast<int64_t>(s0 + j) * K + head0) * H; },
+               pr);
     step(chunk);
   }
 
@@ -720,6 +761,8 @@ RunFn pick_cache_type(ffi::DataType cache) {
   switch (cache) {
     case ffi::DataType::F32: return run<QT, float>;
     case ffi::DataType::BF16: return run<QT, BF16>;
+    case ffi::DataType::S8: return run<QT, int8_t>;
+    case ffi::DataType::F8E4M3FN: return run<QT, F8E4M3>;
     default: return nullptr;
   }
 }
@@ -732,19 +775,25 @@ RunFn pick_run(ffi::DataType q, ffi::DataType cache) {
   }
 }
 
-ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                              ffi::AnyBuffer v, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
-                              ffi::BufferR0<ffi::S32> layer,
-                              ffi::BufferR0<ffi::S32> sliding_window,
-                              ffi::BufferR1<ffi::S32> token_rows,
-                              ffi::BufferR1<ffi::S32> positions,
-                              ffi::BufferR2<ffi::S32> block_tables,
-                              ffi::BufferR1<ffi::S32> context_lens,
-                              ffi::BufferR1<ffi::S32> slot_mapping, ffi::AnyBuffer k_new,
-                              ffi::AnyBuffer v_new, float scale, int32_t num_threads,
-                              ffi::Result<ffi::AnyBuffer> out,
-                              ffi::Result<ffi::AnyBuffer> k_cache_out,
-                              ffi::Result<ffi::AnyBuffer> v_cache_out) {
+// The scale buffers of a quantized cache (int8 or float8_e4m3fn values): the caches' scales
+// [L, B, Z, K] (in, and out aliased to them) and this step's tokens' [T, K].
+struct ScaleBuffers {
+  ffi::Buffer<ffi::F32> k_cache, v_cache;
+  ffi::Buffer<ffi::F32> k_new, v_new;
+  ffi::Result<ffi::Buffer<ffi::F32>> k_cache_out, v_cache_out;
+};
+
+// The call, for a float cache (scales nullptr) or a quantized one.
+ffi::Error PagedAttention(ffi::ThreadPool& pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                          ffi::AnyBuffer v, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
+                          ffi::BufferR0<ffi::S32> layer, ffi::BufferR0<ffi::S32> sliding_window,
+                          ffi::BufferR1<ffi::S32> token_rows, ffi::BufferR1<ffi::S32> positions,
+                          ffi::BufferR2<ffi::S32> block_tables,
+                          ffi::BufferR1<ffi::S32> context_lens,
+                          ffi::BufferR1<ffi::S32> slot_mapping, ffi::AnyBuffer k_new,
+                          ffi::AnyBuffer v_new, float scale, int32_t num_threads,
+                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> k_cache_out,
+                          ffi::Result<ffi::AnyBuffer> v_cache_out, ScaleBuffers* scales) {
   // Shapes and dtypes.
   auto qd = q.dimensions(), kd = k.dimensions(), cd = k_cache.dimensions();
   auto bad = [](std::string what) {
@@ -777,7 +826,26 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
       out->element_type() != q.element_type() || v_cache.element_type() != k_cache.element_type())
     return bad("q, k, v and out must share a dtype, and so must k_cache and v_cache");
   RunFn run_fn = pick_run(q.element_type(), k_cache.element_type());
-  if (run_fn == nullptr) return bad("supported dtypes are float32 and bfloat16");
+  if (run_fn == nullptr)
+    return bad("supported dtypes are float32 and bfloat16 (q), and those, int8 and "
+               "float8_e4m3fn (cache)");
+  const bool quantized = k_cache.element_type() == ffi::DataType::S8 ||
+                         k_cache.element_type() == ffi::DataType::F8E4M3FN;
+  if (quantized != (scales != nullptr))
+    return bad(quantized ? "an int8 or float8_e4m3fn cache needs its scales"
+                         : "scales come only with an int8 or float8_e4m3fn cache");
+  if (scales != nullptr) {
+    const std::vector<int64_t> scale_dims(cd.begin(), cd.end() - 1), new_dims{T, K};
+    for (auto dims : {scales->k_cache.dimensions(), scales->v_cache.dimensions()})
+      if (std::vector<int64_t>(dims.begin(), dims.end()) != scale_dims)
+        return bad("cache scales must be [L, B, Z, K], got " + dims_str(dims));
+    for (auto dims : {scales->k_new.dimensions(), scales->v_new.dimensions()})
+      if (std::vector<int64_t>(dims.begin(), dims.end()) != new_dims)
+        return bad("new scales must be [T, K], got " + dims_str(dims));
+    if (scales->k_cache_out->typed_data() != scales->k_cache.typed_data() ||
+        scales->v_cache_out->typed_data() != scales->v_cache.typed_data())
+      return bad("the scale outputs must alias the scale inputs (input_output_aliases)");
+  }
 
   // Values: everything the kernel uses as an index is checked before any thread reads memory.
   const int32_t layer_index = *layer.typed_data();
@@ -873,16 +941,64 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
       std::memcpy(layer_base + slots[t] * slot_bytes, static_cast<const char*>(src) + t * slot_bytes,
                   slot_bytes);
   }
+  const float *k_scales = nullptr, *v_scales = nullptr;
+  if (scales != nullptr) {
+    const int64_t layer_scales = B * Z * K;
+    for (auto [src, dst] : {std::pair{scales->k_new.typed_data(), scales->k_cache_out->typed_data()},
+                            std::pair{scales->v_new.typed_data(), scales->v_cache_out->typed_data()}}) {
+      float* layer_base = dst + layer_index * layer_scales;
+      for (int t = 0; t < T; ++t) std::copy_n(src + t * K, K, layer_base + slots[t] * K);
+    }
+    k_scales = scales->k_cache.typed_data() + layer_index * layer_scales;
+    v_scales = scales->v_cache.typed_data() + layer_index * layer_scales;
+  }
 
   const Problem problem{
       q.untyped_data(), k.untyped_data(), v.untyped_data(),
       static_cast<const char*>(k_cache.untyped_data()) + layer_index * layer_bytes,
-      static_cast<const char*>(v_cache.untyped_data()) + layer_index * layer_bytes,
-      out->untyped_data(), pos, tables, ctx, partials.data(), static_cast<int>(N),
+      static_cast<const char*>(v_cache.untyped_data()) + layer_index * layer_bytes, k_scales,
+      v_scales, out->untyped_data(), pos, tables, ctx, partials.data(), static_cast<int>(N),
       static_cast<int>(K), G, static_cast<int>(H), static_cast<int>(Z), static_cast<int>(P),
       window, scale * kLog2e};
   run_fn(pool, workers, problem, tiles, split_tiles, round_up(tile_tokens * G, kLanes));
   return ffi::Error::Success();
+}
+
+ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                              ffi::AnyBuffer v, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
+                              ffi::BufferR0<ffi::S32> layer,
+                              ffi::BufferR0<ffi::S32> sliding_window,
+                              ffi::BufferR1<ffi::S32> token_rows,
+                              ffi::BufferR1<ffi::S32> positions,
+                              ffi::BufferR2<ffi::S32> block_tables,
+                              ffi::BufferR1<ffi::S32> context_lens,
+                              ffi::BufferR1<ffi::S32> slot_mapping, ffi::AnyBuffer k_new,
+                              ffi::AnyBuffer v_new, float scale, int32_t num_threads,
+                              ffi::Result<ffi::AnyBuffer> out,
+                              ffi::Result<ffi::AnyBuffer> k_cache_out,
+                              ffi::Result<ffi::AnyBuffer> v_cache_out) {
+  return PagedAttention(pool, q, k, v, k_cache, v_cache, layer, sliding_window, token_rows,
+                        positions, block_tables, context_lens, slot_mapping, k_new, v_new, scale,
+                        num_threads, out, k_cache_out, v_cache_out, nullptr);
+}
+
+ffi::Error QuantizedPagedAttentionImpl(
+    ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+    ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache, ffi::Buffer<ffi::F32> k_scales,
+    ffi::Buffer<ffi::F32> v_scales, ffi::BufferR0<ffi::S32> layer,
+    ffi::BufferR0<ffi::S32> sliding_window, ffi::BufferR1<ffi::S32> token_rows,
+    ffi::BufferR1<ffi::S32> positions, ffi::BufferR2<ffi::S32> block_tables,
+    ffi::BufferR1<ffi::S32> context_lens, ffi::BufferR1<ffi::S32> slot_mapping,
+    ffi::AnyBuffer k_new, ffi::AnyBuffer v_new, ffi::Buffer<ffi::F32> k_new_scales,
+    ffi::Buffer<ffi::F32> v_new_scales, float scale, int32_t num_threads,
+    ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> k_cache_out,
+    ffi::Result<ffi::AnyBuffer> v_cache_out, ffi::Result<ffi::Buffer<ffi::F32>> k_scales_out,
+    ffi::Result<ffi::Buffer<ffi::F32>> v_scales_out) {
+  ScaleBuffers scales{k_scales, v_scales, k_new_scales, v_new_scales, k_scales_out,
+                            v_scales_out};
+  return PagedAttention(pool, q, k, v, k_cache, v_cache, layer, sliding_window, token_rows,
+                        positions, block_tables, context_lens, slot_mapping, k_new, v_new, scale,
+                        num_threads, out, k_cache_out, v_cache_out, &scales);
 }
 
 }  // namespace
@@ -909,3 +1025,34 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmPagedAttention, PagedAttentionImpl,
                                   .Ret<ffi::AnyBuffer>()           // out [T, N, H]
                                   .Ret<ffi::AnyBuffer>()           // k_cache, aliased
                                   .Ret<ffi::AnyBuffer>());         // v_cache, aliased
+
+// The same with a quantized cache (int8 or float8_e4m3fn values, float32 scale per token and
+// kv head): the scales ride beside the caches, and the new tokens' beside k_new / v_new.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxllmQuantizedPagedAttention, QuantizedPagedAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()           // q [T, N, H]
+                                  .Arg<ffi::AnyBuffer>()           // k [T, K, H] as stored, q's dtype
+                                  .Arg<ffi::AnyBuffer>()           // v [T, K, H]
+                                  .Arg<ffi::AnyBuffer>()           // k_cache [L, B, Z, K, H]
+                                  .Arg<ffi::AnyBuffer>()           // v_cache [L, B, Z, K, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // k_scales [L, B, Z, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // v_scales [L, B, Z, K]
+                                  .Arg<ffi::BufferR0<ffi::S32>>()  // layer
+                                  .Arg<ffi::BufferR0<ffi::S32>>()  // sliding_window (<= 0: none)
+                                  .Arg<ffi::BufferR1<ffi::S32>>()  // token_rows [T]
+                                  .Arg<ffi::BufferR1<ffi::S32>>()  // positions [T]
+                                  .Arg<ffi::BufferR2<ffi::S32>>()  // block_tables [S, P]
+                                  .Arg<ffi::BufferR1<ffi::S32>>()  // context_lens [S]
+                                  .Arg<ffi::BufferR1<ffi::S32>>()  // slot_mapping [T]
+                                  .Arg<ffi::AnyBuffer>()           // k_new [T, K, H], cache dtype
+                                  .Arg<ffi::AnyBuffer>()           // v_new [T, K, H], cache dtype
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // k_new_scales [T, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // v_new_scales [T, K]
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("num_threads")
+                                  .Ret<ffi::AnyBuffer>()           // out [T, N, H]
+                                  .Ret<ffi::AnyBuffer>()           // k_cache, aliased
+                                  .Ret<ffi::AnyBuffer>()           // v_cache, aliased
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // k_scales, aliased
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // v_scales, aliased

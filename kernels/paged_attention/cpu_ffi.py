@@ -33,11 +33,13 @@ import numpy as np
 from jaxllm.kernels import cpu_build
 from jaxllm.kernels.paged_attention import reference
 from jaxllm.kernels.paged_attention.metadata import AttentionMetadata
+from jaxllm.kernels.paged_attention.quantized_kv import QuantizedKV, dequantize, quantize
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
 _TARGET = "jaxllm_paged_attention_cpu"
+_QUANTIZED_TARGET = "jaxllm_quantized_paged_attention_cpu"
 _HEAD_DIM_MULTIPLE = 16  # the kernel's vector width in floats
 
 
@@ -48,8 +50,9 @@ def _target() -> str | None:
     Returns the custom-call target name, or None (the reason logged once) when it cannot be
     built or loaded.
     """
-    registered = cpu_build.register(_SOURCE, {"JaxllmPagedAttention": _TARGET},
-                                    "CPU attention kernel")
+    registered = cpu_build.register(
+        _SOURCE, {"JaxllmPagedAttention": _TARGET,
+                  "JaxllmQuantizedPagedAttention": _QUANTIZED_TARGET}, "CPU attention kernel")
     return _TARGET if registered else None
 
 
@@ -77,7 +80,10 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
         q: [T, N, H] queries of this step's tokens (rotary already applied); float32 or
             bfloat16.
         k, v: [T, K, H] keys and values of this step's tokens (read in q's dtype).
-        k_cache, v_cache: [L, B, Z, K, H] the whole cache, float32 or bfloat16.
+        k_cache, v_cache: [L, B, Z, K, H] the whole cache, float32 or bfloat16, or a
+            ``QuantizedKV`` (int8 or float8_e4m3fn values, float32 scales [L, B, Z, K]): the
+            kernel dequantizes K/V rows as it loads them; the new tokens are quantized here,
+            and read as stored (``quantized_kv.stored``) in q's dtype.
         layer: which layer's cache to read and write (an int, or an int32 scalar under scan).
         metadata: the step's token layout; a row's tokens are contiguous and in position order.
         scale: softmax scale, usually head_dim ** -0.5.
@@ -97,6 +103,9 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
     target = _target()
     if target is None:
         raise RuntimeError("the CPU attention kernel could not be built; see the log")
+    if isinstance(k_cache, QuantizedKV):
+        return _quantized_call(q, k, v, k_cache, v_cache, layer, metadata, scale=scale,
+                               sliding_window=sliding_window)
     result = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
               jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
     call = jax.ffi.ffi_call(target, result, input_output_aliases={3: 1, 4: 2})
@@ -107,3 +116,24 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
         metadata.slot_mapping, k.astype(k_cache.dtype), v.astype(v_cache.dtype),
         scale=np.float32(scale), num_threads=np.int32(cpu_build.num_threads()))
     return out, k_cache, v_cache
+
+
+def _quantized_call(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: QuantizedKV,
+                    v_cache: QuantizedKV, layer: int | jax.Array, metadata: AttentionMetadata,
+                    *, scale: float, sliding_window: int | jax.Array | None
+                    ) -> tuple[jax.Array, QuantizedKV, QuantizedKV]:
+    """``paged_attention`` on a quantized cache: values and scales both updated in place."""
+    k_new, v_new = quantize(k, k_cache.dtype), quantize(v, v_cache.dtype)
+    shapes = (q, k_cache.values, v_cache.values, k_cache.scales, v_cache.scales)
+    call = jax.ffi.ffi_call(_QUANTIZED_TARGET,
+                            tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in shapes),
+                            input_output_aliases={3: 1, 4: 2, 5: 3, 6: 4})
+    out, k_values, v_values, k_scales, v_scales = call(
+        q, dequantize(k_new, q.dtype), dequantize(v_new, q.dtype),
+        k_cache.values, v_cache.values, k_cache.scales, v_cache.scales,
+        jnp.asarray(layer, jnp.int32),
+        jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32),
+        metadata.token_rows, metadata.positions, metadata.block_tables, metadata.context_lens,
+        metadata.slot_mapping, k_new.values, v_new.values, k_new.scales, v_new.scales,
+        scale=np.float32(scale), num_threads=np.int32(cpu_build.num_threads()))
+    return out, QuantizedKV(k_values, k_scales), QuantizedKV(v_values, v_scales)

@@ -47,6 +47,11 @@ time.
 The minimum Triton matmul is 16 x 16 x 16: M, C and E are at least 16, and G' * Q >= 16 by
 choosing Q. Padded tokens (row -1) belong to no tile; their output is set to zero.
 
+Quantized caches (``quantized_kv``: int8 or float8_e4m3fn values, a float32 scale per token and
+kv head): a context chunk's values and its C scales are loaded together and dequantized into q's
+dtype before the two matmuls; this step's keys reach the kernel already as the cache stores
+them. Checked in interpret mode only; not timed on a GPU yet.
+
 Measured on one H200 (jax 0.11.2, bf16, N=32, K=8, H=128, Z=16; per call, 8 dependent calls in
 one jit, write_kv included), kernel vs reference: decode 64 rows at ~2k context 0.33 vs 0.58 ms;
 256 rows at ~1k 0.58 vs 1.26 ms; 1 row at 4k 0.041 vs 0.076 ms; a 512-token fresh prefill
@@ -67,6 +72,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxllm.kernels.paged_attention.metadata import AttentionMetadata
+from jaxllm.kernels.paged_attention.quantized_kv import QuantizedKV, stored
 from jaxllm.kernels.paged_attention.reference import write_kv
 
 SUPPORTED_BLOCK_SIZES = (8, 16, 32, 64)
@@ -92,7 +98,7 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
     Args:
         q: [T, N, H] queries of this step's tokens (rotary already applied).
         k, v: [T, K, H] keys and values of this step's tokens.
-        k_cache, v_cache: [L, B, Z, K, H] the whole cache.
+        k_cache, v_cache: [L, B, Z, K, H] the whole cache: float arrays or ``QuantizedKV``.
         layer: which layer's cache to read and write.
         metadata: the step's token layout; each row's tokens are contiguous and in position order.
         sliding_window: this layer's window (``metadata``); None or <= 0: full attention.
@@ -122,6 +128,7 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
                          f"{num_kv_heads} kv heads")
     k_cache = write_kv(k_cache, k, layer, metadata.slot_mapping)
     v_cache = write_kv(v_cache, v, layer, metadata.slot_mapping)
+    k, v = stored(k, k_cache), stored(v, v_cache)
     out = ragged_attention(q, k, v, k_cache, v_cache, layer, metadata, scale=scale,
                            sliding_window=sliding_window, interpret=interpret, block_q=block_q,
                            block_kv=block_kv, num_splits=num_splits, num_warps=num_warps,
@@ -240,11 +247,15 @@ def ragged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
     block_tables = jnp.pad(metadata.block_tables, ((0, 0), (0, -blocks_per_row % blocks_per_chunk)))
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     window = jnp.asarray(sliding_window if windowed else 0, jnp.int32).reshape(1)
+    quantized = isinstance(k_cache, QuantizedKV)
+    caches = ((k_cache.values, v_cache.values, k_cache.scales, v_cache.scales) if quantized
+              else (k_cache, v_cache))
 
     padded_tokens = num_tokens + block_q
     out_dtype = q.dtype if num_splits == 1 else jnp.float32
     kernel = functools.partial(_attention_kernel, scale_log2=scale * _LOG2E, block_q=block_q,
-                               block_kv=block_kv, block_new=block_new, windowed=windowed)
+                               block_kv=block_kv, block_new=block_new, windowed=windowed,
+                               quantized=quantized)
     out, row_max, row_sum = pl.pallas_call(
         kernel,
         grid=(num_tiles, num_kv_heads, num_splits),
@@ -260,7 +271,7 @@ def ragged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
         interpret=interpret,
         name="ragged_paged_attention",
     )(layer, window, tiles["row"], tiles["row_start"], tiles["start"], tiles["num_queries"],
-      tiles["context_len"], block_tables, q, k, v, k_cache, v_cache)
+      tiles["context_len"], block_tables, q, k, v, *caches)
 
     if num_splits > 1:
         # Merge the splits: each holds softmax(its keys) @ V with its max (base 2) and sum.
@@ -276,15 +287,17 @@ def ragged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Arra
 
 def _attention_kernel(layer_ref, window_ref, row_ref, row_start_ref, start_ref, num_queries_ref,
                       context_len_ref, block_tables_ref, q_ref, k_ref, v_ref, k_cache_ref,
-                      v_cache_ref, out_ref, row_max_ref, row_sum_ref, *, scale_log2: float,
-                      block_q: int, block_kv: int, block_new: int, windowed: bool):
+                      v_cache_ref, *refs, scale_log2: float, block_q: int, block_kv: int,
+                      block_new: int, windowed: bool, quantized: bool):
     """One program: tile ``program_id(0)``, kv head ``program_id(1)``, split ``program_id(2)``.
 
     Refs: layer [1]; window [1] (read only when ``windowed``; <= 0: full attention); tile
     fields [num_tiles]; block_tables [S, P']; q [T+Q, K, G', H];
-    k, v [T+E, K, H]; k_cache, v_cache [L, B, Z, K, H]; out [X, T+Q, K, G', H];
-    row_max, row_sum [X, T+Q, K, G'].
+    k, v [T+E, K, H]; k_cache, v_cache [L, B, Z, K, H]; with ``quantized`` then k_scales,
+    v_scales [L, B, Z, K]; out [X, T+Q, K, G', H]; row_max, row_sum [X, T+Q, K, G'].
     """
+    k_scale_ref, v_scale_ref = refs[:2] if quantized else (None, None)
+    out_ref, row_max_ref, row_sum_ref = refs[-3:]
     tile, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_splits = pl.num_programs(2)
     layer = layer_ref[0]
@@ -330,6 +343,11 @@ def _attention_kernel(layer_ref, window_ref, row_ref, row_start_ref, start_ref, 
         block_ids = block_tables_ref[row, pl.ds(chunk * blocks_per_chunk, blocks_per_chunk)]
         keys = k_cache_ref[layer, block_ids, :, head, :].reshape(block_kv, head_dim)
         values = v_cache_ref[layer, block_ids, :, head, :].reshape(block_kv, head_dim)
+        if quantized:
+            def dequantize(chunk, scale_ref):
+                scales = scale_ref[layer, block_ids, :, head].reshape(block_kv, 1)
+                return (chunk.astype(jnp.float32) * scales).astype(q.dtype)
+            keys, values = dequantize(keys, k_scale_ref), dequantize(values, v_scale_ref)
         key_pos = chunk * block_kv + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
         mask = key_pos < context_len
         if windowed:

@@ -18,20 +18,39 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.kernels.paged_attention.metadata import AttentionMetadata, window_starts
+from jaxllm.kernels.paged_attention.quantized_kv import QuantizedKV, dequantize, quantize, stored
 
 _MASKED = -1e30  # finite, so a row with nothing to attend to gives no NaN
 
 
-def write_kv(cache: jax.Array, new: jax.Array, layer: int | jax.Array,
-             slot_mapping: jax.Array) -> jax.Array:
-    """Writes new[T, K, H] into cache[L, B, Z, K, H] at layer ``layer`` and the given slots.
+def write_kv(cache: jax.Array | QuantizedKV, new: jax.Array, layer: int | jax.Array,
+             slot_mapping: jax.Array) -> jax.Array | QuantizedKV:
+    """Writes new[T, K, H] into cache[L, B, Z, K, H] at layer ``layer`` and the given slots;
+    into a quantized cache (``quantized_kv``) as values and scales.
 
     Indexes (block, offset) directly instead of reshaping to [L, B * Z, K, H]: on XLA:CPU the
     reshape around the scatter defeats in-place update and copies the whole cache every layer.
     """
     block_size = cache.shape[2]
-    return cache.at[layer, slot_mapping // block_size, slot_mapping % block_size].set(
-        new.astype(cache.dtype))
+    index = (layer, slot_mapping // block_size, slot_mapping % block_size)
+    if isinstance(cache, QuantizedKV):
+        new = quantize(new, cache.dtype)
+        return QuantizedKV(cache.values.at[index].set(new.values),
+                           cache.scales.at[index].set(new.scales))
+    return cache.at[index].set(new.astype(cache.dtype))
+
+
+def _gather_context(cache: jax.Array | QuantizedKV, layer: int | jax.Array, blocks: jax.Array,
+                    dtype: jnp.dtype) -> jax.Array:
+    """cache[layer, blocks] for blocks [T, P]: [T, P * Z, K, H], dequantized into ``dtype``
+    from a quantized cache, else in the cache dtype."""
+    num_tokens = blocks.shape[0]
+    if isinstance(cache, QuantizedKV):
+        gathered = dequantize(QuantizedKV(cache.values[layer, blocks], cache.scales[layer, blocks]),
+                              dtype)
+    else:
+        gathered = cache[layer, blocks]
+    return gathered.reshape(num_tokens, -1, *gathered.shape[-2:])
 
 
 def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array,
@@ -43,7 +62,9 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
     Args:
         q: [T, N, H] queries of this step's tokens (rotary already applied).
         k, v: [T, K, H] keys and values of this step's tokens.
-        k_cache, v_cache: [L, B, Z, K, H] the whole cache.
+        k_cache, v_cache: [L, B, Z, K, H] the whole cache: float arrays, or ``QuantizedKV``
+            (``quantized_kv``), whose keys and values, this step's included, are read
+            dequantized.
         layer: which layer's cache to read and write.
         metadata: the step's token layout.
         scale: softmax scale, usually head_dim ** -0.5.
@@ -57,11 +78,12 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_cache: jax.Array
     group = num_heads // num_kv_heads
     k_cache = write_kv(k_cache, k, layer, metadata.slot_mapping)
     v_cache = write_kv(v_cache, v, layer, metadata.slot_mapping)
+    k, v = stored(k, k_cache), stored(v, v_cache)
 
     rows = metadata.token_rows
     blocks = metadata.block_tables[rows]                                     # [T, P]
-    k_ctx = k_cache[layer, blocks].reshape(num_tokens, -1, num_kv_heads, head_dim)  # [T, C, K, H]
-    v_ctx = v_cache[layer, blocks].reshape(num_tokens, -1, num_kv_heads, head_dim)
+    k_ctx = _gather_context(k_cache, layer, blocks, q.dtype)                 # [T, C, K, H]
+    v_ctx = _gather_context(v_cache, layer, blocks, v.dtype)
     ctx_len = k_ctx.shape[1]
     ctx_mask = jnp.arange(ctx_len)[None, :] < metadata.context_lens[rows][:, None]   # [T, C]
     pos = metadata.positions
