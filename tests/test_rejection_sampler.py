@@ -10,7 +10,8 @@ from scipy import stats
 
 from jaxllm import rejection_sampler
 from jaxllm.sampler import Sampler
-from jaxllm.speculative import SpecState, ngram_proposal
+from jaxllm.sampling_params import SamplingParams
+from jaxllm.speculative import SpeculativeConfig, SpecState, ngram_proposal
 from jaxllm.step_inputs import SamplingTensors
 
 P_MIN = 1e-3   # chi-square p-value below which a distribution is declared different (fixed keys)
@@ -112,3 +113,45 @@ def test_rejection_sample_with_a_draft_distribution_keeps_the_target_distributio
     assert _chi_square(tokens[accepted >= 1, 1], p[1]) > P_MIN
     assert _chi_square(tokens[accepted == 2, 2], p[2]) > P_MIN
     np.testing.assert_allclose(np.mean(accepted >= 1), np.minimum(p[0], q[0]).sum(), atol=0.01)
+
+
+def _decoding(scheduler, prompts):
+    """Admits ``prompts`` and runs their prefill, so each is a decode with its tokens known."""
+    from jaxllm.groups import new_sequence
+    from jaxllm.sequence import Request
+
+    seqs = []
+    for i, prompt in enumerate(prompts):
+        request = Request(f"r{i}", None, tuple(prompt), SamplingParams(temperature=0, max_tokens=20),
+                          seed=0, eos_token_ids=frozenset(), arrival_time=0.0)
+        seqs.append(new_sequence(request))
+        scheduler.add(seqs[-1])
+    batch = scheduler.schedule()
+    scheduler.advance(batch)
+    for seq in seqs:
+        seq.token_ids.append(prompts[0][0])
+        scheduler.record_outputs(seq, True)
+    return seqs
+
+
+def test_scheduler_speculates_only_for_small_batches_and_rolls_back():
+    from jaxllm.kv_cache_manager import KVCacheManager
+    from jaxllm.scheduler import Scheduler
+    from jaxllm.speculative import NgramProposer
+
+    config = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 3,
+                                          "disable_by_batch_size": 2})
+    prompt = [1, 2, 3, 4, 5, 6, 7] * 2   # + token 1: proposals 2, 3, 4
+    for num_seqs, proposes in ((3, False), (2, True)):
+        scheduler = Scheduler(KVCacheManager(40, 4), 4, 64, proposer=NgramProposer(config, 64))
+        seqs = _decoding(scheduler, [prompt] * num_seqs)
+        batch = scheduler.schedule()
+        rows = [(item.num_new_tokens, item.draft_token_ids) for item in batch.scheduled]
+        assert rows == ([(4, (2, 3, 4))] if proposes else [(1, None)]) * num_seqs
+    seq = seqs[0]
+    scheduler.advance(batch)
+    assert seq.num_computed_tokens == 18 and len(seq.block_ids) == 5 and seq.spec.in_flight
+    assert all(item.seq is not seq for item in scheduler.schedule().scheduled)  # waits for its result
+    seq.token_ids += [2, 9]            # proposal 2 accepted, 3 rejected: target token 9
+    scheduler.rollback(seq, seq.num_tokens - 1)
+    assert seq.num_computed_tokens == 16 and len(seq.block_ids) == 4   # the emptied block is freed
