@@ -16,7 +16,10 @@ stops on EOS, a stop token or a stop string: it was already in step N when step 
 ended it (its K/V write is harmless, its token is dropped). Sequences whose next step needs
 every token on the host (beam search, Python logits processors) wait for their
 pending token instead, and a step with Python logits processors is finished before the next is
-prepared (as every step is with ``async_scheduling=False``).
+prepared (as every step is with ``async_scheduling=False``). Speculative decoding
+(``jaxllm.speculative``): a row that may speculate waits for its last token too (the proposer
+looks up n-grams ending with it), and a row verifying proposals waits until its step's outputs
+say how many were accepted; other rows in the same steps overlap as above.
 
 Callers hold a RequestHandle. A request's own fault (its Python logits processor raised or
 returned a bad value) fails that request's handle with a RequestError, and the loop goes on.
