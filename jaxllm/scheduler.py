@@ -189,14 +189,15 @@ class Scheduler:
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             drafts = None
-            if speculating and num_new == 1 and proposer.may_speculate(seq):
+            is_decode = seq.num_uncomputed_tokens == 1
+            if speculating and is_decode and proposer.may_speculate(seq):
                 if seq.num_pending_tokens:
                     continue   # waits for its last token: proposals follow from it
                 drafts = tuple(proposer.propose(seq)[:budget - 1])
                 if not kv.can_allocate(seq, 1 + len(drafts)):
                     drafts = ()
                 num_new += len(drafts)
-            elif speculating and num_new == 1:
+            elif speculating and is_decode:
                 proposer.tick_backoff(seq)
             while not kv.can_allocate(seq, num_new):
                 victim = self._newest_parked() or self.running[-1]
