@@ -6,6 +6,7 @@ import dataclasses
 
 from jaxllm.models.rope import RopeSpec
 from jaxllm.sampling_rows import SamplingLimits
+from jaxllm.speculative import SpeculativeConfig
 
 
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
@@ -175,6 +176,9 @@ class EngineConfig:
             check; the others are left out with a warning (``jaxllm.strategies``).
         tensor_parallel_size: devices the model is split over, Megatron-style (attention heads,
             MLP columns/rows, vocabulary; ``jaxllm.sharding``). 1 = one device, no mesh.
+        speculative_config: speculative decoding, vLLM's keys (``jaxllm.speculative``), e.g.
+            ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+            "prompt_lookup_min": 2}``; held validated as a ``SpeculativeConfig``. None: off.
     """
 
     dtype: str | None = None
@@ -198,8 +202,14 @@ class EngineConfig:
     max_min_tokens_stop_ids: int = SamplingLimits.max_min_tokens_stop_ids
     strategies: tuple[str, ...] | None = None
     tensor_parallel_size: int = 1
+    speculative_config: SpeculativeConfig | dict | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.speculative_config, dict):
+            object.__setattr__(self, "speculative_config",
+                               SpeculativeConfig.from_dict(self.speculative_config))
+        elif not isinstance(self.speculative_config, (SpeculativeConfig, type(None))):
+            raise ValueError(f"speculative_config must be a dict, got {self.speculative_config!r}")
         if self.strategies is not None:
             if (not isinstance(self.strategies, (list, tuple))
                     or not all(isinstance(n, str) for n in self.strategies)):

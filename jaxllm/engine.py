@@ -38,6 +38,7 @@ from jaxllm.sampler import Sampler
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.scheduler import Scheduler
 from jaxllm.sharding import TensorParallel
+from jaxllm.speculative import NgramProposer, speculative_stats
 from jaxllm.step import CompiledStep
 from jaxllm.strategies import engine_strategies
 from jaxllm.warmup import warmup
@@ -55,7 +56,7 @@ class Engine:
         **engine_options: fields of :class:`jaxllm.config.EngineConfig` (dtype, kv_cache_dtype,
             max_model_len, block_size, num_blocks, kv_cache_memory_bytes, max_num_seqs,
             max_num_batched_tokens, scan_layers, attention, seed, enable_prefix_caching,
-            max_logprobs, warmup, strategies, tensor_parallel_size).
+            max_logprobs, warmup, strategies, tensor_parallel_size, speculative_config).
     """
 
     def __new__(cls, model: str | os.PathLike | None = None, **engine_options: Any) -> Any:
@@ -100,8 +101,9 @@ class Engine:
                     "tokens at once", c.num_blocks, c.block_size, c.cache_dtype,
                     self.model_config.kv_cache_bytes_per_token(c.cache_dtype, c.tensor_parallel_size),
                     self.max_num_cached_tokens)
+        spec = c.speculative_config
         self.scheduler = Scheduler(self.kv_cache_manager, c.max_num_seqs, c.max_num_batched_tokens,
-                                   c.prefill_first)
+                                   c.prefill_first, NgramProposer(spec, c.max_model_len) if spec else None)
         self.bucket_policy = BucketPolicy.from_config(c, self.platform)
         self.model_runner = self._build_runner()
         # Several processes (jax.distributed): process 0 runs the requests, the others replay
@@ -141,7 +143,8 @@ class Engine:
                               tp.kv_cache_sharding if tp else self.device), c.block_size,
             c.max_num_batched_tokens, c.max_num_seqs, self.bucket_policy.max_blocks_per_seq,
             c.max_model_len, mc.vocab_size, RotaryTables(mc.rope), tuple(self.strategies.values()),
-            self.bucket_policy, limits=c.sampling_limits)
+            self.bucket_policy, limits=c.sampling_limits, num_speculative_tokens=(
+                c.speculative_config.num_speculative_tokens if c.speculative_config else 0))
 
     @property
     def max_num_cached_tokens(self) -> int:
@@ -281,6 +284,7 @@ class Engine:
             "device_wait_time_s": s.device_wait_time_s,
             "overlapped_host_time_s": s.overlapped_host_time_s,
             "generated_tokens_per_s": s.num_generated_tokens / busy if busy else 0.0,
+            **speculative_stats(s),
         }
 
     # ---- helpers ----

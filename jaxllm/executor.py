@@ -16,7 +16,10 @@ stops on EOS, a stop token or a stop string: it was already in step N when step 
 ended it (its K/V write is harmless, its token is dropped). Sequences whose next step needs
 every token on the host (beam search, Python logits processors) wait for their
 pending token instead, and a step with Python logits processors is finished before the next is
-prepared (as every step is with ``async_scheduling=False``).
+prepared (as every step is with ``async_scheduling=False``). Speculative decoding
+(``jaxllm.speculative``): a row that may speculate waits for its last token too (the proposer
+looks up n-grams ending with it), and a row verifying proposals waits until its step's outputs
+say how many were accepted; other rows in the same steps overlap as above.
 
 Callers hold a RequestHandle. A request's own fault (its Python logits processor raised or
 returned a bad value) fails that request's handle with a RequestError, and the loop goes on.
@@ -61,6 +64,12 @@ class ExecutorStats:
     device_time_s: float = 0.0
     overlapped_host_time_s: float = 0.0  # host work done while a step was on the device
     num_failed_requests: int = 0     # requests ended by their own fault (a RequestError)
+    # speculative decoding (vLLM's names): rows with proposals, proposed and accepted tokens,
+    # and accepted tokens by proposal position
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = dataclasses.field(default_factory=list)
 
 
 class _InFlight(NamedTuple):
@@ -188,6 +197,14 @@ class Executor:
         stats.num_tokens_computed += step.batch.num_tokens
         stats.num_generated_tokens += news.num_new_tokens
         stats.num_failed_requests += len(news.failed)
+        for num_drafted, num_accepted in news.drafts:
+            stats.num_drafts += 1
+            stats.num_draft_tokens += num_drafted
+            stats.num_accepted_tokens += num_accepted
+            per_pos = stats.num_accepted_tokens_per_pos
+            per_pos.extend([0] * (num_drafted - len(per_pos)))
+            for position in range(num_accepted):
+                per_pos[position] += 1
         for request_id, error in news.failed:
             self._handles.fail(request_id, error)
         for seq in news.seqs:

@@ -213,6 +213,12 @@ class KVCacheManager:
         seq.block_ids.clear()
         seq.num_registered_blocks = 0
 
+    def free_tail(self, seq: Sequence) -> None:
+        """Drops ``seq``'s blocks past its computed tokens (after a speculative rollback)."""
+        keep = self.num_blocks_for(seq.num_computed_tokens)
+        while len(seq.block_ids) > keep:
+            self._release(seq.block_ids.pop())
+
     def reset_prefix_cache(self) -> None:
         """Forgets every block name; the evictable blocks become plain free blocks."""
         for block_id in self._block_id_by_hash.values():

@@ -70,7 +70,7 @@ class ModelRunner:
                  max_model_len: int, vocab_size: int, rotary: RotaryTables,
                  strategies: tuple[SamplingStrategy, ...] = (),
                  bucket_policy: BucketPolicy | None = None, *,
-                 limits: SamplingLimits = SamplingLimits()) -> None:
+                 limits: SamplingLimits = SamplingLimits(), num_speculative_tokens: int = 0) -> None:
         self.step = step
         self.params = params
         self.kv_cache = kv_cache
@@ -84,7 +84,8 @@ class ModelRunner:
         self.rotary = rotary
         self.layout = StepLayout(block_size, rotary.shape, max_block_copies=max_num_seqs,
                                  num_strategy_args=self.num_strategy_args, limits=limits,
-                                 mask_words=mask_words(vocab_size))
+                                 mask_words=mask_words(vocab_size),
+                                 num_speculative_tokens=num_speculative_tokens)
         largest = StepKey(max_num_batched_tokens, max_num_seqs, max_blocks_per_seq, structured=True)
         self._buffers = HostBuffers(self.layout, largest)
         # Each row's last sampled token, kept on the device for the next step (token feedback).
@@ -129,10 +130,14 @@ class ModelRunner:
             seq, n, start = item.seq, item.num_new_tokens, item.start
             block_ids = np.asarray(seq.block_ids, np.int32)
             positions = np.arange(start, start + n, dtype=np.int32)
-            known = min(n, seq.num_tokens - start)
+            num_drafts = item.num_drafts
+            known = min(n - num_drafts, seq.num_tokens - start)
             a["token_ids"][t:t + known] = seq.token_ids[start:start + known]
-            if known < n:   # the pending token: the previous step's sample for this sequence
+            if known < n - num_drafts:   # the pending token: the previous step's sample for it
                 a["feedback_rows"][t + known] = previous_rows[seq]
+            if num_drafts:   # speculative decoding: the proposals end the row
+                a["token_ids"][t + n - num_drafts:t + n] = item.draft_token_ids
+                a["draft_token_ids"][r, :num_drafts] = item.draft_token_ids
             a["positions"][t:t + n] = positions
             a["slot_mapping"][t:t + n] = block_ids[positions // bs] * bs + positions % bs
             a["token_rows"][t:t + n] = r
@@ -218,9 +223,14 @@ class ModelRunner:
         if want_prompt:
             arrays += [outputs.prompt_logprobs, outputs.prompt_ranks,
                        outputs.prompt_top_token_ids, outputs.prompt_top_logprobs]
+        want_spec = any(item.num_drafts for item in scheduled)
+        if want_spec:
+            arrays += [outputs.spec_token_ids, outputs.spec_logprobs, outputs.num_accepted]
         host = jax.device_get(arrays)
+        spec = tuple(host[-3:]) if want_spec else None
+        host = host[:-3] if want_spec else host
         results = row_results(scheduled, host[0], host[1], tuple(host[2:5]) if want_top else None,
-                              tuple(host[-4:]) if want_prompt else None)
+                              tuple(host[-4:]) if want_prompt else None, spec)
         results.errors = self.host_processors.take_faults(scheduled)
         return results
 

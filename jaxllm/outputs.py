@@ -17,6 +17,9 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     num_generated_tokens: int = 0
+    # speculative decoding: tokens proposed for this request, and of those, accepted
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def time_in_queue(self) -> float | None:

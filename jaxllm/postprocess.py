@@ -24,7 +24,7 @@ from jaxllm.grammar import consume, sequence_matcher
 from jaxllm.output_processor import OutputProcessor
 from jaxllm.request_handle import RequestError
 from jaxllm.row_results import RowResults
-from jaxllm.scheduler import ScheduledBatch, Scheduler
+from jaxllm.scheduler import ScheduledBatch, ScheduledSequence, Scheduler
 from jaxllm.sequence import Sequence
 
 
@@ -36,6 +36,8 @@ class StepNews:
     num_new_tokens: int    # tokens appended to sequences (every beam's count)
     # (request id, error) of the requests that failed in the step, for their callers
     failed: list[tuple[str, RequestError]] = dataclasses.field(default_factory=list)
+    # speculative decoding: how many proposals each row with proposals had and accepted
+    drafts: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
 
 def finish_reason(seq: Sequence, output_processor: OutputProcessor,
@@ -83,6 +85,14 @@ class Postprocessor:
             for position, entry in results.prompt_logprobs.get(row, ()):
                 if position == len(seq.prompt_logprobs) + 1:   # not yet seen (recompute after preemption)
                     seq.prompt_logprobs.append(entry)
+            if item.completes_prefill and item.num_drafts:
+                self._take_emitted(item, row, results, now, news)
+                if seq.request_id not in requests_with_news:
+                    requests_with_news.add(seq.request_id)
+                    news.seqs.append(seq)
+                continue
+            if item.completes_prefill and item.draft_token_ids is not None:
+                seq.spec.record(0, 0)   # it could speculate but had no proposal
             if item.completes_prefill:
                 self._take_sample(seq, row, results, now, news)
                 if seq.is_finished:   # its token broke its grammar
@@ -135,6 +145,31 @@ class Postprocessor:
                 self._fail(seq, RequestError(
                     f"request {seq.request_id}: sampled token {token_id} broke its structured "
                     f"output's grammar: {verdict}"), news)
+
+    def _take_emitted(self, item: ScheduledSequence, row: int, results: RowResults, now: float,
+                      news: StepNews) -> None:
+        """A row that verified proposals: appends its accepted proposals and the target's
+        token after them, one at a time, stopping at the first that ends the sequence (no
+        token past a stop or max_tokens), then rolls its K/V back to the tokens kept."""
+        seq = item.seq
+        token_ids, logprobs = results.emitted[row]
+        num_accepted = len(token_ids) - 1
+        seq.spec.in_flight = False
+        seq.spec.record(item.num_drafts, num_accepted)
+        seq.metrics.num_draft_tokens += item.num_drafts
+        seq.metrics.num_accepted_tokens += num_accepted
+        news.drafts.append((item.num_drafts, num_accepted))
+        reasons = None
+        for token_id, logprob in zip(token_ids, logprobs):
+            self._append(seq, token_id, logprob, now, news)
+            reasons = finish_reason(seq, self.output_processor, self.max_model_len)
+            if reasons is not None:
+                break
+        self.scheduler.rollback(seq, seq.num_tokens - 1)
+        self.scheduler.record_outputs(seq, True)
+        if reasons is not None:
+            seq.stop_reason = reasons[1]
+            self.scheduler.finish(seq, reasons[0])
 
     def _stop_or_fork(self, seq: Sequence, now: float, news: StepNews) -> bool:
         """After a sample: ends or forks what it decides; True when the caller has news."""

@@ -28,6 +28,9 @@ class RowResults:
     # {row: error} for rows whose request failed in the step (a logits processor's fault):
     # their sampled token is void and the request ends with the error.
     errors: dict[int, RequestError] = dataclasses.field(default_factory=dict)
+    # Speculative decoding: {row: (tokens, logprobs)} of each row with proposals: its
+    # accepted proposals, then the target's token (1 .. d + 1 tokens).
+    emitted: dict[int, tuple[list[int], list[float]]] = dataclasses.field(default_factory=dict)
 
 
 def num_top_logprobs(seq: Sequence) -> int | None:
@@ -56,7 +59,8 @@ def position_logprobs(token_id: int, logprob: float, rank: int, top_ids: np.ndar
 
 def row_results(scheduled: list[ScheduledSequence], token_ids: np.ndarray, logprobs: np.ndarray,
                 top: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
-                prompt: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None) -> RowResults:
+                prompt: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None,
+                spec: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> RowResults:
     """Per-row results from a step's host arrays.
 
     Args:
@@ -64,6 +68,8 @@ def row_results(scheduled: list[ScheduledSequence], token_ids: np.ndarray, logpr
         top: (ranks [S], top ids [S, K], top logprobs [S, K]), if some row asked.
         prompt: (logprobs [T], ranks [T], top ids [T, K], top logprobs [T, K]), if some row
             asked for prompt logprobs.
+        spec: (token ids [S, Ks + 1], logprobs [S, Ks + 1], num accepted [S]) if some row
+            had proposals.
     """
     num_rows = len(scheduled)
     ids, lps = token_ids[:num_rows].tolist(), logprobs[:num_rows].tolist()
@@ -75,6 +81,12 @@ def row_results(scheduled: list[ScheduledSequence], token_ids: np.ndarray, logpr
             if num is not None:
                 results.top_logprobs[r] = position_logprobs(ids[r], lps[r], ranks[r],
                                                             top_ids[r, :num], top_lps[r, :num])
+    if spec is not None:
+        spec_ids, spec_lps, accepted = spec
+        for r, item in enumerate(scheduled):
+            if item.num_drafts:
+                end = int(accepted[r]) + 1
+                results.emitted[r] = (spec_ids[r, :end].tolist(), spec_lps[r, :end].tolist())
     if prompt is not None:
         p_lps, p_ranks, p_top_ids, p_top_lps = prompt
         t = 0

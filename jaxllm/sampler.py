@@ -125,7 +125,8 @@ class Sampler:
         self.host_logits_processor = host_logits_processor
 
     def __call__(self, logits: jax.Array, params: SamplingTensors,
-                 token_counts: jax.Array | None = None, *, host_processors: bool = False) -> SampledRows:
+                 token_counts: jax.Array | None = None, *, host_processors: bool = False,
+                 prior_tokens: jax.Array | None = None) -> SampledRows:
         """Samples one token per row.
 
         Args:
@@ -134,10 +135,13 @@ class Sampler:
             token_counts: [N, V] int32 the penalty slots (``jaxllm.penalties``); None: no
                 row has penalties.
             host_processors: compile the host callback for Python logits processors.
+            prior_tokens: [S, M] int32 output tokens each row's penalties count beyond its
+                slot's (-1 = none): the proposals before a verified position
+                (``jaxllm.rejection_sampler``).
         """
         # log p = logit - logsumexp: the [S, V] log-softmax is only built for top logprobs.
         log_norm = jax.nn.logsumexp(logits, axis=-1)                      # [S]
-        processed = self._process(logits, params, token_counts, host_processors)
+        processed = self._process(logits, params, token_counts, host_processors, prior_tokens)
         greedy = first_argmax(processed)
         all_greedy = jnp.all(params.temperature == 0)
         sampled = jax.lax.cond(all_greedy, lambda: greedy, lambda: self._sample_rows(processed, params))
@@ -180,7 +184,7 @@ class Sampler:
         return (_rank(logprobs, chosen), *_top(ranked, min(self.max_logprobs, logprobs.shape[1])))
 
     def _process(self, logits: jax.Array, params: SamplingTensors, token_counts: jax.Array | None,
-                 host_processors: bool) -> jax.Array:
+                 host_processors: bool, prior_tokens: jax.Array | None = None) -> jax.Array:
         """Steps 1-4: the structured-outputs mask (only in steps that ship one), token lists,
         penalties, host processors (each a no-op unless a row uses it)."""
         if params.grammar_mask.shape[1]:
@@ -194,6 +198,11 @@ class Sampler:
 
             def penalise(x: jax.Array) -> jax.Array:
                 counts, seen = row_counts(token_counts, params.penalty_slots)
+                if prior_tokens is not None:
+                    rows = jnp.arange(counts.shape[0])[:, None]
+                    counts = counts.at[rows, jnp.maximum(prior_tokens, 0)].add(
+                        (prior_tokens >= 0).astype(counts.dtype))
+                    seen = seen | (counts > 0)
                 return apply_penalties(x, counts, seen, params.repetition_penalty,
                                        params.frequency_penalty, params.presence_penalty)
 

@@ -31,6 +31,7 @@ import time
 
 from jaxllm.kv_cache_manager import KVCacheManager
 from jaxllm.sequence import Sequence, SequenceStatus
+from jaxllm.speculative import NgramProposer
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -39,10 +40,14 @@ class ScheduledSequence:
 
     ``start`` and ``completes_prefill`` are read off the sequence when the row is made: the
     sequence advances (``Scheduler.advance``) as soon as the step is dispatched.
+
+    Speculative decoding: ``draft_token_ids`` is None for a row that does not speculate, else
+    the proposals its last ``len(draft_token_ids)`` tokens are (possibly none).
     """
 
     seq: Sequence
     num_new_tokens: int
+    draft_token_ids: tuple[int, ...] | None = None
     start: int = dataclasses.field(init=False)
     # True when the step computes the sequence's last token, so it samples a new one.
     completes_prefill: bool = dataclasses.field(init=False)
@@ -51,7 +56,11 @@ class ScheduledSequence:
         seq = self.seq
         object.__setattr__(self, "start", seq.num_computed_tokens)
         object.__setattr__(self, "completes_prefill", seq.num_computed_tokens + self.num_new_tokens
-                           == seq.num_tokens + seq.num_pending_tokens)
+                           - self.num_drafts == seq.num_tokens + seq.num_pending_tokens)
+
+    @property
+    def num_drafts(self) -> int:
+        return len(self.draft_token_ids or ())
 
 
 @dataclasses.dataclass
@@ -74,8 +83,10 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, prefill_first: bool = False) -> None:
+                 max_num_batched_tokens: int, prefill_first: bool = False,
+                 proposer: NgramProposer | None = None) -> None:
         self.kv_cache_manager = kv_cache_manager
+        self.proposer = proposer
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_first = prefill_first
@@ -132,6 +143,16 @@ class Scheduler:
             item.seq.num_computed_tokens += item.num_new_tokens
             if item.completes_prefill:
                 item.seq.num_pending_tokens += 1
+            if item.num_drafts:
+                item.seq.spec.in_flight = True
+
+    def rollback(self, seq: Sequence, num_computed_tokens: int) -> None:
+        """Speculative decoding: only ``seq``'s first ``num_computed_tokens`` tokens have
+        valid K/V (its rejected proposals' positions are overwritten later); frees the blocks
+        that held nothing else. Nothing to do for a sequence preempted meanwhile."""
+        if seq.status is SequenceStatus.RUNNING and seq.num_computed_tokens > num_computed_tokens:
+            seq.num_computed_tokens = num_computed_tokens
+            self.kv_cache_manager.free_tail(seq)
 
     def record_outputs(self, seq: Sequence, sampled: bool) -> None:
         """``seq``'s row of a step was post-processed: the token it sampled, if any, is no
@@ -156,12 +177,28 @@ class Scheduler:
         candidates = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
         if self.prefill_first and self._can_admit():
             candidates = [s for s in candidates if s.num_uncomputed_tokens > 1]
+        proposer = self.proposer
+        speculating = (proposer is not None
+                       and len(self.running) <= proposer.config.disable_by_batch_size)
         for seq in candidates:
-            # A beam waiting for its siblings' candidates has nothing to compute.
+            # A beam waiting for its siblings' candidates has nothing to compute; a row
+            # verifying proposals in flight does not know its length yet.
             if (budget == 0 or seq in preempted or seq.num_uncomputed_tokens == 0
-                    or len(scheduled) == self.max_num_seqs):
+                    or len(scheduled) == self.max_num_seqs
+                    or (seq.spec is not None and seq.spec.in_flight)):
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
+            drafts = None
+            is_decode = seq.num_uncomputed_tokens == 1
+            if speculating and is_decode and proposer.may_speculate(seq):
+                if seq.num_pending_tokens:
+                    continue   # waits for its last token: proposals follow from it
+                drafts = tuple(proposer.propose(seq)[:budget - 1])
+                if not kv.can_allocate(seq, 1 + len(drafts)):
+                    drafts = ()
+                num_new += len(drafts)
+            elif speculating and is_decode:
+                proposer.tick_backoff(seq)
             while not kv.can_allocate(seq, num_new):
                 victim = self._newest_parked() or self.running[-1]
                 for i, item in enumerate(scheduled):
@@ -174,7 +211,7 @@ class Scheduler:
                     break
             else:
                 kv.allocate(seq, num_new)
-                scheduled.append(ScheduledSequence(seq, num_new))
+                scheduled.append(ScheduledSequence(seq, num_new, drafts))
                 budget -= num_new
 
         # Admit waiting sequences only when nothing had to be preempted this step.

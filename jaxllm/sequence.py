@@ -76,6 +76,9 @@ class Sequence:
     # structured outputs: this sequence's copy of the request's matcher, made on first use
     # (``grammar.sequence_matcher``) and fed every token it samples
     matcher: Any = None
+    # speculative decoding: its record and back-off (``jaxllm.speculative.SpecState``), made
+    # the first time it may speculate
+    spec: Any = None
 
     @classmethod
     def from_request(cls, request: Request) -> "Sequence":

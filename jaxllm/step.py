@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxllm import rejection_sampler
 from jaxllm.kv_cache import KVCache
 from jaxllm.models.causal_lm import LMHead
 from jaxllm.packing import PackedLayout, unpack
@@ -138,17 +139,34 @@ class CompiledStep:
                 lambda: sampler.no_prompt_scores(key.num_tokens, vocab))
             rows = sampler(logits, arrays.sampling, state.token_counts,
                            host_processors=key.host_processors)
-            sampling = arrays.sampling
-            state = DeviceState(
-                kv_cache=kv_cache,
-                last_tokens=state.last_tokens.at[:key.num_rows].set(rows.token_ids),
-                token_counts=count_samples(state.token_counts, sampling.penalty_slots,
-                                           rows.token_ids, sampling.samples))
+            sampling, drafts = arrays.sampling, arrays.draft_token_ids
+            if drafts.shape[1]:   # speculative decoding: verify the rows' proposals
+                verified = jax.lax.cond(
+                    jnp.any(drafts >= 0),
+                    lambda: rejection_sampler.verify(
+                        sampler, lambda x: whole(head_logits(model, params, x)), normed,
+                        inputs.logits_indices, drafts, sampling, state.token_counts),
+                    lambda: rejection_sampler.no_verification(*drafts.shape))
+                token_ids, logprobs, verified = rejection_sampler.emit(
+                    rows.token_ids, rows.logprobs, verified, drafts)
+                token_counts = rejection_sampler.count_emitted(
+                    state.token_counts, sampling.penalty_slots, verified, sampling.samples)
+            else:
+                token_ids, logprobs = rows.token_ids, rows.logprobs
+                verified = rejection_sampler.Verified(token_ids[:, None], logprobs[:, None],
+                                                      jnp.zeros_like(token_ids))
+                token_counts = count_samples(state.token_counts, sampling.penalty_slots,
+                                             token_ids, sampling.samples)
+            state = DeviceState(kv_cache=kv_cache,
+                                last_tokens=state.last_tokens.at[:key.num_rows].set(token_ids),
+                                token_counts=token_counts)
             return state, StepOutputs(
-                token_ids=rows.token_ids, logprobs=rows.logprobs, ranks=rows.ranks,
+                token_ids=token_ids, logprobs=logprobs, ranks=rows.ranks,
                 top_token_ids=rows.top_token_ids, top_logprobs=rows.top_logprobs,
                 prompt_logprobs=prompt.logprobs, prompt_ranks=prompt.ranks,
-                prompt_top_token_ids=prompt.top_token_ids, prompt_top_logprobs=prompt.top_logprobs)
+                prompt_top_token_ids=prompt.top_token_ids, prompt_top_logprobs=prompt.top_logprobs,
+                spec_token_ids=verified.token_ids, spec_logprobs=verified.logprobs,
+                num_accepted=verified.num_accepted)
 
         self._jitted = jax.jit(step, donate_argnums=1, static_argnums=(3, 4))
         if mesh is not None:

@@ -79,6 +79,8 @@ class StepArrays:
     feedback_rows: jax.Array     # [T] int32   row of the previous step whose token this is, -1 none
     prompt_next_ids: jax.Array   # [T] int32   next prompt token after each token, -1 none
     block_copies: jax.Array      # [C, 2] int32 copy-on-write (src, dst) blocks; (0, 0) none
+    draft_token_ids: jax.Array   # [S, Ks] int32 each row's proposed tokens (speculative decoding;
+                                 #   Ks = num_speculative_tokens, 0 without), -1 padded
 
 
 @jax.tree_util.register_dataclass
@@ -117,3 +119,8 @@ class StepOutputs:
     prompt_ranks: jax.Array          # [T] int32
     prompt_top_token_ids: jax.Array  # [T, K] int32
     prompt_top_logprobs: jax.Array   # [T, K] float32
+    # Speculative decoding (``jaxllm.rejection_sampler.emit``): each row's emitted tokens are
+    # spec_token_ids[r, :num_accepted[r] + 1]; [S, 1] and zeros without speculation.
+    spec_token_ids: jax.Array        # [S, Ks + 1] int32
+    spec_logprobs: jax.Array         # [S, Ks + 1] float32
+    num_accepted: jax.Array          # [S] int32

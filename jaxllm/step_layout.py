@@ -29,7 +29,7 @@ SLOT_PATTERN = "slots 0 .. block_size - 1 of block 0, cyclically"
 
 @dataclasses.dataclass(frozen=True)
 class ArrayField:
-    dims: tuple[str, ...]   # T, S, P, R, Hr, C, 2, or a sampling row width's name
+    dims: tuple[str, ...]   # T, S, P, R, Hr, C, 2, Ks, or a sampling row width's name
     dtype: type
     pad: Any                # a value, or SLOT_PATTERN
 
@@ -47,6 +47,7 @@ ARRAY_FIELDS: dict[str, ArrayField] = {
     "context_lens": ArrayField(("S",), np.int32, 0),
     "logits_indices": ArrayField(("S",), np.int32, 0),
     "block_copies": ArrayField(("C", "2"), np.int32, 0),
+    "draft_token_ids": ArrayField(("S", "Ks"), np.int32, -1),
     **{name: ArrayField(("S",) if f.width is None else ("S", name), f.dtype, f.pad)
        for name, f in ROW_FIELDS.items()},
 }
@@ -62,7 +63,8 @@ def assemble(arrays: dict[str, Any]) -> StepArrays:
                         logits_indices=arrays["logits_indices"], rotary=arrays["rotary"])
     sampling = SamplingTensors(**{name: arrays[name] for name in ROW_FIELDS})
     return StepArrays(inputs=inputs, sampling=sampling, feedback_rows=arrays["feedback_rows"],
-                      prompt_next_ids=arrays["prompt_next_ids"], block_copies=arrays["block_copies"])
+                      prompt_next_ids=arrays["prompt_next_ids"], block_copies=arrays["block_copies"],
+                      draft_token_ids=arrays["draft_token_ids"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,13 +87,14 @@ class StepLayout:
     num_strategy_args: int = 1
     limits: SamplingLimits = SamplingLimits()
     mask_words: int = 0
+    num_speculative_tokens: int = 0
 
     @functools.lru_cache(maxsize=None)
     def shapes(self, key: StepKey) -> dict[str, tuple[int, ...]]:
         """Each array's shape in a step of ``key``."""
         sizes = {"T": key.num_tokens, "S": key.num_rows, "P": key.num_blocks,
                  "R": self.rotary_shape[0], "Hr": self.rotary_shape[1],
-                 "C": self.max_block_copies, "2": 2,
+                 "C": self.max_block_copies, "2": 2, "Ks": self.num_speculative_tokens,
                  **row_widths(self.limits, self.num_strategy_args,
                               self.mask_words if key.structured else 0)}
         return {name: tuple(sizes[d] for d in f.dims) for name, f in ARRAY_FIELDS.items()}
