@@ -55,7 +55,7 @@ def _weights(n: int, blocks: int) -> list[QuantizedWeight]:
     return out
 
 
-@pytest.mark.parametrize("rows", [1, 2, 7, 16, 33, 64])
+@pytest.mark.parametrize("rows", [1, 7, 33, 64])
 def test_quantized_matmul_equals_float_matmul_of_dequantized_weight(rows):
     matmul = jax.jit(quantized_matmul)
     for w in _weights(n=17 if rows % 2 else 24, blocks=3):
