@@ -175,3 +175,15 @@ def test_gguf_package_types_match_the_formats_table():
 
     for name, (block, size, _) in GGML_TYPES.items():
         assert gguf.GGML_QUANT_SIZES[Q[name]] == (block, size)
+
+
+def test_cli_quantization_flag():
+    from jaxllm.cli_options import Parser, add_engine_options, engine_options
+
+    parser = Parser(prog="jaxllm")
+    add_engine_options(parser, warmup=False)
+    assert engine_options(parser.parse_args([]))["quantization"] == "auto"
+    assert engine_options(parser.parse_args(["--quantization", "none"]))["quantization"] is None
+    assert engine_options(parser.parse_args(["--quantization", "int8"]))["quantization"] == "int8"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quantization", "fp4"])
