@@ -80,7 +80,7 @@ _ENGINE_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
     "quantization": ({"type": quantization_method, "metavar": "{auto,none,gguf,int8}"},
                      "weights in memory: gguf keeps a .gguf file's quantized blocks, int8 "
                      "quantizes at load (weight-only, per output channel), none dequantizes to "
-                     "--dtype; auto: gguf for a .gguf model, else none"),
+                     "--dtype; auto: gguf for a .gguf model where a kernel runs it, else none"),
 }
 
 

@@ -11,7 +11,8 @@ from jaxllm.sampling_rows import SamplingLimits
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 CPU_KV_CACHE_BYTES = 2 * 1024**3
-# EngineConfig.quantization: "auto" resolves to "gguf" for a .gguf model on one device, else None.
+# EngineConfig.quantization: "auto" resolves to "gguf" for a .gguf model on one device of a
+# platform with a quantized matmul kernel (``jaxllm.quantization.packed_by_default``), else None.
 QUANTIZATION_METHODS = ("auto", None, "gguf", "int8")
 
 
@@ -170,8 +171,10 @@ class EngineConfig:
             None dequantizes everything to ``dtype``; "gguf" keeps a .gguf file's quantized
             blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K; other types are dequantized);
             "int8" quantizes every projection and the embedding at load (weight-only,
-            symmetric, per output channel). "auto": "gguf" for a .gguf model on one device,
-            else None. Quantized weights run on one device (tensor_parallel_size 1).
+            symmetric, per output channel). "auto": "gguf" for a .gguf model on one device
+            where a kernel computes on the blocks (``quantization.packed_by_default``: the
+            jnp reference alone decodes ~20x slower than float32 on CPU), else None.
+            Quantized weights run on one device (tensor_parallel_size 1).
     """
 
     dtype: str | None = None
@@ -252,7 +255,10 @@ class EngineConfig:
         """
         quantization = self.quantization
         if quantization == "auto":
-            quantization = "gguf" if gguf and self.tensor_parallel_size == 1 else None
+            from jaxllm.quantization import packed_by_default
+
+            packed = gguf and self.tensor_parallel_size == 1 and packed_by_default(platform)
+            quantization = "gguf" if packed else None
         if quantization == "gguf" and not gguf:
             raise ValueError("quantization='gguf' keeps the blocks of a .gguf file, and this "
                              "model is not one: use quantization='int8' or None")

@@ -55,7 +55,7 @@ class Engine:
             block_size, num_blocks, kv_cache_memory_bytes, max_num_seqs, max_num_batched_tokens,
             scan_layers, attention, seed, enable_prefix_caching, max_logprobs, warmup,
             strategies, tensor_parallel_size, quantization: None, "gguf" or "int8"; by
-            default "gguf" for a .gguf model on one device: its quantized blocks stay in memory).
+            default "gguf" for a .gguf model where a kernel computes on its blocks, else None).
     """
 
     def __new__(cls, model: str | os.PathLike | None = None, **engine_options: Any) -> Any:

@@ -17,7 +17,7 @@ from jaxllm.config import EngineConfig
 from jaxllm.model_source import resolve_model
 from jaxllm.models.registry import get_family
 from jaxllm.model_files import load_hf_config
-from jaxllm.quantization import QuantizedWeight, dequantize
+from jaxllm.quantization import QuantizedWeight, dequantize, packed_by_default
 from jaxllm.quantization.gguf_params import load_gguf_params
 
 NEAR_TIE = 1e-3   # top-2 logprob gap under which float implementations may legitimately differ
@@ -94,8 +94,7 @@ def _chosen_logprobs(output) -> list[float]:
 def test_engine_on_packed_gguf_equals_float_engine(scan_layers, tiny_q8_gguf):
     """An untied quantized head; unrolled layers and stacked packed leaves under lax.scan."""
     path, expected = tiny_q8_gguf
-    with Engine(str(path), scan_layers=scan_layers, **TINY_GGUF_OPTIONS) as engine:
-        assert engine.config.quantization == "gguf"   # the default for a .gguf file
+    with Engine(str(path), quantization="gguf", scan_layers=scan_layers, **TINY_GGUF_OPTIONS) as engine:
         got = engine.generate(TINY_PROMPTS, LOGPROB_PARAMS, use_tqdm=False)
     assert assert_greedy_equal_up_to_near_ties(got, expected) >= 12
     for out, ref in zip(got, expected):
@@ -113,11 +112,12 @@ SMOLLM2_PROMPTS = ["The capital of France is", "def fibonacci(n):\n",
 @pytest.fixture(scope="session")
 def smollm2_engines():
     """(quantization="gguf" engine, float32 engine) over the default SmolLM2 Q4_1 file."""
-    with Engine(**SMOLLM2_OPTIONS) as packed, Engine(quantization=None, **SMOLLM2_OPTIONS) as dense:
+    with (Engine(quantization="gguf", **SMOLLM2_OPTIONS) as packed,
+          Engine(quantization=None, **SMOLLM2_OPTIONS) as dense):
         yield packed, dense
 
 
-def test_smollm2_gguf_default_keeps_q4_1_blocks(smollm2_engines):
+def test_smollm2_gguf_keeps_q4_1_blocks(smollm2_engines):
     packed, dense = smollm2_engines
     assert packed.config.quantization == "gguf" and dense.config.quantization is None
     params = packed.model_runner.params
@@ -166,8 +166,12 @@ def test_quantization_options_refused_at_engine(tiny_llama_dir):
         Engine(str(path), quantization="gguf", **TINY_ENGINE_OPTIONS)
     with pytest.raises(ValueError, match="tensor_parallel_size=1, or quantization=None"):
         EngineConfig(quantization="int8", tensor_parallel_size=2)
-    # "auto" keeps float weights where they cannot be packed.
-    assert EngineConfig(tensor_parallel_size=2).quantization == "auto"
+    # "auto" packs a .gguf file's blocks where a kernel runs them, one device only.
+    model = get_family("LlamaForCausalLM").config_from_hf(load_hf_config(path))
+    auto = EngineConfig(num_blocks=8)
+    assert auto.resolve(model, "cpu", gguf=True).quantization == ("gguf" if packed_by_default("cpu") else None)
+    assert auto.resolve(model, "cpu", gguf=False).quantization is None
+    assert EngineConfig(num_blocks=8, tensor_parallel_size=2).resolve(model, "cpu", gguf=True).quantization is None
 
 
 def test_gguf_package_types_match_the_formats_table():

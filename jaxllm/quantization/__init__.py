@@ -4,9 +4,10 @@ in ``gguf_params`` and ``int8_params``). ``Engine(quantization=...)`` picks the 
 
 from jaxllm.quantization.weight import (INT8, QTYPES, QuantizedWeight, dequantize,
                                         embedding_lookup, is_quantized, matmul_implementation,
+                                        packed_by_default,
                                         quantize_int8, quantized_matmul,
                                         reference_quantized_matmul)
 
 __all__ = ["INT8", "QTYPES", "QuantizedWeight", "dequantize", "embedding_lookup", "is_quantized",
-           "matmul_implementation", "quantize_int8", "quantized_matmul",
+           "matmul_implementation", "packed_by_default", "quantize_int8", "quantized_matmul",
            "reference_quantized_matmul"]

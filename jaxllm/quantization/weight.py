@@ -98,6 +98,13 @@ def matmul_implementation(platform: str) -> str:
     return "reference"
 
 
+def packed_by_default(platform: str) -> bool:
+    """Whether ``quantization="auto"`` keeps a GGUF's blocks on this platform: only where a
+    kernel computes on them. The jnp reference dequantizes every weight at every step: on the
+    2-core CPU, SmolLM2 Q4_1 decoded at 0.7 tokens/s that way against 14.7 in float32."""
+    return matmul_implementation(platform) != "reference"
+
+
 def quantized_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     """x [R, K] @ w.T -> [R, N] in x's dtype, accumulated in float32: the product every
     projection of the model runs on a quantized weight (q|k|v, o, MLP, the head).
