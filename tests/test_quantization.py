@@ -119,3 +119,18 @@ def test_stacking_layers_of_types_without_a_common_one_falls_back_to_float():
     mixed = [QuantizedWeight(_packed(t, 4, 64), None, t, (4, 64)) for t in ("Q5_0", "Q8_0")]
     packed = _stacked(("layers", "self_attn", "qkv_proj", "kernel"), mixed, np.float32)
     assert packed.qtype == "Q8_0" and packed.data.shape == (2, 4, 68)
+
+
+@pytest.mark.parametrize("qtype, n", [("Q4_0", 1536), ("int8", 2048), ("Q8_0", 1031)])
+def test_quantized_matmul_of_tall_weights_in_row_tiles(qtype, n):
+    """Weights over 1024 rows are dequantized a tile of rows at a time (1536 -> 768, 2048 ->
+    1024; a prime 1031 whole): the same product."""
+    rng = np.random.default_rng(n)
+    w = rng.normal(size=(n, 64)).astype(np.float32)
+    weight = (quantize_int8(w) if qtype == "int8"
+              else QuantizedWeight(quantize(w, Q[qtype], rng), None, qtype, (n, 64)))
+    weight = jax.tree_util.tree_map(jnp.asarray, weight)
+    x = rng.normal(size=(3, 64)).astype(np.float32)
+    expected = x.astype(np.float64) @ np.asarray(dequantize(weight), np.float64).T
+    got = np.asarray(jax.jit(quantized_matmul)(jnp.asarray(x), weight))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6 * np.abs(expected).max())
