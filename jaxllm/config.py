@@ -173,7 +173,7 @@ class EngineConfig:
             "int8" quantizes every projection and the embedding at load (weight-only,
             symmetric, per output channel). "auto": "gguf" for a .gguf model on one device
             where a kernel computes on the blocks (``quantization.packed_by_default``: the
-            jnp reference alone decodes ~20x slower than float32 on CPU), else None.
+            jnp reference alone decodes ~3x slower than float32 on CPU), else None.
             Quantized weights run on one device (tensor_parallel_size 1).
     """
 

@@ -101,7 +101,7 @@ def matmul_implementation(platform: str) -> str:
 def packed_by_default(platform: str) -> bool:
     """Whether ``quantization="auto"`` keeps a GGUF's blocks on this platform: only where a
     kernel computes on them. The jnp reference dequantizes every weight at every step: on the
-    2-core CPU, SmolLM2 Q4_1 decoded at 0.7 tokens/s that way against 14.7 in float32."""
+    2-core CPU, SmolLM2 Q4_1 decoded at 6.4 tokens/s that way against 17.4 in float32."""
     return matmul_implementation(platform) != "reference"
 
 
