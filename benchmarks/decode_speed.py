@@ -1,7 +1,8 @@
 """Single-request decode speed of jaxllm vs HF transformers and llama.cpp on one model and prompt.
 
     python benchmarks/decode_speed.py [--model PATH] [--dtype float32|bfloat16] [--tokens 128]
-        [--repeats 3] [--llamacpp-model FILE.gguf] [--skip-llamacpp] [--out PATH.json]
+        [--quantization auto|none|gguf|int8] [--repeats 3] [--llamacpp-model FILE.gguf]
+        [--skip-llamacpp] [--skip-hf] [--out PATH.json]
 
 Decode tokens/s = (N - 1) / (time to generate N tokens - time to generate 1 token), best of
 ``--repeats`` each, measured the same way for every engine in the same run (greedy, the same
@@ -11,7 +12,9 @@ transformers (``os.cpu_count()`` torch threads) run in ``--dtype``; llama.cpp (l
 runs the model's own GGUF file (``--llamacpp-model`` for another), so its weights are the GGUF's
 quantized ones (Q4_1 for the default model) whatever the dtype. Without llama-cpp-python or a
 GGUF, its figures are null and ``llamacpp_note`` says why. Also reports the memory-bandwidth
-floor: jaxllm's weight bytes read per step over a read bandwidth measured here.
+floor: jaxllm's weight bytes read per step over a read bandwidth measured here. jaxllm keeps
+its weights as ``--quantization`` says (the engine's option; its default "auto" keeps a GGUF's
+quantized blocks), so its weight bytes are the quantized ones.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llamacpp_peer import LlamaCppRunner, runnable_gguf  # noqa: E402
 
+from jaxllm.cli_options import quantization_method  # noqa: E402
+
 PROMPT = "The history of computing stretches from mechanical calculators to modern processors."
 
 
@@ -38,12 +43,13 @@ def _best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def bench_jaxllm(model, dtype, num_tokens, repeats):
+def bench_jaxllm(model, dtype, num_tokens, repeats, quantization="auto"):
     import jax
 
     from jaxllm import Engine, SamplingParams
 
-    engine = Engine(model, dtype=dtype, max_num_seqs=1, max_model_len=1024)
+    engine = Engine(model, dtype=dtype, max_num_seqs=1, max_model_len=1024, quantization=quantization)
+    resolved = engine.config.quantization
     prompt_ids = engine.tokenizer.encode(PROMPT)
     run = lambda n: engine.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
     run(num_tokens)  # compile every bucket the timed runs use
@@ -52,7 +58,7 @@ def bench_jaxllm(model, dtype, num_tokens, repeats):
     weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(engine.model_runner.params))
     model_dir = engine.model_dir
     engine.shutdown()
-    return (num_tokens - 1) / (t_n - t_1), weight_bytes, model_dir, prompt_ids
+    return (num_tokens - 1) / (t_n - t_1), weight_bytes, model_dir, prompt_ids, resolved
 
 
 def bench_hf(model_dir, dtype, prompt_ids, num_tokens, repeats):
@@ -103,13 +109,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--llamacpp-model", help="the GGUF llama.cpp runs (default: --model's)")
+    parser.add_argument("--quantization", default="auto", type=quantization_method,
+                        help="jaxllm's weights: auto, none, gguf or int8 (Engine's quantization)")
     parser.add_argument("--skip-llamacpp", action="store_true")
+    parser.add_argument("--skip-hf", action="store_true", help="do not measure transformers")
     parser.add_argument("--out", default="benchmarks/results/decode_speed.json")
     args = parser.parse_args()
 
-    jax_tps, weight_bytes, model_dir, prompt_ids = bench_jaxllm(args.model, args.dtype, args.tokens,
-                                                                args.repeats)
-    hf_tps = bench_hf(model_dir, args.dtype, prompt_ids, args.tokens, args.repeats)
+    jax_tps, weight_bytes, model_dir, prompt_ids, quantization = bench_jaxllm(
+        args.model, args.dtype, args.tokens, args.repeats, args.quantization)
+    hf_tps = None if args.skip_hf else bench_hf(model_dir, args.dtype, prompt_ids, args.tokens,
+                                                args.repeats)
     llamacpp_tps, llamacpp_weights = None, None
     gguf, llamacpp_note = runnable_gguf(args.model, args.llamacpp_model, args.skip_llamacpp)
     if gguf:
@@ -117,11 +127,12 @@ def main() -> None:
     bandwidth = read_bandwidth_gbs()
     floor_tps = bandwidth * 1e9 / weight_bytes
     result = {
-        "model": str(model_dir), "dtype": args.dtype, "tokens": args.tokens,
+        "model": str(model_dir), "dtype": args.dtype, "quantization": quantization,
+        "tokens": args.tokens,
         "jaxllm_decode_tokens_per_s": jax_tps, "hf_decode_tokens_per_s": hf_tps,
         "llamacpp_decode_tokens_per_s": llamacpp_tps, "llamacpp_weights": llamacpp_weights,
         "llamacpp_note": llamacpp_note,
-        "ratio_vs_hf": jax_tps / hf_tps,
+        "ratio_vs_hf": jax_tps / hf_tps if hf_tps else None,
         "ratio_vs_llamacpp": jax_tps / llamacpp_tps if llamacpp_tps else None,
         "weight_bytes": weight_bytes,
         "read_bandwidth_gb_s": bandwidth, "bandwidth_floor_tokens_per_s": floor_tps,
@@ -134,17 +145,20 @@ def main() -> None:
 
 def print_report(result: dict) -> None:
     print(f"{'engine':<14}{'decode tok/s':>14}  weights")
-    print(f"{'jaxllm':<14}{result['jaxllm_decode_tokens_per_s']:>14.1f}  {result['dtype']}")
-    print(f"{'transformers':<14}{result['hf_decode_tokens_per_s']:>14.1f}  {result['dtype']}")
+    weights = result["dtype"] + (f", quantization={result['quantization']}"
+                                 if result.get("quantization") else "")
+    print(f"{'jaxllm':<14}{result['jaxllm_decode_tokens_per_s']:>14.1f}  {weights}")
+    if result["hf_decode_tokens_per_s"]:
+        print(f"{'transformers':<14}{result['hf_decode_tokens_per_s']:>14.1f}  {result['dtype']}")
     if result["llamacpp_decode_tokens_per_s"]:
         print(f"{'llama.cpp':<14}{result['llamacpp_decode_tokens_per_s']:>14.1f}  "
               f"{result['llamacpp_weights']}")
     if result["llamacpp_note"]:
         print(result["llamacpp_note"])
-    ratio_llamacpp = (f", jaxllm/llama.cpp {result['ratio_vs_llamacpp']:.2f}x"
-                      if result["ratio_vs_llamacpp"] else "")
-    print(f"ratio jaxllm/transformers {result['ratio_vs_hf']:.2f}x{ratio_llamacpp}; "
-          f"bandwidth floor {result['bandwidth_floor_tokens_per_s']:.1f} tok/s "
+    ratios = [f"jaxllm/{peer} {result[key]:.2f}x" for peer, key in
+              (("transformers", "ratio_vs_hf"), ("llama.cpp", "ratio_vs_llamacpp")) if result[key]]
+    print(("ratio " + ", ".join(ratios) + "; " if ratios else "")
+          + f"bandwidth floor {result['bandwidth_floor_tokens_per_s']:.1f} tok/s "
           f"({result['read_bandwidth_gb_s']:.1f} GB/s, {result['weight_bytes'] / 1e6:.0f} MB "
           f"weights): {100 * result['fraction_of_floor']:.0f}% of floor")
 

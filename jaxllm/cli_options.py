@@ -47,6 +47,15 @@ def _int_at_least(text: str, lowest: int, what: str) -> int:
     return value
 
 
+def quantization_method(text: str) -> str | None:
+    """--quantization's value: "none" is None (float weights)."""
+    if text.lower() == "none":
+        return None
+    if text not in ("auto", "gguf", "int8"):
+        raise argparse.ArgumentTypeError(f"must be auto, none, gguf or int8, got {text!r}")
+    return text
+
+
 # EngineConfig field -> (argparse keyword arguments but the default, help)
 _ENGINE_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
     "dtype": ({"choices": ["float32", "bfloat16"]},
@@ -71,6 +80,10 @@ _ENGINE_FLAGS: dict[str, tuple[dict[str, Any], str]] = {
                               "reuse the KV blocks of identical prompt prefixes across requests"),
     "tensor_parallel_size": ({"type": positive_int},
                              "devices the model is split over (attention heads, MLP, vocabulary)"),
+    "quantization": ({"type": quantization_method, "metavar": "{auto,none,gguf,int8}"},
+                     "weights in memory: gguf keeps a .gguf file's quantized blocks, int8 "
+                     "quantizes at load (weight-only, per output channel), none dequantizes to "
+                     "--dtype; auto: gguf for a .gguf model where a kernel runs it, else none"),
 }
 
 

@@ -17,6 +17,9 @@ QUANTIZED_KV_CACHE_DTYPES = ("int8", "fp8")
 KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}
 KV_SCALE_BYTES = 4
 CPU_KV_CACHE_BYTES = 2 * 1024**3
+# EngineConfig.quantization: "auto" resolves to "gguf" for a .gguf model on one device of a
+# platform with a quantized matmul kernel (``jaxllm.quantization.packed_by_default``), else None.
+QUANTIZATION_METHODS = ("auto", None, "gguf", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +182,14 @@ class EngineConfig:
         speculative_config: speculative decoding, vLLM's keys (``jaxllm.speculative``), e.g.
             ``{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
             "prompt_lookup_min": 2}``; held validated as a ``SpeculativeConfig``. None: off.
+        quantization: how weights are kept in memory (vLLM's name; ``jaxllm.quantization``):
+            None dequantizes everything to ``dtype``; "gguf" keeps a .gguf file's quantized
+            blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K; other types are dequantized);
+            "int8" quantizes every projection and the embedding at load (weight-only,
+            symmetric, per output channel). "auto": "gguf" for a .gguf model on one device
+            where a kernel computes on the blocks (``quantization.packed_by_default``: the
+            jnp reference alone decodes ~3x slower than float32 on CPU), else None.
+            Quantized weights run on one device (tensor_parallel_size 1).
     """
 
     dtype: str | None = None
@@ -203,6 +214,7 @@ class EngineConfig:
     strategies: tuple[str, ...] | None = None
     tensor_parallel_size: int = 1
     speculative_config: SpeculativeConfig | dict | None = None
+    quantization: str | None = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.speculative_config, dict):
@@ -242,6 +254,13 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got "
                              f"{self.tensor_parallel_size!r}")
         _ = self.sampling_limits  # SamplingLimits refuses a width below 1
+        if self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, got "
+                             f"{self.quantization!r}")
+        if self.quantization in ("gguf", "int8") and self.tensor_parallel_size > 1:
+            raise ValueError(f"quantization={self.quantization!r} runs on one device: use "
+                             f"tensor_parallel_size=1, or quantization=None to split float "
+                             f"weights over {self.tensor_parallel_size} devices")
 
     @property
     def cache_dtype(self) -> str | None:
@@ -256,7 +275,7 @@ class EngineConfig:
                               self.max_min_tokens_stop_ids)
 
     def resolve(self, model: ModelConfig, platform: str,
-                accelerator_memory_bytes: int | None = None) -> EngineConfig:
+                accelerator_memory_bytes: int | None = None, *, gguf: bool = False) -> EngineConfig:
         """This config with every platform- and model-dependent default filled in.
 
         Args:
@@ -264,7 +283,20 @@ class EngineConfig:
             platform: a JAX backend name ("cpu", "gpu", "tpu").
             accelerator_memory_bytes: the device's memory, for the default KV budget (25% of
                 it) off CPU; None there means 8 GiB.
+            gguf: the model comes from a .gguf file (for ``quantization``).
+
+        Raises:
+            ValueError: quantization="gguf" for a model that is not a .gguf file.
         """
+        quantization = self.quantization
+        if quantization == "auto":
+            from jaxllm.quantization import packed_by_default
+
+            packed = gguf and self.tensor_parallel_size == 1 and packed_by_default(platform)
+            quantization = "gguf" if packed else None
+        if quantization == "gguf" and not gguf:
+            raise ValueError("quantization='gguf' keeps the blocks of a .gguf file, and this "
+                             "model is not one: use quantization='int8' or None")
         on_cpu = platform == "cpu"
         dtype = self.dtype or ("float32" if on_cpu else "bfloat16")
         cache_dtype = dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
@@ -286,6 +318,7 @@ class EngineConfig:
 
         return dataclasses.replace(
             self, dtype=dtype, max_model_len=max_model_len, num_blocks=num_blocks,
+            quantization=quantization,
             scan_layers=(not on_cpu) if self.scan_layers is None else self.scan_layers,
             prefill_first=on_cpu if self.prefill_first is None else self.prefill_first,
             attention=self.attention or default_attention(platform))

@@ -33,6 +33,8 @@ from jaxllm.models.causal_lm import CausalLM, unstack_layers
 from jaxllm.models.registry import get_family
 from jaxllm.models.rope import RotaryTables
 from jaxllm.output_processor import OutputProcessor
+from jaxllm.quantization import matmul_implementation
+from jaxllm.quantization.int8_params import quantize_params_int8
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampler import Sampler
 from jaxllm.sampling_params import SamplingParams
@@ -56,7 +58,9 @@ class Engine:
         **engine_options: fields of :class:`jaxllm.config.EngineConfig` (dtype, kv_cache_dtype,
             max_model_len, block_size, num_blocks, kv_cache_memory_bytes, max_num_seqs,
             max_num_batched_tokens, scan_layers, attention, seed, enable_prefix_caching,
-            max_logprobs, warmup, strategies, tensor_parallel_size, speculative_config).
+            max_logprobs, warmup, strategies, tensor_parallel_size, speculative_config,
+            quantization: None, "gguf" or "int8"; by default "gguf" for a .gguf model where a
+            kernel computes on its blocks, else None).
     """
 
     def __new__(cls, model: str | os.PathLike | None = None, **engine_options: Any) -> Any:
@@ -70,17 +74,19 @@ class Engine:
 
     def __init__(self, model: str | os.PathLike | None = None, *,
                  devices: list[jax.Device] | None = None, **engine_options: Any) -> None:
-        from jaxllm.model_source import cache_dir, resolve_model
+        from jaxllm.model_source import cache_dir, gguf_file, resolve_model
 
         _enable_persistent_compilation_cache(cache_dir() / "xla")
         engine_options.pop("data_parallel_size", None)   # 1 here: __new__ took the others
         options = EngineConfig(**engine_options)
         self.model_dir = resolve_model(model)
-        hf_config = model_files.load_hf_config(self.model_dir)
+        self.gguf_file = gguf_file(model)
+        self.hf_config = hf_config = model_files.load_hf_config(self.model_dir)
         self.family = get_family((getattr(hf_config, "architectures", None) or ["LlamaForCausalLM"])[0])
         self.model_config = self.family.config_from_hf(hf_config)
         self.platform = jax.default_backend()
-        self.config = c = options.resolve(self.model_config, self.platform, _accelerator_memory())
+        self.config = c = options.resolve(self.model_config, self.platform, _accelerator_memory(),
+                                          gguf=self.gguf_file is not None)
         if jax.process_count() > 1:
             multihost.check_config(c.tensor_parallel_size)
         self.tensor_parallel = (TensorParallel.create(
@@ -125,12 +131,22 @@ class Engine:
     def _build_runner(self) -> ModelRunner:
         """Loads the weights and wires the compiled step (model + sampler) to its host side."""
         c, tp = self.config, self.tensor_parallel
-        params = self.family.load_params(self.model_dir, self.model_config,
-                                         np.dtype(jax.numpy.dtype(c.dtype)))
+        dtype = np.dtype(jax.numpy.dtype(c.dtype))
+        if c.quantization == "gguf":
+            # Imported here: the gguf package is only needed for GGUF files.
+            from jaxllm.quantization.gguf_params import load_gguf_params
+
+            params = load_gguf_params(self.gguf_file, self.family, self.hf_config, self.model_config,
+                                      dtype, scan_layers=c.scan_layers,
+                                      implementation=matmul_implementation(self.platform))
+        else:
+            params = self.family.load_params(self.model_dir, self.model_config, dtype)
+        if c.quantization == "int8":
+            params = quantize_params_int8(params, matmul_implementation(self.platform))
         mc, attention = self.model_config, get_attention(c.attention)
         if tp is not None:
             params, mc, attention = tp.layout_params(params), tp.config, tp.attention(attention)
-        if not c.scan_layers:
+        if not c.scan_layers and c.quantization != "gguf":   # gguf params come unrolled
             params = unstack_layers(params, mc.num_hidden_layers)
         self.model = CausalLM(config=mc, dtype=jax.numpy.dtype(c.dtype), attention_fn=attention,
                               scan_layers=c.scan_layers, layer_cls=self.family.layer)

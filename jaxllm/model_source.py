@@ -89,6 +89,14 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     raise ModelNotFoundError(f"{path} does not exist or is neither an HF model directory nor a .gguf file")
 
 
+def gguf_file(model: str | os.PathLike | None) -> Path | None:
+    """The .gguf file ``model`` names (None: the default model's), or None for other sources."""
+    if model is None:
+        return default_gguf_path()
+    path = Path(model).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def converted_dir(gguf_path: str | os.PathLike) -> Path:
     """Where the conversion of ``gguf_path`` lives in the cache: ``converted/<stem>-<content key>``."""
     gguf_path = Path(gguf_path)

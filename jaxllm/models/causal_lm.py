@@ -20,7 +20,9 @@ The params tree (Flax linen names), every per-layer leaf stacked along a leading
     norm/scale                                      [D]
     lm_head/kernel                                  [D, V]               (untied head only)
 
-Unrolled models (``scan_layers=False``) take "layers_0".."layers_{L-1}" instead of "layers"
+Any kernel and the embedding may instead be a ``jaxllm.quantization.QuantizedWeight`` [out, in]
+(``lm_head/kernel`` [V, D], ``qkv_proj/kernel`` [L, (N + 2K) H, D], ...). Unrolled models
+(``scan_layers=False``) take "layers_0".."layers_{L-1}" instead of "layers"
 (``unstack_layers``). Shape legend: T tokens, S rows, D model dim, V vocabulary, L layers.
 """
 
@@ -35,28 +37,34 @@ import jax.numpy as jnp
 from jaxllm.config import ModelConfig
 from jaxllm.kv_cache import KVCache
 from jaxllm.models.layers import DecoderLayer, RMSNorm, dot_general
+from jaxllm.models.projection import Embed, existing_quantized
+from jaxllm.quantization import is_quantized, quantized_matmul
 from jaxllm.step_inputs import StepInputs
 
 
 class LMHead(nn.Module):
     """Float32 logits [T, V] of final-normed hidden states [T, D]: against the embedding
-    table when tied (no params of its own), else its own ``kernel`` [D, V]; then the optional
-    soft cap. ``jaxllm.step`` runs it alone for prompt logprobs."""
+    table when tied (no params of its own), else its own ``kernel`` [D, V] (either may be a
+    quantized [V, D] weight); then the optional soft cap. ``jaxllm.step`` runs it alone for
+    prompt logprobs."""
     config: ModelConfig
     dtype: Any
 
     @nn.compact
-    def __call__(self, h: jax.Array, embedding: jax.Array) -> jax.Array:
+    def __call__(self, h: jax.Array, embedding: Any) -> jax.Array:
         c = self.config
         if c.tie_word_embeddings:
             # Contract against the [V, D] table as stored; embed.attend's ``h @ E.T`` made
             # XLA:CPU copy a transposed table every step (113 MB for SmolLM2).
             weight, contract = embedding, (((1,), (1,)), ((), ()))
-        else:
+        elif (weight := existing_quantized(self, "kernel")) is None:
             weight = self.param("kernel", nn.initializers.lecun_normal(),
                                 (c.hidden_size, c.vocab_size), jnp.float32)
             contract = (((1,), (0,)), ((), ()))
-        logits = dot_general(h.astype(self.dtype), weight.astype(self.dtype), contract)
+        if is_quantized(weight):
+            logits = quantized_matmul(h.astype(self.dtype), weight)
+        else:
+            logits = dot_general(h.astype(self.dtype), weight.astype(self.dtype), contract)
         logits = logits.astype(jnp.float32)
         if c.final_logit_softcapping is not None:
             cap = c.final_logit_softcapping
@@ -74,7 +82,7 @@ class CausalLM(nn.Module):
     @nn.compact
     def __call__(self, kv_cache: KVCache, inputs: StepInputs) -> tuple[KVCache, jax.Array]:
         c = self.config
-        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens")
+        embed = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed_tokens")
         x = embed(inputs.token_ids)                                       # [T, D]
         if c.embedding_scale is not None:
             # In the activation dtype, as transformers scales (sqrt(640) is 25.25 in bf16).
@@ -93,7 +101,7 @@ class CausalLM(nn.Module):
             x, k_cache, v_cache, _ = carry
         # Only each row's last token needs logits: [S, D] instead of [T, D] through the head.
         h = RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, name="norm")(x[inputs.logits_indices])
-        logits = LMHead(c, self.dtype, name="lm_head")(h, embed.embedding)    # [S, V]
+        logits = LMHead(c, self.dtype, name="lm_head")(h, embed.table)    # [S, V]
         return KVCache(k=k_cache, v=v_cache), logits
 
     def _scan(self, x, kv_cache, inputs, layer_args):

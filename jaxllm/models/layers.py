@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
 from jaxllm.kernels import cpu_matmul
+from jaxllm.models.projection import Linear
 
 
 def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any = None,
@@ -102,9 +103,10 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def dense(features: int, use_bias: bool, dtype: Any, name: str) -> nn.Dense:
-    """A projection whose matmul goes through :func:`dot_general`."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, dot_general=dot_general, name=name)
+def dense(features: int, use_bias: bool, dtype: Any, name: str) -> Linear:
+    """A projection whose matmul goes through :func:`dot_general`, or through
+    ``quantized_matmul`` when its kernel is a quantized weight (``jaxllm.quantization``)."""
+    return Linear(features, use_bias, dtype, dot_general, name=name)
 
 
 class GatedMLP(nn.Module):
