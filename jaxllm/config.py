@@ -164,6 +164,9 @@ class EngineConfig:
             check; the others are left out with a warning (``jaxllm.strategies``).
         tensor_parallel_size: devices the model is split over, Megatron-style (attention heads,
             MLP columns/rows, vocabulary; ``jaxllm.sharding``). 1 = one device, no mesh.
+        enable_lora: serve LoRA adapters (``generate(..., lora_request=...)``, ``jaxllm.lora``).
+        max_loras: adapters on the device at once (slots; more wait for one to free up).
+        max_lora_rank: the largest adapter rank served (the slab's width).
     """
 
     dtype: str | None = None
@@ -186,6 +189,9 @@ class EngineConfig:
     max_min_tokens_stop_ids: int = SamplingLimits.max_min_tokens_stop_ids
     strategies: tuple[str, ...] | None = None
     tensor_parallel_size: int = 1
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if self.strategies is not None:
@@ -212,6 +218,11 @@ class EngineConfig:
         if type(self.tensor_parallel_size) is not int or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got "
                              f"{self.tensor_parallel_size!r}")
+        for name in ("max_loras", "max_lora_rank"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            raise ValueError("enable_lora is not supported with tensor_parallel_size > 1")
         _ = self.sampling_limits  # SamplingLimits refuses a width below 1
 
     @property

@@ -94,6 +94,8 @@ class ModelRunner:
         # callback, and their faults until the step is fetched.
         self.host_processors = HostProcessors()
         self.grammar_masks = GrammarMasks()
+        # LoRA serving (``jaxllm.lora.serving.LoRAServing``), set by the engine with enable_lora.
+        self.lora: Any = None
 
     def prepare_inputs(self, batch: ScheduledBatch, previous: ScheduledBatch | None = None) -> PreparedStep:
         """Lays the batch out in bucketed host arrays for the step: views of the runner's
@@ -128,6 +130,8 @@ class ModelRunner:
             a["positions"][t:t + n] = positions
             a["slot_mapping"][t:t + n] = block_ids[positions // bs] * bs + positions % bs
             a["token_rows"][t:t + n] = r
+            if self.lora is not None:
+                a["lora_slots"][t:t + n] = self.lora.slot_for(seq.request.lora_request)
             prompt = prompt_positions(item)
             a["prompt_next_ids"][t:t + len(prompt)] = seq.token_ids[start + 1:start + 1 + len(prompt)]
             num_ctx_blocks = -(-start // bs)
@@ -184,7 +188,8 @@ class ModelRunner:
             self.token_counts = seed_slot(self.token_counts, np.int32(slot), token_ids, np.int32(num_prompt))
         layout = self.layout.packed(prepared.key)
         state, outputs = self.step(self.params, self.state, prepared.key, layout,
-                                   pack(prepared.arrays, layout))
+                                   pack(prepared.arrays, layout),
+                                   None if self.lora is None else self.lora.slab.arrays)
         self.kv_cache, self.last_tokens, self.token_counts = state.kv_cache, state.last_tokens, state.token_counts
         return outputs
 

@@ -79,6 +79,7 @@ class StepArrays:
     feedback_rows: jax.Array     # [T] int32   row of the previous step whose token this is, -1 none
     prompt_next_ids: jax.Array   # [T] int32   next prompt token after each token, -1 none
     block_copies: jax.Array      # [C, 2] int32 copy-on-write (src, dst) blocks; (0, 0) none
+    lora_slots: jax.Array        # [T] int32   LoRA slot of each token's row, -1 none
 
 
 @jax.tree_util.register_dataclass

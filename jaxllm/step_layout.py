@@ -47,6 +47,7 @@ ARRAY_FIELDS: dict[str, ArrayField] = {
     "context_lens": ArrayField(("S",), np.int32, 0),
     "logits_indices": ArrayField(("S",), np.int32, 0),
     "block_copies": ArrayField(("C", "2"), np.int32, 0),
+    "lora_slots": ArrayField(("T",), np.int32, -1),
     **{name: ArrayField(("S",) if f.width is None else ("S", name), f.dtype, f.pad)
        for name, f in ROW_FIELDS.items()},
 }
@@ -62,7 +63,8 @@ def assemble(arrays: dict[str, Any]) -> StepArrays:
                         logits_indices=arrays["logits_indices"], rotary=arrays["rotary"])
     sampling = SamplingTensors(**{name: arrays[name] for name in ROW_FIELDS})
     return StepArrays(inputs=inputs, sampling=sampling, feedback_rows=arrays["feedback_rows"],
-                      prompt_next_ids=arrays["prompt_next_ids"], block_copies=arrays["block_copies"])
+                      prompt_next_ids=arrays["prompt_next_ids"], block_copies=arrays["block_copies"],
+                      lora_slots=arrays["lora_slots"])
 
 
 @dataclasses.dataclass(frozen=True)
