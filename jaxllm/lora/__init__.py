@@ -20,7 +20,8 @@ _EXPORTS = {
     "init_lora": "jaxllm.lora.train",
     "causal_lm_loss": "jaxllm.lora.train",
     "make_train_step": "jaxllm.lora.train",
-    "LoRATrainer": "jaxllm.lora.train",
+    "TrainBase": "jaxllm.lora.train",
+    "forward_logits": "jaxllm.lora.train",
 }
 
 __all__ = list(_EXPORTS)
