@@ -189,3 +189,34 @@ def test_lora_refuses_an_adapter_of_another_base_model(lora_engine, tmp_path):
     with pytest.raises(ValueError, match=r"the base model needs \(4, 64\)"):
         lora_engine.generate([1, 2, 3], SamplingParams(max_tokens=2),
                              lora_request=LoRARequest("o", 20, str(tmp_path / "other_adapter")))
+
+
+@pytest.mark.slow
+def test_lora_smollm2_matches_peft(tmp_path):
+    """The real default model under a random adapter: every served token is peft's argmax (up
+    to a near-tie of 1e-3) with its logprob, and the base rows in the same batch stay base."""
+    from transformers import AutoModelForCausalLM
+
+    with Engine(enable_lora=True, max_lora_rank=8, max_num_seqs=4, max_model_len=128,
+                num_blocks=64, max_num_batched_tokens=64, max_logprobs=2) as engine:
+        hf_model = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32).eval()
+        peft_model = save_random_adapter(hf_model, tmp_path / "a", ["q_proj", "v_proj", "o_proj", "down_proj"],
+                                         rank=8, alpha=16, std=0.05, copy_model=False)
+        prompt = engine.tokenizer.encode("The capital of France is")
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+        base, adapted = engine.generate([prompt, prompt], params, use_tqdm=False,
+                                        lora_request=[None, LoRARequest("a", 1, str(tmp_path / "a"))])
+    for out, adapter_on in ((adapted, True), (base, False)):
+        tokens = out.outputs[0].token_ids
+        with torch.no_grad():
+            if adapter_on:
+                logits = peft_model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+            else:
+                with peft_model.disable_adapter():
+                    logits = peft_model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+        logprobs = torch.log_softmax(logits.double(), -1).numpy()
+        chosen = logprobs[np.arange(len(tokens)), tokens]
+        np.testing.assert_array_less(logprobs.max(-1) - chosen, 1e-3)
+        got = [out.outputs[0].logprobs[i][t].logprob for i, t in enumerate(tokens)]
+        np.testing.assert_allclose(got, chosen, atol=2e-3)
+    assert adapted.outputs[0].token_ids != base.outputs[0].token_ids
