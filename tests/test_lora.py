@@ -220,3 +220,27 @@ def test_lora_smollm2_matches_peft(tmp_path):
         got = [out.outputs[0].logprobs[i][t].logprob for i, t in enumerate(tokens)]
         np.testing.assert_allclose(got, chosen, atol=2e-3)
     assert adapted.outputs[0].token_ids != base.outputs[0].token_ids
+
+
+def test_lora_server_serves_adapters_by_model_name(lora_engine, adapters, tiny_llama_dir):
+    from fastapi.testclient import TestClient
+
+    from jaxllm.server.app import build_app
+    from jaxllm.server.cli import lora_requests
+
+    ra, peft_a = adapters["a"]
+    modules = lora_requests([f"a={ra.lora_path}"])
+    assert modules == {"a": ra}
+    client = TestClient(build_app(lora_engine, served_model_name="tiny", lora_modules=modules))
+    listed = client.get("/v1/models").json()["data"]
+    assert [(m["id"], m.get("parent")) for m in listed] == [("tiny", None), ("a", "tiny")]
+    prompt = random_prompts((6,), seed=9)[0]
+    body = {"prompt": prompt, "max_tokens": 5, "temperature": 0, "logprobs": 1}
+    for model, reference in (("a", peft_a), ("tiny", tiny_llama_dir[1])):
+        reply = client.post("/v1/completions", json={**body, "model": model}).json()
+        assert reply["model"] == model
+        tokens = [int(t.removeprefix("token_id:")) for t in reply["choices"][0]["logprobs"]["tokens"]]
+        assert tokens == hf_greedy(reference, prompt, 5)
+    assert client.post("/v1/completions", json={**body, "model": "b"}).status_code == 404
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        lora_requests(["a"])
