@@ -171,6 +171,7 @@ def flat_arrays(step_arrays) -> dict[str, np.ndarray]:
     named = {"token_ids": step_arrays.inputs.token_ids, "logits_indices": step_arrays.inputs.logits_indices,
              "rotary": step_arrays.inputs.rotary, "feedback_rows": step_arrays.feedback_rows,
              "prompt_next_ids": step_arrays.prompt_next_ids, "block_copies": step_arrays.block_copies,
+             "lora_slots": step_arrays.lora_slots,
              **{f.name: getattr(attention, f.name) for f in dataclasses.fields(attention)},
              **{name: getattr(step_arrays.sampling, name) for name in ROW_FIELDS}}
     return {name: np.asarray(value) for name, value in named.items()}
