@@ -40,8 +40,11 @@ def _peft_logprobs(peft_model, prompt: list[int], tokens: list[int]) -> np.ndarr
     return logprobs[torch.arange(len(tokens)), torch.tensor(tokens)].numpy()
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "phi3", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "phi3", "gemma3", "gemma3-scanned"])
 def test_lora_family_greedy_and_logprobs_match_peft(tmp_path, tiny_llama_dir, name):
+    """Per family; "-scanned": under one lax.scan (the slab sliced per layer like the params)."""
+    name, scanned = name.removesuffix("-scanned"), name.endswith("-scanned")
+    options = dict(scan_layers=True, attention="reference") if scanned else {}
     if name == "llama":
         path, model = tiny_llama_dir
     else:
@@ -53,7 +56,7 @@ def test_lora_family_greedy_and_logprobs_match_peft(tmp_path, tiny_llama_dir, na
                                      seed=1, use_rslora=name == "qwen3")
     prompts = random_prompts((5, 19), seed=4)
     lora = LoRARequest("a", 1, str(tmp_path / "adapter"))
-    with Engine(str(path), enable_lora=True, max_lora_rank=8, **OPTIONS) as engine:
+    with Engine(str(path), enable_lora=True, max_lora_rank=8, **OPTIONS, **options) as engine:
         outs = engine.generate(prompts, GREEDY, lora_request=lora, use_tqdm=False)
     changed = False
     for prompt, out in zip(prompts, outs):
