@@ -10,8 +10,9 @@ by ``save_peft``). The compiled step is called directly on one decode step's arr
 one-token rows, cache block 0: the matmuls of a real decode step, attention over a short
 context), with the slab (LoRA on) or without it (the ``enable_lora=False`` step: the same
 function compiled without the "lora" collection). Cases alternate call by call, so that on a
-shared machine all see the same load; reported: the minimum and median ms per step, and the
-overhead over no LoRA. Writes ``benchmarks/results/lora.json``.
+shared machine all see the same load; reported: the minimum and median ms per step, the
+overhead over no LoRA, and the process CPU time per step (steadier than wall time when other
+processes compete for the cores). Writes ``benchmarks/results/lora.json``.
 """
 
 from __future__ import annotations
@@ -78,30 +79,36 @@ def main() -> None:
             arrays.lora_slots[:] = -1 if distinct < 0 else np.arange(args.rows) % distinct
         buffers[name] = pack(PreparedStep(key, arrays, []).arrays, layout)
 
-    def run(name: str) -> float:
+    def run(name: str) -> tuple[float, float]:
         slab = None if cases[name] is None else lora.slab.arrays
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         state, outputs = runner.step(runner.params, runner.state, key, layout, buffers[name], slab)
         jax.block_until_ready(outputs.token_ids)
         runner.kv_cache, runner.last_tokens, runner.token_counts = (
             state.kv_cache, state.last_tokens, state.token_counts)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu_start
 
     for name in cases:            # compile each variant
         run(name)
-    times: dict[str, list[float]] = {name: [] for name in cases}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
     for _ in range(args.repeats):
         for name in cases:
             times[name].append(run(name))
     engine.shutdown()
-    base = min(times[next(iter(cases))])
-    results = {name: {"min_ms": 1e3 * min(t), "median_ms": 1e3 * statistics.median(t),
-                      "overhead_vs_no_lora": min(t) / base - 1} for name, t in times.items()}
+    first = next(iter(cases))
+    base, base_cpu = min(w for w, _ in times[first]), min(c for _, c in times[first])
+    results = {}
+    for name, t in times.items():
+        wall, cpu = [w for w, _ in t], [c for _, c in t]
+        results[name] = {"min_ms": 1e3 * min(wall), "median_ms": 1e3 * statistics.median(wall),
+                         "min_cpu_ms": 1e3 * min(cpu), "overhead_vs_no_lora": min(wall) / base - 1,
+                         "cpu_overhead_vs_no_lora": min(cpu) / base_cpu - 1}
     print(f"{args.rows}-row decode step, rank {args.rank}, targets {args.targets}, "
           f"{jax.default_backend()}, dtype {engine.config.dtype}")
     for name, r in results.items():
-        print(f"  {name:40s} min {r['min_ms']:7.2f} ms  median {r['median_ms']:7.2f} ms  "
-              f"overhead {100 * r['overhead_vs_no_lora']:+5.1f}%")
+        print(f"  {name:36s} min {r['min_ms']:7.2f} ms  median {r['median_ms']:7.2f} ms  "
+              f"overhead {100 * r['overhead_vs_no_lora']:+5.1f}%   CPU time min "
+              f"{r['min_cpu_ms']:7.2f} ms ({100 * r['cpu_overhead_vs_no_lora']:+5.1f}%)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": args.rows, "rank": args.rank, "targets": args.targets,
