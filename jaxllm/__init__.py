@@ -23,6 +23,7 @@ _EXPORTS = {
     "CompletionOutput": "jaxllm.outputs",
     "RequestMetrics": "jaxllm.outputs",
     "Logprob": "jaxllm.outputs",
+    "LoRARequest": "jaxllm.lora.request",
     "register_strategy": "jaxllm.strategies",
     "registered_strategies": "jaxllm.strategies",
     "unregister_strategy": "jaxllm.strategies",

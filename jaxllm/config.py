@@ -190,6 +190,9 @@ class EngineConfig:
             where a kernel computes on the blocks (``quantization.packed_by_default``: the
             jnp reference alone decodes ~3x slower than float32 on CPU), else None.
             Quantized weights run on one device (tensor_parallel_size 1).
+        enable_lora: serve LoRA adapters (``generate(..., lora_request=...)``, ``jaxllm.lora``).
+        max_loras: adapters on the device at once (slots; more wait for one to free up).
+        max_lora_rank: the largest adapter rank served (the slab's width).
     """
 
     dtype: str | None = None
@@ -215,6 +218,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     speculative_config: SpeculativeConfig | dict | None = None
     quantization: str | None = "auto"
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if isinstance(self.speculative_config, dict):
@@ -253,6 +259,11 @@ class EngineConfig:
         if type(self.tensor_parallel_size) is not int or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got "
                              f"{self.tensor_parallel_size!r}")
+        for name in ("max_loras", "max_lora_rank"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            raise ValueError("enable_lora is not supported with tensor_parallel_size > 1")
         _ = self.sampling_limits  # SamplingLimits refuses a width below 1
         if self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, got "

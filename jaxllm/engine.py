@@ -28,6 +28,8 @@ from jaxllm.kernels import get_attention
 from jaxllm.kernels.paged_attention.quantized_kv import check_supported
 from jaxllm.kv_cache import allocate_kv_cache
 from jaxllm.kv_cache_manager import KVCacheManager
+from jaxllm.lora.request import LoRARequest
+from jaxllm.lora.serving import LoRAServing
 from jaxllm.model_runner import ModelRunner
 from jaxllm.models.causal_lm import CausalLM, unstack_layers
 from jaxllm.models.registry import get_family
@@ -59,8 +61,8 @@ class Engine:
             max_model_len, block_size, num_blocks, kv_cache_memory_bytes, max_num_seqs,
             max_num_batched_tokens, scan_layers, attention, seed, enable_prefix_caching,
             max_logprobs, warmup, strategies, tensor_parallel_size, speculative_config,
-            quantization: None, "gguf" or "int8"; by default "gguf" for a .gguf model where a
-            kernel computes on its blocks, else None).
+            quantization: None, "gguf" or "int8" (by default "gguf" for a .gguf model where a
+            kernel computes on its blocks, else None), enable_lora, max_loras, max_lora_rank).
     """
 
     def __new__(cls, model: str | os.PathLike | None = None, **engine_options: Any) -> Any:
@@ -107,11 +109,15 @@ class Engine:
                     "tokens at once", c.num_blocks, c.block_size, c.cache_dtype,
                     self.model_config.kv_cache_bytes_per_token(c.cache_dtype, c.tensor_parallel_size),
                     self.max_num_cached_tokens)
+        self.lora = (LoRAServing(self.family, self.model_config, c.max_loras, c.max_lora_rank,
+                                 jax.numpy.dtype(c.dtype), self.device) if c.enable_lora else None)
         spec = c.speculative_config
         self.scheduler = Scheduler(self.kv_cache_manager, c.max_num_seqs, c.max_num_batched_tokens,
-                                   c.prefill_first, NgramProposer(spec, c.max_model_len) if spec else None)
+                                   c.prefill_first, NgramProposer(spec, c.max_model_len) if spec else None,
+                                   self.lora and self.lora.slots)
         self.bucket_policy = BucketPolicy.from_config(c, self.platform)
         self.model_runner = self._build_runner()
+        self.model_runner.lora = self.lora
         # Several processes (jax.distributed): process 0 runs the requests, the others replay
         # its steps, its warm-up included (``jaxllm.multihost``).
         self.multihost = multihost.MultiHost.attach(self.model_runner) if jax.process_count() > 1 else None
@@ -127,6 +133,7 @@ class Engine:
             num_usable_blocks=self.kv_cache_manager.num_usable_blocks, block_size=c.block_size,
             strategies={**refused, **self.strategies}, seed=c.seed,
             model_source=model if gguf else self.model_dir, limits=c.sampling_limits)
+        self.input_processor.lora = self.lora
 
     def _build_runner(self) -> ModelRunner:
         """Loads the weights and wires the compiled step (model + sampler) to its host side."""
@@ -182,22 +189,27 @@ class Engine:
     # ---- public API ----
     def generate(self, prompts: PromptType | SequenceT[PromptType],
                  sampling_params: SamplingParams | SequenceT[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: SequenceT[int] | None = None
+                 use_tqdm: bool = True, priority: SequenceT[int] | None = None,
+                 lora_request: LoRARequest | SequenceT[LoRARequest | None] | None = None
                  ) -> RequestOutput | list[RequestOutput]:
         """Generates completions; a single prompt returns one output, a list returns a list.
 
         A prompt is a string, a list of token ids, or ``{"prompt_token_ids": [...]}``.
         ``sampling_params`` is one SamplingParams for all prompts or a list, one per prompt.
         ``priority`` (one int per prompt, lower first; default 0) orders waiting requests,
-        first come first served among equals. Every prompt is validated before any is submitted.
+        first come first served among equals. ``lora_request``: the adapter to run under (needs
+        ``enable_lora=True``), one for all prompts or a list, one per prompt; None: the base
+        model. Every prompt is validated before any is submitted.
         """
-        single, requests = self.input_processor.requests(prompts, sampling_params, priority)
+        single, requests = self.input_processor.requests(prompts, sampling_params, priority,
+                                                         lora_request)
         handles = self._executor.submit_all(requests)
         outputs = self._wait(handles, use_tqdm=use_tqdm and not single)
         return outputs[0] if single else outputs
 
     def generate_stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
-                        request_id: str | None = None, priority: int = 0) -> Iterator[RequestOutput]:
+                        request_id: str | None = None, priority: int = 0,
+                        lora_request: LoRARequest | None = None) -> Iterator[RequestOutput]:
         """Streams one request's outputs as tokens arrive, for scripts and notebooks.
 
         Each output is cumulative (all text so far) or a delta, per
@@ -205,7 +217,7 @@ class Engine:
         validated and submitted before this returns; closing the iterator early aborts it.
         """
         request = self.input_processor.request(prompt, sampling_params or SamplingParams(),
-                                               request_id, priority)
+                                               request_id, priority, lora_request)
         handle = self._executor.submit(request, request.sampling_params.output_kind)
         return self._stream(handle)
 
@@ -217,14 +229,14 @@ class Engine:
                 self.abort(handle.request.request_id)
 
     async def generate_async(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
-                             request_id: str | None = None, priority: int = 0
-                             ) -> AsyncIterator[RequestOutput]:
+                             request_id: str | None = None, priority: int = 0,
+                             lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Async iterator of one request's outputs (cumulative by default, as in vLLM's AsyncLLM).
 
         Safe to call from many coroutines at once; cancelling the consumer aborts the request.
         """
         request = self.input_processor.request(prompt, sampling_params or SamplingParams(),
-                                               request_id, priority)
+                                               request_id, priority, lora_request)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
@@ -254,7 +266,9 @@ class Engine:
 
     def chat(self, messages: str | list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | SequenceT[SamplingParams] | None = None,
-             use_tqdm: bool = True) -> RequestOutput | list[RequestOutput]:
+             use_tqdm: bool = True,
+             lora_request: LoRARequest | SequenceT[LoRARequest | None] | None = None
+             ) -> RequestOutput | list[RequestOutput]:
         """Applies the model's chat template (with the generation prompt) and generates.
 
         ``messages`` is one conversation, a list of ``{"role": str, "content": str}`` dicts; a
@@ -265,7 +279,8 @@ class Engine:
         index and field of the first bad one (e.g. ``messages[1] has no 'content'``).
         """
         single, prompts = self.input_processor.chat_prompts(messages)
-        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm and not single)
+        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm and not single,
+                                lora_request=lora_request)
         return outputs[0] if single else outputs
 
     def stats(self) -> dict[str, Any]:

@@ -64,11 +64,14 @@ class InputProcessor:
         self._seed_lock = threading.Lock()
         self._grammars = (None if tokenizer is None
                           else GrammarCompiler(tokenizer, vocab_size, eos_token_ids))
+        # The engine's LoRA serving state (``jaxllm.lora.serving``) with enable_lora, else None.
+        self.lora: Any = None
 
     def requests(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None,
-                 priority: Sequence[int] | None) -> tuple[bool, list[Request]]:
-        """(whether a single prompt was given, one request per prompt), all validated."""
+                 priority: Sequence[int] | None, lora_request: Any = None) -> tuple[bool, list[Request]]:
+        """(whether a single prompt was given, one request per prompt), all validated.
+        ``lora_request``: one LoRARequest (or None) for all prompts, or a list, one per prompt."""
         single, prompt_list = normalize_prompts(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -81,14 +84,22 @@ class InputProcessor:
         priorities = [0] * len(prompt_list) if priority is None else list(priority)
         if len(priorities) != len(prompt_list) or not all(isinstance(p, int) for p in priorities):
             raise ValueError(f"priority must be one int per prompt ({len(prompt_list)}), got {priority!r}")
-        return single, [self.request(p, sp, priority=pr)
-                        for p, sp, pr in zip(prompt_list, params_list, priorities)]
+        loras = (list(lora_request) if isinstance(lora_request, (list, tuple))
+                 else [lora_request] * len(prompt_list))
+        if len(loras) != len(prompt_list):
+            raise ValueError(f"got {len(loras)} lora_requests for {len(prompt_list)} prompts")
+        return single, [self.request(p, sp, priority=pr, lora_request=lr)
+                        for p, sp, pr, lr in zip(prompt_list, params_list, priorities, loras)]
 
     def request(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None,
-                priority: int = 0) -> Request:
+                priority: int = 0, lora_request: Any = None) -> Request:
         """One validated request, with its own read-only SamplingParams and a seed."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        if lora_request is not None:
+            if self.lora is None:
+                raise ValueError("lora_request needs an engine built with enable_lora=True")
+            self.lora.adapter(lora_request)   # read and validated on first use
         params = params.read_only_copy()
         text, token_ids = self.tokenize(prompt)
         self.validate_prompt(token_ids, params)
@@ -103,7 +114,7 @@ class InputProcessor:
             request_id=str(next(self._request_counter)) if request_id is None else str(request_id),
             prompt=text, prompt_token_ids=tuple(token_ids), sampling_params=params, seed=seed,
             eos_token_ids=self.eos_token_ids, arrival_time=time.monotonic(), priority=priority,
-            grammar=grammar)
+            grammar=grammar, lora_request=lora_request)
 
     def grammar(self, constraint: StructuredOutputsParams) -> Any:
         """The constraint's matcher at its start, compiled here in the caller's thread (cached

@@ -296,7 +296,7 @@ class KVCacheManager:
     def _update_block_hashes(self, seq: Sequence) -> None:
         """Extends ``seq.block_hashes`` to all full blocks of its tokens (tokens only grow)."""
         hashes, bs = seq.block_hashes, self.block_size
-        extra_key = seq.request.cache_salt
+        extra_key = seq.request.prefix_cache_key
         for i in range(len(hashes), seq.num_tokens // bs):
             parent = hashes[i - 1] if i else _ROOT_HASH
             hashes.append(hash_block_tokens(parent, seq.token_ids[i * bs:(i + 1) * bs], extra_key))

@@ -103,6 +103,8 @@ class ModelRunner:
         # Called with (key, penalty seeds, packed buffers) before each step is dispatched: a
         # multi-host leader publishes the step for its followers (``jaxllm.multihost``).
         self.on_dispatch: Callable[[StepKey, list, tuple[np.ndarray, np.ndarray]], None] | None = None
+        # LoRA serving (``jaxllm.lora.serving.LoRAServing``), set by the engine with enable_lora.
+        self.lora: Any = None
 
     def prepare_inputs(self, batch: ScheduledBatch, previous: ScheduledBatch | None = None) -> PreparedStep:
         """Lays the batch out in bucketed host arrays for the step: views of the runner's
@@ -141,6 +143,8 @@ class ModelRunner:
             a["positions"][t:t + n] = positions
             a["slot_mapping"][t:t + n] = block_ids[positions // bs] * bs + positions % bs
             a["token_rows"][t:t + n] = r
+            if self.lora is not None:
+                a["lora_slots"][t:t + n] = self.lora.slot_for(seq.request.lora_request)
             prompt = prompt_positions(item)
             a["prompt_next_ids"][t:t + len(prompt)] = seq.token_ids[start + 1:start + 1 + len(prompt)]
             num_ctx_blocks = -(-start // bs)
@@ -204,7 +208,8 @@ class ModelRunner:
         packed them)."""
         for slot, token_ids, num_prompt in penalty_seeds:
             self.token_counts = seed_slot(self.token_counts, np.int32(slot), token_ids, np.int32(num_prompt))
-        state, outputs = self.step(self.params, self.state, key, self.layout.packed(key), buffers)
+        state, outputs = self.step(self.params, self.state, key, self.layout.packed(key), buffers,
+                                   None if self.lora is None else self.lora.slab.arrays)
         self.kv_cache, self.last_tokens, self.token_counts = state.kv_cache, state.last_tokens, state.token_counts
         return outputs
 

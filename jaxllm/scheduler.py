@@ -30,6 +30,7 @@ import dataclasses
 import time
 
 from jaxllm.kv_cache_manager import KVCacheManager
+from jaxllm.lora.slots import LoRASlots
 from jaxllm.sequence import Sequence, SequenceStatus
 from jaxllm.speculative import NgramProposer
 
@@ -84,9 +85,10 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
                  max_num_batched_tokens: int, prefill_first: bool = False,
-                 proposer: NgramProposer | None = None) -> None:
+                 proposer: NgramProposer | None = None, lora_slots: LoRASlots | None = None) -> None:
         self.kv_cache_manager = kv_cache_manager
         self.proposer = proposer
+        self.lora_slots = lora_slots  # with LoRA serving: a request waits for its adapter's slot
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefill_first = prefill_first
@@ -229,6 +231,8 @@ class Scheduler:
                 self._preempt(parked)
                 continue
             self._dequeue(index)
+            if seq.request.lora_request is not None:
+                self.lora_slots.assign(seq.request.lora_request.lora_int_id, self._busy_loras())
             kv.allocate(seq, num_new, cached_block_ids)
             if seq.num_preemptions == 0:
                 seq.metrics.num_cached_tokens = seq.num_computed_tokens
@@ -249,14 +253,25 @@ class Scheduler:
             return None
         # Not a parked beam, nor a sequence preempted while a step in flight samples its next
         # token (it waits for that token to land).
+        busy = self._busy_loras() if self.lora_slots is not None else set()
         index = next((i for i, w in enumerate(self.waiting)
-                      if not _is_parked(w) and not w.num_pending_tokens), None)
+                      if not _is_parked(w) and not w.num_pending_tokens and self._has_lora_slot(w, busy)),
+                     None)
         if index is None:
             return None
         seq, kv = self.waiting[index], self.kv_cache_manager
         cached_block_ids = kv.get_cached_prefix(seq)
         num_new = min(seq.num_tokens - len(cached_block_ids) * kv.block_size, budget)
         return index, seq, cached_block_ids, num_new, kv.can_allocate(seq, num_new, cached_block_ids)
+
+    def _busy_loras(self) -> set[int]:
+        """The adapters running sequences use (their slots cannot be reassigned)."""
+        return {s.request.lora_request.lora_int_id for s in self.running
+                if s.request.lora_request is not None}
+
+    def _has_lora_slot(self, seq: Sequence, busy: set[int]) -> bool:
+        lora = seq.request.lora_request
+        return lora is None or self.lora_slots.can_assign(lora.lora_int_id, busy)
 
     def _can_admit(self) -> bool:
         """Whether the admission loop would admit a waiting sequence on a fresh budget."""

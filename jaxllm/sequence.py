@@ -29,6 +29,15 @@ class Request:
     # structured outputs: the constraint's matcher at its start (``jaxllm.grammar``), which
     # each sequence copies; never advanced itself
     grammar: Any = None
+    lora_request: Any = None  # the LoRARequest it runs under (``jaxllm.lora``); None: the base
+
+    @property
+    def prefix_cache_key(self) -> Any:
+        """What joins the token ids in the prefix-cache key: the salt, and the adapter (the
+        same prompt under two adapters has different K/V)."""
+        if self.lora_request is None:
+            return self.cache_salt
+        return (self.cache_salt, self.lora_request.lora_int_id)
 
 
 class SequenceStatus(enum.Enum):

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxllm import rejection_sampler
 from jaxllm.kv_cache import KVCache
+from jaxllm.lora.slab import lora_variables
 from jaxllm.models.causal_lm import LMHead
 from jaxllm.packing import PackedLayout, unpack
 from jaxllm.penalties import count_samples
@@ -52,8 +53,8 @@ def copy_blocks(kv_cache: KVCache, copies: jax.Array) -> KVCache:
     return jax.lax.fori_loop(0, num_copies, copy, kv_cache)
 
 
-def _forward(model: nn.Module, params: Any, kv_cache: KVCache, inputs: StepInputs
-             ) -> tuple[KVCache, jax.Array, jax.Array]:
+def _forward(model: nn.Module, params: Any, kv_cache: KVCache, inputs: StepInputs,
+             lora: dict[str, Any] | None = None) -> tuple[KVCache, jax.Array, jax.Array]:
     """(kv_cache, row logits [S, V], final-normed hidden states of every token [T, D]).
 
     The model computes logits only at ``logits_indices``; prompt logprobs need every token's,
@@ -61,6 +62,7 @@ def _forward(model: nn.Module, params: Any, kv_cache: KVCache, inputs: StepInput
     every token's index, and its final norm (the module named "norm" at the top) is
     intercepted: it normalises all T hidden states, which are kept, and hands the head only
     each row's last (T x D elementwise work, ~0.3 M values at 512 tokens of SmolLM2).
+    ``lora``: the model's ``"lora"`` collection (``jaxllm.lora.slab.lora_variables``), if any.
     """
     num_tokens = inputs.token_ids.shape[0]
     every_token = dataclasses.replace(inputs, logits_indices=jnp.arange(num_tokens, dtype=jnp.int32))
@@ -73,7 +75,8 @@ def _forward(model: nn.Module, params: Any, kv_cache: KVCache, inputs: StepInput
         return normed[0][inputs.logits_indices]
 
     with nn.intercept_methods(keep_every_token):
-        kv_cache, logits = model.apply({"params": params}, kv_cache, every_token)
+        kv_cache, logits = model.apply({"params": params, **({"lora": lora} if lora else {})},
+                                       kv_cache, every_token)
     return kv_cache, logits, normed[0]
 
 
@@ -124,13 +127,16 @@ class CompiledStep:
         whole = _replicated(mesh)
 
         def step(params: Any, state: DeviceState, buffers: tuple[jax.Array, jax.Array],
-                 key: StepKey, layout: PackedLayout) -> tuple[DeviceState, StepOutputs]:
+                 key: StepKey, layout: PackedLayout, lora_slab: Any = None
+                 ) -> tuple[DeviceState, StepOutputs]:
             arrays: StepArrays = unpack(buffers, layout)
             kv_cache = copy_blocks(state.kv_cache, arrays.block_copies)
             fed_back = state.last_tokens[jnp.maximum(arrays.feedback_rows, 0)]
             inputs = dataclasses.replace(arrays.inputs, token_ids=jnp.where(
                 arrays.feedback_rows >= 0, fed_back, arrays.inputs.token_ids))
-            kv_cache, logits, normed = _forward(model, params, kv_cache, inputs)
+            lora = (None if lora_slab is None
+                    else lora_variables(lora_slab, arrays.lora_slots, model.scan_layers))
+            kv_cache, logits, normed = _forward(model, params, kv_cache, inputs, lora)
             logits, vocab = whole(logits), logits.shape[1]
             prompt = jax.lax.cond(
                 jnp.any(arrays.prompt_next_ids >= 0),
@@ -180,17 +186,19 @@ class CompiledStep:
         return len(self.keys)
 
     def __call__(self, params: Any, state: DeviceState, key: StepKey, layout: PackedLayout,
-                 buffers: tuple[Any, Any]) -> tuple[DeviceState, StepOutputs]:
+                 buffers: tuple[Any, Any], lora_slab: Any = None) -> tuple[DeviceState, StepOutputs]:
         """Runs one step on packed host buffers (compiling it first for a new key: logged at
-        INFO, which ``python -m jaxllm`` shows, so a first run says why it waits)."""
+        INFO, which ``python -m jaxllm`` shows, so a first run says why it waits).
+        ``lora_slab``: the LoRA slab's arrays (``jaxllm.lora.slab.LoRASlab``) when serving
+        adapters; new contents of the same shapes reuse the compiled step."""
         if key in self.keys:
-            return self._jitted(params, state, buffers, key, layout)
+            return self._jitted(params, state, buffers, key, layout, lora_slab)
         self.keys.add(key)
         logger.info("compiling the step for %d tokens x %d rows x %d blocks%s (first use of "
                     "this shape)...", key.num_tokens, key.num_rows, key.num_blocks,
                     " with a structured-outputs mask" * key.structured
                     + " with Python logits processors" * key.host_processors)
         start = time.perf_counter()
-        result = self._jitted(params, state, buffers, key, layout)
+        result = self._jitted(params, state, buffers, key, layout, lora_slab)
         logger.info("compiled in %.1f s", time.perf_counter() - start)
         return result

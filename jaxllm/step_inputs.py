@@ -81,6 +81,7 @@ class StepArrays:
     block_copies: jax.Array      # [C, 2] int32 copy-on-write (src, dst) blocks; (0, 0) none
     draft_token_ids: jax.Array   # [S, Ks] int32 each row's proposed tokens (speculative decoding;
                                  #   Ks = num_speculative_tokens, 0 without), -1 padded
+    lora_slots: jax.Array        # [T] int32   LoRA slot of each token's row, -1 none
 
 
 @jax.tree_util.register_dataclass

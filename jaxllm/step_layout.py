@@ -48,6 +48,7 @@ ARRAY_FIELDS: dict[str, ArrayField] = {
     "logits_indices": ArrayField(("S",), np.int32, 0),
     "block_copies": ArrayField(("C", "2"), np.int32, 0),
     "draft_token_ids": ArrayField(("S", "Ks"), np.int32, -1),
+    "lora_slots": ArrayField(("T",), np.int32, -1),
     **{name: ArrayField(("S",) if f.width is None else ("S", name), f.dtype, f.pad)
        for name, f in ROW_FIELDS.items()},
 }
@@ -64,7 +65,7 @@ def assemble(arrays: dict[str, Any]) -> StepArrays:
     sampling = SamplingTensors(**{name: arrays[name] for name in ROW_FIELDS})
     return StepArrays(inputs=inputs, sampling=sampling, feedback_rows=arrays["feedback_rows"],
                       prompt_next_ids=arrays["prompt_next_ids"], block_copies=arrays["block_copies"],
-                      draft_token_ids=arrays["draft_token_ids"])
+                      draft_token_ids=arrays["draft_token_ids"], lora_slots=arrays["lora_slots"])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -172,6 +172,7 @@ def flat_arrays(step_arrays) -> dict[str, np.ndarray]:
              "rotary": step_arrays.inputs.rotary, "feedback_rows": step_arrays.feedback_rows,
              "prompt_next_ids": step_arrays.prompt_next_ids, "block_copies": step_arrays.block_copies,
              "draft_token_ids": step_arrays.draft_token_ids,
+             "lora_slots": step_arrays.lora_slots,
              **{f.name: getattr(attention, f.name) for f in dataclasses.fields(attention)},
              **{name: getattr(step_arrays.sampling, name) for name in ROW_FIELDS}}
     return {name: np.asarray(value) for name, value in named.items()}

@@ -115,14 +115,18 @@ class CausalLM(nn.Module):
         uniform_rope = len(set(c.layer_rope)) == 1
         xs = (self.variables["params"]["layers"],
               None if uniform_window else jnp.asarray(c.layer_windows, jnp.int32),
-              None if uniform_rope else jnp.asarray(c.layer_rope, jnp.int32))
+              None if uniform_rope else jnp.asarray(c.layer_rope, jnp.int32),
+              self.variables.get("lora", {}).get("layers"))   # LoRA slabs (jaxllm.lora.slab)
 
         def body(carry, per_layer):
-            layer_params, window, rope_index = per_layer
+            layer_params, window, rope_index, layer_lora = per_layer
             window = (c.layer_windows[0] or None) if uniform_window else window
             rotary = inputs.rotary[c.layer_rope[0] if uniform_rope else rope_index]
             cos, sin = jnp.split(rotary, 2, axis=-1)
-            return layer.apply({"params": layer_params}, carry, cos, sin, window, inputs.attention)
+            variables = {"params": layer_params}
+            if layer_lora is not None:
+                variables["lora"] = layer_lora
+            return layer.apply(variables, carry, cos, sin, window, inputs.attention)
 
         carry, _ = jax.lax.scan(body, (x, kv_cache.k, kv_cache.v, jnp.int32(0)), xs)
         return carry[:3]

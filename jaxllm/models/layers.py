@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxllm.config import ModelConfig
 from jaxllm.kernels import cpu_matmul
 from jaxllm.models.projection import Linear
+from jaxllm.lora.slab import apply_lora
 
 
 def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any = None,
@@ -119,9 +120,12 @@ class GatedMLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         gate = dense(c.intermediate_size, c.mlp_bias, self.dtype, "gate_proj")(x)       # [T, F]
+        gate = apply_lora(self, "gate_proj", x, gate)
         up = dense(c.intermediate_size, c.mlp_bias, self.dtype, "up_proj")(x)           # [T, F]
-        act = ACTIVATIONS[c.hidden_act]
-        return dense(c.hidden_size, c.mlp_bias, self.dtype, "down_proj")(act(gate) * up)  # [T, D]
+        up = apply_lora(self, "up_proj", x, up)
+        h = ACTIVATIONS[c.hidden_act](gate) * up
+        out = dense(c.hidden_size, c.mlp_bias, self.dtype, "down_proj")(h)              # [T, D]
+        return apply_lora(self, "down_proj", h, out)
 
 
 class Attention(nn.Module):
@@ -143,6 +147,7 @@ class Attention(nn.Module):
         num_tokens = x.shape[0]
         q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         qkv = dense(q_dim + 2 * kv_dim, c.qkv_bias, self.dtype, "qkv_proj")(x)
+        qkv = apply_lora(self, "qkv_proj", x, qkv)
         q_block, kv_block = q_dim // c.qkv_shards, kv_dim // c.qkv_shards
         q, k, v = jnp.split(qkv.reshape(num_tokens, c.qkv_shards, -1),
                             [q_block, q_block + kv_block], axis=-1)
@@ -155,8 +160,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out, k_cache, v_cache = self.attention_fn(q, k, v, k_cache, v_cache, layer, metadata,
                                                   scale=c.softmax_scale, sliding_window=window)
-        out = dense(c.hidden_size, c.o_bias, self.dtype, "o_proj")(out.reshape(num_tokens, -1))
-        return out, k_cache, v_cache                                                   # [T, D]
+        out = out.reshape(num_tokens, -1)
+        y = dense(c.hidden_size, c.o_bias, self.dtype, "o_proj")(out)
+        return apply_lora(self, "o_proj", out, y), k_cache, v_cache                    # [T, D]
 
 
 class DecoderLayer(nn.Module):

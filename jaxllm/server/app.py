@@ -30,7 +30,8 @@ logger = logging.getLogger("jaxllm.server")
 
 def build_app(engine: Any, *, served_model_name: str, api_key: str | None = None,
               max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, retry_after_s: int = 1) -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, retry_after_s: int = 1,
+              lora_modules: dict[str, Any] | None = None) -> FastAPI:
     """An OpenAI-compatible app over ``engine`` (which the caller starts and shuts down).
 
     Args:
@@ -41,11 +42,14 @@ def build_app(engine: Any, *, served_model_name: str, api_key: str | None = None
         max_waiting_requests: requests that may wait beyond the engine's ``max_num_seqs``;
             more are refused with 503 and ``Retry-After: retry_after_s``.
         max_body_bytes: larger request bodies are refused with 413.
+        lora_modules: adapter name -> ``LoRARequest`` (engine built with ``enable_lora``): a
+            request whose ``model`` is an adapter's name runs under it; /v1/models lists them.
     """
+    lora_modules = dict(lora_modules or {})
     gate = AdmissionGate(engine.config.max_num_seqs, max_waiting_requests)
     metrics = ServerMetrics(lambda: engine.stats(), lambda: gate.waiting)
     generator = Generator(engine, served_model_name, gate, metrics, TokenTexts(engine.tokenizer),
-                          retry_after_s)
+                          retry_after_s, lora_modules)
     created = int(time.time())
     app = FastAPI(title="jaxllm", version=jaxllm.__version__)
     app.state.gate, app.state.metrics = gate, metrics
@@ -86,7 +90,10 @@ def build_app(engine: Any, *, served_model_name: str, api_key: str | None = None
         return {"object": "list", "data": [{
             "id": served_model_name, "object": "model", "created": created,
             "owned_by": "jaxllm", "root": str(getattr(engine, "model_dir", served_model_name)),
-            "max_model_len": engine.config.max_model_len}]}
+            "max_model_len": engine.config.max_model_len}] + [{
+            "id": name, "object": "model", "created": created, "owned_by": "jaxllm",
+            "root": lora.lora_path, "parent": served_model_name,
+            "max_model_len": engine.config.max_model_len} for name, lora in lora_modules.items()]}
 
     @app.get("/health")
     async def health() -> Response:

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import socket
 import sys
+from typing import Any
 
 from jaxllm.cli_options import (HelpFormatter, add_debug_option, add_engine_options,
                                 engine_options, log_to_stderr, non_negative_int, positive_int)
@@ -53,6 +54,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn's and the server's log level")
+    parser.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                        help="LoRA adapters (PEFT directories) to serve, each under its name: a "
+                             "request whose model is NAME runs under it (enables LoRA)")
+    parser.add_argument("--max-loras", type=positive_int, default=None,
+                        help="adapters on the device at once; unset: one per --lora-modules entry")
+    parser.add_argument("--max-lora-rank", type=positive_int, default=16,
+                        help="the largest adapter rank served")
     add_engine_options(parser, warmup=True)
     add_debug_option(parser)
     parser.set_defaults(command=serve)
@@ -79,15 +87,35 @@ def serve(args: argparse.Namespace) -> int:
     log_to_stderr(args.log_level)
     name = args.served_model_name or args.model or DEFAULT_GGUF_FILE.partition(".")[0]
     print(f"jaxllm: loading {args.model or DEFAULT_GGUF_FILE}", file=sys.stderr, flush=True)
-    with Engine(args.model, seed=args.seed, **engine_options(args)) as engine:
+    lora_modules = lora_requests(args.lora_modules)
+    lora_options = (dict(enable_lora=True, max_loras=args.max_loras or len(lora_modules),
+                         max_lora_rank=args.max_lora_rank) if lora_modules else {})
+    with Engine(args.model, seed=args.seed, **engine_options(args), **lora_options) as engine:
+        for lora in lora_modules.values():   # a bad adapter fails now, not at its first request
+            engine.input_processor.lora.adapter(lora)
         app = build_app(engine, served_model_name=name, api_key=api_key,
                         max_waiting_requests=args.max_waiting_requests,
-                        max_body_bytes=args.max_body_bytes)
+                        max_body_bytes=args.max_body_bytes, lora_modules=lora_modules)
         print(f"jaxllm: serving {name!r} on http://{args.host}:{args.port}", file=sys.stderr,
               flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                     timeout_graceful_shutdown=5)
     return 0
+
+
+def lora_requests(modules: list[str]) -> dict[str, Any]:
+    """``--lora-modules name=path ...`` -> {name: LoRARequest} (ids 1, 2, ... in order)."""
+    from jaxllm.lora.request import LoRARequest
+
+    out: dict[str, Any] = {}
+    for i, module in enumerate(modules, start=1):
+        name, sep, path = module.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules takes NAME=PATH entries, got {module!r}")
+        if name in out:
+            raise ValueError(f"--lora-modules names {name!r} twice")
+        out[name] = LoRARequest(name, i, path)
+    return out
 
 
 def _check_can_listen(host: str, port: int) -> None:

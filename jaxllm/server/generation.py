@@ -42,6 +42,7 @@ class Generator:
     metrics: ServerMetrics
     texts: TokenTexts
     retry_after_s: int = 1
+    lora_modules: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> LoRARequest
 
     async def completions(self, request: Request, body: bytes) -> Response:
         req = _parse(CompletionRequest, body)
@@ -64,7 +65,7 @@ class Generator:
             raise ValueError(f"messages: the chat template refused them: {exc}") from None
 
     def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.served_model_name:
+        if model is not None and model != self.served_model_name and model not in self.lora_modules:
             raise APIError(404, f"The model `{model}` does not exist.", param="model",
                            code="model_not_found")
 
@@ -78,14 +79,16 @@ class Generator:
         if stats["engine_dead"]:
             raise engine_dead(stats["error"])
         top = req.top_logprobs if kind == "chat" else None
-        builder = ResponseBuilder(kind, self.served_model_name, req.n, self.texts, top)
+        lora = self.lora_modules.get(req.model)      # ``model`` names a LoRA adapter
+        builder = ResponseBuilder(kind, req.model if lora else self.served_model_name, req.n,
+                                  self.texts, top)
         try:
             self.gate.acquire(len(inputs))
         except QueueFull as exc:
             raise APIError(503, str(exc), type="server_error", code="queue_full",
                            headers={"Retry-After": str(self.retry_after_s)}) from None
         streams = [self._observed(self.engine.generate_async(
-            prompt, params, request_id=f"{builder.id}-{i}", priority=req.priority))
+            prompt, params, request_id=f"{builder.id}-{i}", priority=req.priority, lora_request=lora))
             for i, (prompt, params) in enumerate(inputs)]
         if stream:
             return EventStreamResponse(events(builder, streams, req.include_usage),
