@@ -35,7 +35,7 @@ from jaxllm.models.causal_lm import CausalLM, unstack_layers
 from jaxllm.models.registry import get_family
 from jaxllm.models.rope import RotaryTables
 from jaxllm.output_processor import OutputProcessor
-from jaxllm.quantization import matmul_implementation
+from jaxllm.quantization import matmul_implementation, use_int_dot
 from jaxllm.quantization.int8_params import quantize_params_int8
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampler import Sampler
@@ -150,6 +150,8 @@ class Engine:
             params = self.family.load_params(self.model_dir, self.model_config, dtype)
         if c.quantization == "int8":
             params = quantize_params_int8(params, matmul_implementation(self.platform))
+        if tp is None:   # the interleaved layout does not split along K (row-parallel layers)
+            params = use_int_dot(params)
         mc, attention = self.model_config, get_attention(c.attention)
         if tp is not None:
             params, mc, attention = tp.layout_params(params), tp.config, tp.attention(attention)

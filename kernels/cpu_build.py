@@ -45,6 +45,16 @@ def _target_macros(cxx: str) -> str:
                           capture_output=True, check=True, text=True).stdout
 
 
+def has_macros(names: tuple[str, ...]) -> bool:
+    """Whether the compiler targets this machine with every macro of ``names`` defined (ISA
+    extensions such as "__AVX512VNNI__"); False without a compiler."""
+    try:
+        macros = _target_macros(compiler())
+    except (RuntimeError, subprocess.SubprocessError, OSError):
+        return False
+    return all(f"#define {name} " in macros for name in names)
+
+
 def build(source: Path) -> Path:
     """Compiles ``source`` into the cache unless a build with the same key is there; its path."""
     cxx = compiler()

@@ -123,6 +123,9 @@ def test_smollm2_gguf_keeps_q4_1_blocks(smollm2_engines):
     params = packed.model_runner.params
     qkv = params["layers_0"]["self_attn"]["qkv_proj"]["kernel"]
     assert qkv.qtype == "Q4_1" and qkv.shape == (576 + 2 * 192, 576)
+    from jaxllm.kernels import cpu_int_dot_matmul
+
+    assert qkv.implementation == ("cpu_int_dot" if cpu_int_dot_matmul.is_available() else "cpu")
     assert params["embed_tokens"]["embedding"].qtype == "Q8_0"   # the file's, also the tied head
     nbytes = lambda p: sum(x.nbytes for x in jax.tree_util.tree_leaves(p))  # noqa: E731
     assert nbytes(params) < 0.2 * nbytes(dense.model_runner.params)

@@ -6,8 +6,8 @@ from jaxllm.quantization.weight import (INT8, QTYPES, QuantizedWeight, dequantiz
                                         embedding_lookup, is_quantized, matmul_implementation,
                                         packed_by_default,
                                         quantize_int8, quantized_matmul,
-                                        reference_quantized_matmul)
+                                        reference_quantized_matmul, use_int_dot)
 
 __all__ = ["INT8", "QTYPES", "QuantizedWeight", "dequantize", "embedding_lookup", "is_quantized",
            "matmul_implementation", "packed_by_default", "quantize_int8", "quantized_matmul",
-           "reference_quantized_matmul"]
+           "reference_quantized_matmul", "use_int_dot"]

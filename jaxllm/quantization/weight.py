@@ -7,24 +7,30 @@ features; HF's nn.Linear layout, the transpose of a Flax kernel) kept packed:
   * "int8": ``data`` int8 [N, K] and ``scale`` float32 [N], w ~= data * scale[:, None]
     (symmetric, one scale per output channel).
 ``qtype``, the logical ``shape`` (N, K) and the ``implementation`` of ``quantized_matmul`` are
-static metadata. Leaves may carry leading axes (a stacked layer axis L: data [L, N, row_bytes]);
+static metadata; the "cpu_int_dot" implementation keeps the same bytes permuted into
+``interleaved``'s layout (same shape). Leaves may carry leading axes (a stacked layer axis L: data [L, N, row_bytes]);
 ``shape`` stays the one matrix's. The tied head uses the embedding table [V, D] as its w.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.quantization.ggml import GGML_TYPES, dequantize_rows, row_bytes
+from jaxllm.quantization.interleaved import (GROUP, can_interleave, deinterleave, interleave,
+                                             interleaved_rows)
 
 INT8 = "int8"
 QTYPES = (*GGML_TYPES, INT8)
-# The implementations of ``quantized_matmul`` a weight may name.
-IMPLEMENTATIONS = ("reference", "cpu")
+# The implementations of ``quantized_matmul`` a weight may name. "cpu_int_dot" weights are
+# stored in the interleaved layout (``interleaved``); the others as the module docstring says.
+IMPLEMENTATIONS = ("reference", "cpu", "cpu_int_dot")
+INT_DOT = "cpu_int_dot"
 
 
 @jax.tree_util.register_dataclass
@@ -74,8 +80,13 @@ def dequantize(w: QuantizedWeight, rows: jax.Array | None = None) -> jax.Array:
     """w (or only its ``rows``, int [...] indices along N) as float32 [..., N or rows, K]."""
     data, scale = w.data, w.scale
     if rows is not None:
-        data = jnp.take(data, rows, axis=-2)
+        if w.implementation == INT_DOT:
+            data = interleaved_rows(data, w.qtype, rows)
+        else:
+            data = jnp.take(data, rows, axis=-2)
         scale = None if scale is None else jnp.take(scale, rows, axis=-1)
+    elif w.implementation == INT_DOT:
+        data = deinterleave(data, w.qtype)
     if w.qtype == INT8:
         return data.astype(jnp.float32) * scale[..., None]
     return dequantize_rows(data, w.qtype)
@@ -121,10 +132,16 @@ def quantized_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     if x.ndim != 2 or x.shape[1] != w.in_features or w.data.ndim != 2:
         raise ValueError(f"quantized_matmul takes x [R, {w.in_features}] and one [N, K] weight; "
                          f"got x {x.shape}, data {w.data.shape}")
+    rows, (n, k) = x.shape[0], w.shape
+    if w.implementation == INT_DOT:
+        from jaxllm.kernels import cpu_int_dot_matmul
+
+        if cpu_int_dot_matmul.supports(rows, k, n, w.qtype) and cpu_int_dot_matmul.is_faster(rows):
+            return cpu_int_dot_matmul.quantized_matmul(x, w.data, w.scale, qtype=w.qtype,
+                                                        out_features=n).astype(x.dtype)
     if w.implementation == "cpu":
         from jaxllm.kernels import cpu_quant_matmul
 
-        rows, (n, k) = x.shape[0], w.shape
         if cpu_quant_matmul.supports(rows, k, n, w.qtype) and cpu_quant_matmul.is_faster(rows, w.qtype):
             return cpu_quant_matmul.quantized_matmul(x, w.data, w.scale, qtype=w.qtype,
                                                      out_features=n).astype(x.dtype)
@@ -145,19 +162,24 @@ def reference_quantized_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     # (independent of the activations) to the start of the step, all of it live at once.
     x32, data = jax.lax.optimization_barrier((x.astype(jnp.float32), w.data))
     tile = _tile_rows(w.out_features)
-    if tile == w.out_features:
-        out = _dequantized_product(x32, data, w.qtype)
+    interleaved = w.implementation == INT_DOT
+    if tile == w.out_features or (interleaved and tile % GROUP):
+        out = _dequantized_product(x32, data, w.qtype, interleaved)
     else:
         tiles = data.reshape(w.out_features // tile, tile, w.data.shape[-1])
-        out = jax.lax.map(lambda data: _dequantized_product(x32, data, w.qtype), tiles)
+        out = jax.lax.map(lambda data: _dequantized_product(x32, data, w.qtype, interleaved), tiles)
         out = jnp.moveaxis(out, 0, 1).reshape(x.shape[0], w.out_features)   # [R, N]
     if w.qtype == INT8:
         out = out * w.scale
     return out.astype(x.dtype)
 
 
-def _dequantized_product(x32: jax.Array, data: jax.Array, qtype: str) -> jax.Array:
-    """x32 [R, K] @ rows [n, K].T of packed ``data`` [n, ...] (int8 rows unscaled)."""
+def _dequantized_product(x32: jax.Array, data: jax.Array, qtype: str, interleaved: bool
+                         ) -> jax.Array:
+    """x32 [R, K] @ rows [n, K].T of packed ``data`` [n, ...] (int8 rows unscaled; whole groups
+    of ``interleaved`` data)."""
+    if interleaved:
+        data = deinterleave(data, qtype)
     rows = data.astype(jnp.float32) if qtype == INT8 else dequantize_rows(data, qtype)
     return jax.lax.dot_general(x32, rows, (((1,), (1,)), ((), ())))
 
@@ -179,6 +201,30 @@ def quantize_int8(w: np.ndarray, implementation: str = "reference") -> Quantized
     safe = np.where(scale == 0, 1.0, scale)[..., None]
     data = np.clip(np.rint(w / safe), -127, 127).astype(np.int8)
     return QuantizedWeight(data, scale.astype(np.float32), INT8, tuple(w.shape[-2:]), implementation)
+
+
+def use_int_dot(params: Any) -> Any:
+    """``params`` with every quantized weight the CPU integer-dot kernel takes (Q4_0, Q4_1, Q8_0,
+    int8; N a multiple of 16) moved to it: interleaved, implementation "cpu_int_dot". Only
+    weights of the "cpu" implementation move, and only where the kernel is available (AVX-512
+    VNNI); the rest stay as they are.
+
+    Why: the float kernel decodes every weight to float32 and is bound by that arithmetic; with
+    x quantized to int8 (as llama.cpp does) a decode step is bound by memory instead (SmolLM2
+    Q4_1: see the README's quantization table)."""
+    from jaxllm.kernels import cpu_int_dot_matmul
+
+    if not cpu_int_dot_matmul.is_available():
+        return params
+
+    def move(w: Any) -> Any:
+        if not (is_quantized(w) and w.implementation == "cpu"
+                and can_interleave(w.qtype, w.out_features)):
+            return w
+        return QuantizedWeight(interleave(np.asarray(w.data), w.qtype), w.scale, w.qtype, w.shape,
+                               INT_DOT)
+
+    return jax.tree_util.tree_map(move, params, is_leaf=is_quantized)
 
 
 def is_quantized(x: object) -> bool:
