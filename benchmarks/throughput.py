@@ -3,7 +3,7 @@
     python benchmarks/throughput.py [--model PATH] [--dtype float32] [--num-requests 64]
         [--min-prompt 16 --max-prompt 512 --min-output 16 --max-output 256 --seed 0]
         [--workload FILE.json] [--max-num-seqs 64] [--max-num-batched-tokens 512]
-        [--hf-batch-size 16] [--skip-hf] [--llamacpp-parallel 16] [--llamacpp-model FILE.gguf]
+        [--quantization auto|none|gguf|int8] [--hf-batch-size 16] [--skip-hf] [--llamacpp-parallel 16] [--llamacpp-model FILE.gguf]
         [--skip-llamacpp] [--skip-jaxllm] [--concurrency 1 4 16 64] [--plot PATH.png]
         [--warmup replay|short] [--quick] [--out PATH.json]
 
@@ -81,6 +81,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llamacpp_peer import LlamaCppRunner, runnable_gguf  # noqa: E402
+
+from jaxllm.cli_options import quantization_method  # noqa: E402
 
 PASSAGE = """\
 The history of computing is often told as a story of machines, but it is just as much a story \
@@ -210,6 +212,8 @@ def make_engine(args, model_dir: Path, max_num_seqs: int):
     options = {"max_model_len": args.max_model_len} if args.max_model_len else {}
     if args.prefill_first is not None:
         options["prefill_first"] = args.prefill_first == "on"
+    if args.quantization is not None:   # the model as given (default: the GGUF), its weights so
+        model_dir, options["quantization"] = args.model, args.quantization
     start = time.perf_counter()
     engine = Engine(model_dir, dtype=args.dtype, max_num_seqs=max_num_seqs,
                     max_num_batched_tokens=max(args.max_num_batched_tokens, max_num_seqs), **options)
@@ -255,6 +259,7 @@ def run_jaxllm(args, engine, init_s: float, workload, warm) -> dict:
     prompt_tokens, output_tokens = _token_counts(workload)
     m = [o.metrics for o in outputs]
     result = {
+        "quantization": engine.config.quantization,
         "max_num_seqs": engine.config.max_num_seqs,
         "max_num_batched_tokens": engine.config.max_num_batched_tokens,
         "engine_init_s": init_s,
@@ -514,6 +519,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workload", help="JSON list of {prompt_token_ids, max_tokens}")
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--quantization", type=quantization_method, default=None,
+                        help="jaxllm's weights (Engine's quantization: auto, none, gguf, int8); "
+                             "default: the float conversion of --model")
     parser.add_argument("--prefill-first", choices=("on", "off"), default=None,
                         help="EngineConfig.prefill_first (default: the platform's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)

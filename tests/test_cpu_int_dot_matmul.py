@@ -15,7 +15,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf_blocks import quantize
 
 from jaxllm.kernels import cpu_int_dot_matmul as idot
-from jaxllm.quantization import QuantizedWeight, dequantize, quantized_matmul, use_int_dot
+from jaxllm.quantization import (QuantizedWeight, dequantize, quantized_matmul,
+                                 reference_quantized_matmul, use_int_dot)
 from jaxllm.quantization.interleaved import FIELDS, deinterleave, interleave, interleaved_rows
 
 QTYPES = list(FIELDS)
@@ -94,7 +95,7 @@ def test_a_row_is_bitwise_the_same_whatever_the_other_rows(qtype):
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(rows=65), "unsupported x"), (dict(k=48), "unsupported x"), (dict(n=24), "unsupported x"),
+    (dict(rows=4097), "unsupported x"), (dict(k=48), "unsupported x"), (dict(n=24), "unsupported x"),
     (dict(width=19), "data must be uint8"), (dict(scale=True), "a float32 scale"),
 ])
 def test_bad_operands_raise_before_any_work(change, match):
@@ -118,7 +119,7 @@ def test_use_int_dot_moves_cpu_weights_and_keeps_the_product():
     np.testing.assert_array_equal(np.asarray(dequantize(a)), np.asarray(dequantize(params["a"])))
     rows = jnp.asarray([47, 0, 16])
     np.testing.assert_array_equal(np.asarray(dequantize(a, rows)), np.asarray(dequantize(params["a"], rows)))
-    for r in (1, 40):                                      # the kernel, and the reference past it
-        x = rng.standard_normal((r, 64)).astype(np.float32)
-        got = np.asarray(jax.jit(quantized_matmul)(jnp.asarray(x), a))
+    for fn in (quantized_matmul, reference_quantized_matmul):   # the kernel; the jnp reference
+        x = rng.standard_normal((40, 64)).astype(np.float32)
+        got = np.asarray(jax.jit(fn)(jnp.asarray(x), a))
         np.testing.assert_allclose(got, x @ w64.T, rtol=1e-4, atol=1e-4 * np.abs(x @ w64.T).max())

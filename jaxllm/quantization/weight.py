@@ -136,7 +136,7 @@ def quantized_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     if w.implementation == INT_DOT:
         from jaxllm.kernels import cpu_int_dot_matmul
 
-        if cpu_int_dot_matmul.supports(rows, k, n, w.qtype) and cpu_int_dot_matmul.is_faster(rows):
+        if cpu_int_dot_matmul.supports(rows, k, n, w.qtype):
             return cpu_int_dot_matmul.quantized_matmul(x, w.data, w.scale, qtype=w.qtype,
                                                         out_features=n).astype(x.dtype)
     if w.implementation == "cpu":
