@@ -4,12 +4,15 @@ after warm-up, acceptance counters; then one sharp check on the real SmolLM2."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 from conftest import make_tiny_llama, random_prompts
 from test_no_recompile import CompileEvents
 
 from jaxllm import Engine, SamplingParams
+from jaxllm.draft_model import tokenizer_mismatch
 
 PATTERN = [5, 17, 33, 92, 7, 61, 200, 3]
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
@@ -153,3 +156,27 @@ def test_smollm2_greedy_with_speculation_equals_without_it():
     assert spec.metrics.num_accepted_tokens >= 10
     assert stats["spec_decode_num_accepted_tokens"] == spec.metrics.num_accepted_tokens
     assert np.isclose(spec.outputs[0].cumulative_logprob, plain.outputs[0].cumulative_logprob, atol=1e-2)
+
+
+def test_a_draft_with_another_vocabulary_is_refused_before_loading(tiny_llama_dir, tiny_chat_llama_dir):
+    target, draft = str(tiny_llama_dir[0]), str(tiny_chat_llama_dir[0])
+    with pytest.raises(ValueError) as info:
+        Engine(target, speculative_config={"model": draft, "num_speculative_tokens": 2}, **OPTIONS)
+    message = str(info.value)
+    assert target in message and draft in message and "vocabulary sizes 256 vs 320" in message
+    with pytest.raises(ValueError, match=r"'num_layers'\] must be in \[1, 1\]"):
+        Engine(target, speculative_config={"method": "layer_skip", "num_layers": 2,
+                                           "num_speculative_tokens": 2}, **OPTIONS)
+
+
+def test_tokenizer_mismatch_compares_vocabularies_and_special_ids(tiny_chat_llama_dir):
+    tokenizer = tiny_chat_llama_dir[2]
+    assert tokenizer_mismatch(tokenizer, 320, copy.deepcopy(tokenizer), 320) == []
+    extra = copy.deepcopy(tokenizer)
+    extra.add_tokens(["<extra>"])
+    assert tokenizer_mismatch(tokenizer, 320, extra, 320) == ["their tokenizers' vocabularies differ"]
+    other_eos = copy.deepcopy(tokenizer)
+    other_eos.eos_token = "a"
+    assert tokenizer_mismatch(tokenizer, 320, other_eos, 320) == [
+        f"eos_token_id {tokenizer.eos_token_id} vs {other_eos.eos_token_id}"]
+    assert tokenizer_mismatch(tokenizer, 320, None, 320) == ["one has a tokenizer and the other none"]
