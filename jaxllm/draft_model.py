@@ -33,7 +33,9 @@ class DraftSource:
 
     model_dir: Path
     family: ModelFamily
+    hf_config: Any
     model_config: ModelConfig
+    gguf_file: Path | None   # the .gguf file it was converted from, if any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +86,7 @@ def open_draft(draft: str | os.PathLike, target_name: str, target_tokenizer: Any
     Raises:
         ValueError: naming both models and how their vocabularies differ.
     """
-    from jaxllm.model_source import resolve_model
+    from jaxllm.model_source import gguf_file, resolve_model
 
     model_dir = resolve_model(draft)
     hf_config = model_files.load_hf_config(model_dir)
@@ -95,16 +97,25 @@ def open_draft(draft: str | os.PathLike, target_name: str, target_tokenizer: Any
     if problems:
         raise ValueError(f"speculative_config: the draft model {str(draft)!r} does not share the "
                          f"target model {target_name!r}'s tokenizer: {'; '.join(problems)}")
-    return DraftSource(model_dir, family, config)
+    return DraftSource(model_dir, family, hf_config, config, gguf_file(draft))
 
 
 def load_draft(source: DraftSource, dtype: str, attention: Any, scan_layers: bool,
-               device: jax.Device | None) -> DraftModel:
-    """The draft's weights (dense, in the target's dtype) on the target's device."""
-    mc = source.model_config
-    params = source.family.load_params(source.model_dir, mc, np.dtype(jax.numpy.dtype(dtype)))
-    if not scan_layers:
-        params = unstack_layers(params, mc.num_hidden_layers)
+               device: jax.Device | None, quantization: str | None) -> DraftModel:
+    """The draft's weights in the target's dtype on the target's device; a GGUF draft keeps
+    its blocks when the target's ``quantization`` is "gguf", else it is dense."""
+    mc, np_dtype = source.model_config, np.dtype(jax.numpy.dtype(dtype))
+    if quantization == "gguf" and source.gguf_file is not None:
+        from jaxllm.quantization import matmul_implementation
+        from jaxllm.quantization.gguf_params import load_gguf_params
+
+        params = load_gguf_params(source.gguf_file, source.family, source.hf_config, mc, np_dtype,
+                                  scan_layers=scan_layers,
+                                  implementation=matmul_implementation(jax.default_backend()))
+    else:
+        params = source.family.load_params(source.model_dir, mc, np_dtype)
+        if not scan_layers:
+            params = unstack_layers(params, mc.num_hidden_layers)
     model = CausalLM(config=mc, dtype=jax.numpy.dtype(dtype), attention_fn=attention,
                      scan_layers=scan_layers, layer_cls=source.family.layer)
     return DraftModel(model, jax.device_put(params, device), mc)

@@ -233,7 +233,8 @@ def build_draft_proposer(config: SpeculativeConfig, engine: Any, source: DraftSo
         params, select = engine.model_runner.params, functools.partial(
             layer_skip_params, num_layers=config.num_layers)
     else:
-        draft = load_draft(source, c.dtype, get_attention(c.attention), c.scan_layers, engine.device)
+        draft = load_draft(source, c.dtype, get_attention(c.attention), c.scan_layers, engine.device,
+                           c.quantization)
         model, params, select = draft.model, draft.params, lambda params: params
     kv_cache = allocate_kv_cache(model.config, c.num_blocks, c.block_size, c.cache_dtype, engine.device)
     proposer = DraftProposer(config, c.max_model_len, model, params, kv_cache,
