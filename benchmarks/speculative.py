@@ -1,11 +1,14 @@
-"""Speculative decoding (n-gram prompt lookup): tokens/s with and without it, in one run.
+"""Speculative decoding: tokens/s with and without it, in one run.
 
     python benchmarks/speculative.py [--model PATH] [--k 4] [--single-tokens 200]
+        [--method ngram|layer_skip|draft_model] [--num-layers N] [--draft PATH]
         [--num-requests 64] [--skip-batch] [--quick] [--out PATH.json]
 
 Two engines on the same model, one at a time: ``Engine(model)`` and ``Engine(model,
-speculative_config={"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,
-"prompt_lookup_min": 2})``. Each measures, after an untimed warm-up of the same shapes:
+speculative_config=...)``: by default n-gram prompt lookup (``{"method": "ngram",
+"num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 2}``); with
+``--method layer_skip`` the target's first ``--num-layers`` layers as the draft; with
+``--draft PATH`` (method draft_model) a draft model of the same tokenizer. Each measures, after an untimed warm-up of the same shapes:
 
 - single stream, greedy, ``--single-tokens`` output tokens (ignore_eos), per prompt type:
   ``copy`` asks for a ~200-token Python function back with one rename (completion style: the
@@ -63,7 +66,12 @@ COPY_PROMPT = ("Original file:\n```python\n" + COPY_SOURCE + "```\n\nThe same fi
 CHAT_MESSAGE = "Tell me about the history of the city of Paris and what visitors can see there."
 
 
-def spec_config(k: int) -> dict[str, Any]:
+def spec_config(args: argparse.Namespace) -> dict[str, Any]:
+    k = args.k
+    if args.draft is not None:
+        return {"model": args.draft, "num_speculative_tokens": k}
+    if args.method == "layer_skip":
+        return {"method": "layer_skip", "num_layers": args.num_layers, "num_speculative_tokens": k}
     return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,
             "prompt_lookup_min": 2}
 
@@ -134,12 +142,17 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model dir / .gguf (default SmolLM2-135M)")
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--method", choices=("ngram", "layer_skip", "draft_model"), default="ngram")
+    parser.add_argument("--num-layers", type=int, default=8, help="layer_skip: the layers kept")
+    parser.add_argument("--draft", default=None, help="draft model dir / .gguf (method draft_model)")
     parser.add_argument("--single-tokens", type=int, default=200)
     parser.add_argument("--num-requests", type=int, default=DEFAULTS["num_requests"])
     parser.add_argument("--skip-batch", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if (args.method == "draft_model") != (args.draft is not None):
+        parser.error("--draft goes with (and only with) --method draft_model")
     workloads = None
     if not args.skip_batch:
         sizes = dict(DEFAULTS, num_requests=args.num_requests, seed=0, workload=None)
@@ -155,8 +168,8 @@ def main(argv=None) -> dict:
                 for r in workload]
         workloads = (workload, warm)
     plain = measure(args, None, workloads)
-    spec = measure(args, spec_config(args.k), workloads)
-    result = {"machine": machine_description(), "k": args.k, "plain": plain, "speculative": spec,
+    spec = measure(args, spec_config(args), workloads)
+    result = {"machine": machine_description(), "speculative_config": spec_config(args), "plain": plain, "speculative": spec,
               "note": "noisy shared machine: compare ratios within one run"}
     print(f"{'':<8}{'plain tok/s':>12}{'spec tok/s':>12}{'ratio':>8}{'accepted':>10}{'same':>6}")
     for name in plain["single"]:

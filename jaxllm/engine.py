@@ -22,6 +22,8 @@ import tqdm.auto as tqdm
 from jaxllm import model_files, multihost, strategy_examples
 from jaxllm.buckets import BucketPolicy
 from jaxllm.config import EngineConfig
+from jaxllm.draft_model import check_draft
+from jaxllm.draft_proposer import build_draft_proposer
 from jaxllm.executor import Executor, RequestHandle
 from jaxllm.input_processor import InputProcessor, PromptType
 from jaxllm.kernels import get_attention
@@ -99,6 +101,9 @@ class Engine:
         check_supported(c.kv_cache_dtype, c.attention, (devices or jax.devices())[0])
         self.tokenizer = model_files.load_tokenizer(self.model_dir)
         self.eos_token_ids = model_files.eos_token_ids(self.model_dir, hf_config, self.tokenizer)
+        spec = c.speculative_config
+        draft_source = check_draft(spec, str(model or self.model_dir), self.tokenizer,
+                                   self.model_config, c.tensor_parallel_size)
         strategy_examples.register_examples()
         # Checked at this engine's shape: failing ones are left out, refused at submission.
         self.strategies, refused = engine_strategies(c.max_num_seqs, self.model_config.vocab_size,
@@ -111,13 +116,15 @@ class Engine:
                     self.max_num_cached_tokens)
         self.lora = (LoRAServing(self.family, self.model_config, c.max_loras, c.max_lora_rank,
                                  jax.numpy.dtype(c.dtype), self.device) if c.enable_lora else None)
-        spec = c.speculative_config
+        ngram = spec is not None and spec.method == "ngram"
         self.scheduler = Scheduler(self.kv_cache_manager, c.max_num_seqs, c.max_num_batched_tokens,
-                                   c.prefill_first, NgramProposer(spec, c.max_model_len) if spec else None,
+                                   c.prefill_first, NgramProposer(spec, c.max_model_len) if ngram else None,
                                    self.lora and self.lora.slots)
         self.bucket_policy = BucketPolicy.from_config(c, self.platform)
         self.model_runner = self._build_runner()
         self.model_runner.lora = self.lora
+        if spec is not None and not ngram:   # a draft model (or the target's first layers)
+            self.scheduler.proposer = build_draft_proposer(spec, self, draft_source)
         # Several processes (jax.distributed): process 0 runs the requests, the others replay
         # its steps, its warm-up included (``jaxllm.multihost``).
         self.multihost = multihost.MultiHost.attach(self.model_runner) if jax.process_count() > 1 else None

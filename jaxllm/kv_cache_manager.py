@@ -172,7 +172,9 @@ class KVCacheManager:
         """
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        # Not past its known tokens: a step in flight may compute proposals (speculative
+        # decoding) behind the step whose outputs are being recorded.
+        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
         if num_full <= seq.num_registered_blocks:
             return
         self._update_block_hashes(seq)

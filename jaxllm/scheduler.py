@@ -32,7 +32,7 @@ import time
 from jaxllm.kv_cache_manager import KVCacheManager
 from jaxllm.lora.slots import LoRASlots
 from jaxllm.sequence import Sequence, SequenceStatus
-from jaxllm.speculative import NgramProposer
+from jaxllm.speculative import Proposer
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -85,7 +85,7 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
                  max_num_batched_tokens: int, prefill_first: bool = False,
-                 proposer: NgramProposer | None = None, lora_slots: LoRASlots | None = None) -> None:
+                 proposer: Proposer | None = None, lora_slots: LoRASlots | None = None) -> None:
         self.kv_cache_manager = kv_cache_manager
         self.proposer = proposer
         self.lora_slots = lora_slots  # with LoRA serving: a request waits for its adapter's slot
@@ -215,6 +215,8 @@ class Scheduler:
                 kv.allocate(seq, num_new)
                 scheduled.append(ScheduledSequence(seq, num_new, drafts))
                 budget -= num_new
+        if speculating:
+            scheduled = proposer.complete(scheduled)
 
         # Admit waiting sequences only when nothing had to be preempted this step.
         while not preempted and budget > 0:

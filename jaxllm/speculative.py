@@ -1,8 +1,12 @@
 """Speculative decoding on the host (no jax): the config, the n-gram proposer, per-row policy.
 
 ``Engine(model, speculative_config={"method": "ngram", "num_speculative_tokens": k,
-"prompt_lookup_max": 4, "prompt_lookup_min": 2})`` (vLLM's keys). Each step the scheduler asks
-the proposer for up to k tokens for every decode row that may speculate; a row with d > 0
+"prompt_lookup_max": 4, "prompt_lookup_min": 2})`` (vLLM's keys), or a draft model:
+``{"model": path_or_id, "num_speculative_tokens": k}`` or ``{"method": "layer_skip",
+"num_layers": n, "num_speculative_tokens": k}`` (the target's first n layers and its head;
+both in ``jaxllm.draft_proposer``). Each step the scheduler asks the proposer for up to k
+tokens for every decode row that may speculate (a draft model fills them in for all its rows
+at once, ``Proposer.complete``); a row with d > 0
 proposals computes its last token and the d proposals (one ragged row of d + 1 tokens), the
 compiled step verifies them (``jaxllm.rejection_sampler``), and the row emits 1 .. d + 1
 tokens. The scheduler rolls back the positions of rejected proposals.
@@ -22,16 +26,20 @@ When speculation pays (``when_to_speculate``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from jaxllm.sequence import Sequence
 
+if TYPE_CHECKING:   # the scheduler imports this module
+    from jaxllm.scheduler import ScheduledSequence
+
 WINDOW = 16                 # steps per acceptance window
 MIN_ACCEPTED_PER_STEP = 0.3  # below this many accepted tokens per step, a row backs off
 MAX_SPECULATIVE_TOKENS = 16
 DEFAULT_DISABLE_BY_BATCH_SIZE = 4
+METHODS = ("ngram", "draft_model", "layer_skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +47,14 @@ class SpeculativeConfig:
     """Validated ``speculative_config`` (vLLM's keys).
 
     Attributes:
-        method: "ngram" (prompt lookup in the request's own tokens).
+        method: "ngram" (prompt lookup in the request's own tokens), "draft_model" (a smaller
+            model with the target's tokenizer; the default when ``model`` is given) or
+            "layer_skip" (the target's first ``num_layers`` layers, its final norm and head).
         num_speculative_tokens: k, the most tokens proposed per row and step.
         prompt_lookup_max, prompt_lookup_min: the longest and shortest suffix n-gram looked up.
         disable_by_batch_size: speculate only in steps where at most this many sequences run.
+        model: the draft model (a local HF directory, a .gguf file or a hub id).
+        num_layers: the layers a layer-skip draft keeps.
     """
 
     method: str
@@ -50,6 +62,8 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
     disable_by_batch_size: int = DEFAULT_DISABLE_BY_BATCH_SIZE
+    model: str | None = None
+    num_layers: int | None = None
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> SpeculativeConfig:
@@ -57,22 +71,29 @@ class SpeculativeConfig:
         if not isinstance(config, dict):
             raise ValueError(f"speculative_config must be a dict, got {type(config).__name__}")
         if "model" in config:
-            raise ValueError("speculative_config: draft models ('model') are not supported yet; "
-                             "use {'method': 'ngram', ...}")
+            config = {"method": "draft_model", **config}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"speculative_config: unknown key(s) {unknown} (known: {sorted(known)})")
-        if config.get("method") != "ngram":
-            raise ValueError(f"speculative_config['method'] must be 'ngram', got {config.get('method')!r}")
+        method = config.get("method")
+        if method not in METHODS:
+            raise ValueError(f"speculative_config['method'] must be one of {METHODS}, got {method!r}")
         if "num_speculative_tokens" not in config:
             raise ValueError("speculative_config needs 'num_speculative_tokens'")
+        needs = {"draft_model": "model", "layer_skip": "num_layers"}
+        for other, key in needs.items():
+            if (method == other) != (key in config):
+                raise ValueError(f"speculative_config[{key!r}] goes with (and only with) method "
+                                 f"{other!r}; got method {method!r}")
         return cls(**config)
 
     def __post_init__(self) -> None:
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-                     "disable_by_batch_size"):
+                     "disable_by_batch_size", "num_layers"):
             value = getattr(self, name)
+            if value is None and name == "num_layers":
+                continue
             if type(value) is not int or value < 1:
                 raise ValueError(f"speculative_config[{name!r}] must be a positive integer, got {value!r}")
         if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
@@ -126,8 +147,8 @@ class SpecState:
             self.window_steps = self.window_accepted = 0
 
 
-class NgramProposer:
-    """Proposes tokens for decode rows from their own prompt and output (prompt lookup)."""
+class Proposer:
+    """What the scheduler asks of a proposer: which rows speculate, and their proposals."""
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
         self.config = config
@@ -154,12 +175,29 @@ class NgramProposer:
         if seq.spec is not None and seq.spec.backoff_steps:
             seq.spec.backoff_steps -= 1
 
-    def propose(self, seq: Sequence) -> list[int]:
-        """Up to k tokens for ``seq`` (all its tokens on the host), never past max_tokens or
-        max_model_len: a row of d proposals emits up to d + 1 tokens."""
+    def room(self, seq: Sequence) -> int:
+        """How many tokens ``seq`` may propose (all its tokens on the host): at most k, never
+        past max_tokens or max_model_len, as a row of d proposals emits up to d + 1 tokens."""
         params = seq.request.sampling_params
         room = min(params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
-        k = min(self.config.num_speculative_tokens, room)
+        return max(0, min(self.config.num_speculative_tokens, room))
+
+    def propose(self, seq: Sequence) -> list[int]:
+        """Up to ``room(seq)`` proposals for ``seq`` (their count, as for a draft model, may
+        be all that is known before ``complete``)."""
+        raise NotImplementedError
+
+    def complete(self, scheduled: list[ScheduledSequence]) -> list[ScheduledSequence]:
+        """The step's rows with their final proposals: as proposed, unless a proposer fills
+        them in for all rows at once."""
+        return scheduled
+
+
+class NgramProposer(Proposer):
+    """Proposes tokens for decode rows from their own prompt and output (prompt lookup)."""
+
+    def propose(self, seq: Sequence) -> list[int]:
+        k = self.room(seq)
         if k <= 0:
             return []
         tokens = np.asarray(seq.token_ids, np.int64)

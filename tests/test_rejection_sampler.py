@@ -30,14 +30,16 @@ def test_ngram_proposal_takes_the_latest_longest_match():
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"method": "eagle", "num_speculative_tokens": 3}, "must be 'ngram', got 'eagle'"),
+    ({"method": "eagle", "num_speculative_tokens": 3}, "must be one of .*, got 'eagle'"),
     ({"method": "ngram"}, "needs 'num_speculative_tokens'"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "positive integer"),
     ({"method": "ngram", "num_speculative_tokens": 3.0}, "positive integer"),
     ({"method": "ngram", "num_speculative_tokens": 99}, "at most 16"),
     ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 5}, "exceeds prompt_lookup_max"),
     ({"method": "ngram", "num_speculative_tokens": 3, "lookahead": 2}, "unknown key"),
-    ({"model": "some/draft", "num_speculative_tokens": 3}, "draft models"),
+    ({"method": "ngram", "model": "some/draft", "num_speculative_tokens": 3}, r"\['model'\] goes with"),
+    ({"method": "layer_skip", "num_speculative_tokens": 3}, r"\['num_layers'\] goes with"),
+    ({"method": "layer_skip", "num_layers": 0, "num_speculative_tokens": 3}, "positive integer"),
     ("ngram", "must be a dict"),
 ])
 def test_speculative_config_refuses_bad_input(config, message):
@@ -72,30 +74,45 @@ def _chi_square(draws: np.ndarray, probs: np.ndarray) -> float:
     return stats.chisquare(counts[keep], probs[keep] / probs[keep].sum() * counts.sum()).pvalue
 
 
-def test_point_mass_verification_draws_each_position_from_the_target():
-    """N-gram proposals: many seeded rows verify the same two proposals. The first emitted
-    token follows the target p_0 whatever the proposal; after an accepted first proposal, the
-    next follows p_1; with top_k the target is the truncated distribution."""
+@jax.jit
+def _verify_rows(logits: jax.Array, sampling: SamplingTensors, drafts: jax.Array
+                 ) -> rejection_sampler.Verified:
+    """``verify`` of rows [S] that all score the same 3 positions ``logits`` [3, V]."""
+    return rejection_sampler.verify(Sampler(), lambda x: x, logits, jnp.full(drafts.shape[0], 2),
+                                    drafts, sampling, jnp.zeros((1, logits.shape[1]), jnp.int32))
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_point_mass_verification_draws_each_position_from_the_target(proposer):
+    """Many seeded rows verify two proposals each: the same ones for every row (n-gram), or
+    each row's own, drawn from a draft distribution q (a draft model's greedy tokens are a
+    point mass per row). The first emitted token follows the target p_0 whatever the
+    proposals; after an accepted first proposal, the next follows p_1; with top_k the target
+    is the truncated distribution."""
     vocab, num_rows = 6, 20000
     logits = jnp.array([[2.0, 1.0, 0.5, 0.0, -1.0, 0.3],
                         [0.0, 1.5, 1.5, -0.5, 0.2, 1.0],
                         [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
-    drafts = jnp.tile(jnp.array([[1, 2]], jnp.int32), (num_rows, 1))
+    q = np.array([0.1, 0.4, 0.3, 0.1, 0.05, 0.05])
+    if proposer == "ngram":
+        drafts = np.tile(np.array([[1, 2]], np.int32), (num_rows, 1))
+    else:
+        drafts = np.random.default_rng(0).choice(vocab, (num_rows, 2), p=q).astype(np.int32)
     for top_k in (0, 4):
         sampling = SamplingTensors.build(num_rows, temperature=1.0, top_k=top_k,
                                          seeds=np.arange(num_rows), samples=True)
-        verified = jax.jit(lambda s, d: rejection_sampler.verify(
-            Sampler(), lambda x: x, logits, jnp.full(num_rows, 2), d, s,
-            jnp.zeros((1, vocab), jnp.int32)))(sampling, drafts)
+        verified = _verify_rows(logits, sampling, jnp.asarray(drafts))
         tokens, accepted = np.asarray(verified.token_ids), np.asarray(verified.num_accepted)
         target = np.asarray(jax.nn.softmax(logits, axis=-1))
         if top_k:
             target = np.where(np.argsort(np.argsort(-target, axis=-1), axis=-1) < top_k, target, 0)
         assert _chi_square(tokens[:, 0], target[0]) > P_MIN
         assert _chi_square(tokens[accepted >= 1, 1], target[1]) > P_MIN
-        np.testing.assert_allclose(np.mean(accepted >= 1), target[0, 1] / target[0].sum(), atol=0.01)
-        # emitted tokens: proposals while accepted, so position 0 equals proposal 1 exactly then
-        assert np.all(tokens[accepted >= 1, 0] == 1)
+        p_first = target[0] / target[0].sum()
+        expected = p_first[1] if proposer == "ngram" else (q * p_first).sum()
+        np.testing.assert_allclose(np.mean(accepted >= 1), expected, atol=0.01)
+        # emitted tokens: proposals while accepted
+        assert np.all(tokens[accepted >= 1, 0] == drafts[accepted >= 1, 0])
 
 
 def test_rejection_sample_with_a_draft_distribution_keeps_the_target_distribution():

@@ -4,12 +4,15 @@ after warm-up, acceptance counters; then one sharp check on the real SmolLM2."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
-from conftest import random_prompts
+from conftest import make_tiny_llama, random_prompts
 from test_no_recompile import CompileEvents
 
 from jaxllm import Engine, SamplingParams
+from jaxllm.draft_model import tokenizer_mismatch
 
 PATTERN = [5, 17, 33, 92, 7, 61, 200, 3]
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
@@ -38,8 +41,10 @@ def _summary(outputs):
             for o in outputs]
 
 
-def test_speculation_gives_the_same_tokens_and_compiles_nothing(spec_engine, tiny):
-    baseline, _ = tiny
+def _workload(baseline: Engine) -> tuple[list, list, int]:
+    """Prompts and params for every kind of row: greedy, ending inside a verified run, stop
+    tokens, seeded sampling with penalties, top-p with bias and min_tokens, logprobs (never
+    speculates); and the stop token of the third."""
     cycle = _cycle_prompt(baseline)
     greedy = baseline.generate(cycle, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
     stop_id = greedy.outputs[0].token_ids[12]   # the greedy continuation stops there or before
@@ -57,6 +62,12 @@ def test_speculation_gives_the_same_tokens_and_compiles_nothing(spec_engine, tin
                        min_tokens=4, stop_token_ids=[stop_id]),
         SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2),  # never speculates
     ]
+    return prompts, params, stop_id
+
+
+def test_speculation_gives_the_same_tokens_and_compiles_nothing(spec_engine, tiny):
+    baseline, _ = tiny
+    prompts, params, stop_id = _workload(baseline)
     expected = _summary(baseline.generate(prompts, params, use_tqdm=False))
     compiled = spec_engine.stats()["num_compilations"]
     with CompileEvents() as events:
@@ -67,19 +78,57 @@ def test_speculation_gives_the_same_tokens_and_compiles_nothing(spec_engine, tin
     assert _summary([alone]) == expected[4:5]
     assert outputs[1].outputs[0].token_ids == expected[0][0][:7]
     assert expected[2][1:] == ("stop", stop_id)
+    _check_counters(spec_engine, [*outputs, alone])
+    assert outputs[0].metrics.num_accepted_tokens > 10        # the cycle is copied
+    # fewer steps than tokens: some steps emitted several tokens of a row
+    assert spec_engine.stats()["num_generated_tokens"] > spec_engine.stats()["num_steps"]
 
-    stats = spec_engine.stats()
+
+def _check_counters(engine: Engine, outputs: list) -> None:
+    """Preemption happened, every block came back, and the counters add up (engine-wide,
+    per request, per position); the request asking for logprobs (8th) never speculated."""
+    stats = engine.stats()
     assert stats["num_preemptions"] > 0 and stats["kv_blocks_used"] == 0
     assert stats["spec_decode_num_drafts"] > 0
-    assert 0 < stats["spec_decode_num_accepted_tokens"] <= stats["spec_decode_num_draft_tokens"]
+    assert 0 <= stats["spec_decode_num_accepted_tokens"] <= stats["spec_decode_num_draft_tokens"]
     assert sum(stats["spec_decode_num_accepted_tokens_per_pos"]) == stats["spec_decode_num_accepted_tokens"]
-    metrics = [o.metrics for o in [*outputs, alone]]
+    metrics = [o.metrics for o in outputs]
     assert sum(m.num_draft_tokens for m in metrics) == stats["spec_decode_num_draft_tokens"]
     assert sum(m.num_accepted_tokens for m in metrics) == stats["spec_decode_num_accepted_tokens"]
-    assert metrics[0].num_accepted_tokens > 10        # the cycle is copied
-    assert metrics[-2].num_draft_tokens == 0          # logprobs: plain decodes
-    # fewer steps than tokens: some steps emitted several tokens of a row
-    assert stats["num_generated_tokens"] > stats["num_steps"]
+    assert metrics[7].num_draft_tokens == 0
+
+
+@pytest.fixture(scope="module")
+def other_draft_dir(tmp_path_factory):
+    """A different tiny random Llama (1 layer, narrower) with the tiny Llama's vocabulary."""
+    path = tmp_path_factory.mktemp("tiny_draft")
+    make_tiny_llama(path, seed=1, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    return path
+
+
+@pytest.mark.parametrize("draft", ["itself", "other", "layer_skip"])
+def test_draft_model_gives_the_same_tokens_and_compiles_nothing(draft, tiny, tiny_llama_dir,
+                                                                other_draft_dir):
+    """A draft model run by the engine (its own KV cache, kept in sync across chunked
+    catch-up, rollback and preemption): the tokens of plain decoding. The target as its own
+    draft proposes the target's greedy tokens: greedy rows accept nearly all (a broken sync
+    would feed it stale K/V)."""
+    baseline, _ = tiny
+    prompts, params, _ = _workload(baseline)
+    expected = _summary(baseline.generate(prompts, params, use_tqdm=False))
+    path = str(tiny_llama_dir[0])
+    spec = {"num_speculative_tokens": 3, **(
+        {"method": "layer_skip", "num_layers": 1} if draft == "layer_skip"
+        else {"model": path if draft == "itself" else str(other_draft_dir)})}
+    with Engine(path, speculative_config=spec, **OPTIONS) as engine:
+        with CompileEvents() as events:
+            outputs = engine.generate(prompts, params, use_tqdm=False)
+        assert events.names == []
+        assert _summary(outputs) == expected
+        _check_counters(engine, outputs)
+    if draft == "itself":
+        greedy = [o.metrics for o in outputs[:4]]
+        assert sum(m.num_accepted_tokens for m in greedy) >= 0.9 * sum(m.num_draft_tokens for m in greedy) > 0
 
 
 COPY_SOURCE = '''def moving_average(values, window):
@@ -107,3 +156,27 @@ def test_smollm2_greedy_with_speculation_equals_without_it():
     assert spec.metrics.num_accepted_tokens >= 10
     assert stats["spec_decode_num_accepted_tokens"] == spec.metrics.num_accepted_tokens
     assert np.isclose(spec.outputs[0].cumulative_logprob, plain.outputs[0].cumulative_logprob, atol=1e-2)
+
+
+def test_a_draft_with_another_vocabulary_is_refused_before_loading(tiny_llama_dir, tiny_chat_llama_dir):
+    target, draft = str(tiny_llama_dir[0]), str(tiny_chat_llama_dir[0])
+    with pytest.raises(ValueError) as info:
+        Engine(target, speculative_config={"model": draft, "num_speculative_tokens": 2}, **OPTIONS)
+    message = str(info.value)
+    assert target in message and draft in message and "vocabulary sizes 256 vs 320" in message
+    with pytest.raises(ValueError, match=r"'num_layers'\] must be in \[1, 1\]"):
+        Engine(target, speculative_config={"method": "layer_skip", "num_layers": 2,
+                                           "num_speculative_tokens": 2}, **OPTIONS)
+
+
+def test_tokenizer_mismatch_compares_vocabularies_and_special_ids(tiny_chat_llama_dir):
+    tokenizer = tiny_chat_llama_dir[2]
+    assert tokenizer_mismatch(tokenizer, 320, copy.deepcopy(tokenizer), 320) == []
+    extra = copy.deepcopy(tokenizer)
+    extra.add_tokens(["<extra>"])
+    assert tokenizer_mismatch(tokenizer, 320, extra, 320) == ["their tokenizers' vocabularies differ"]
+    other_eos = copy.deepcopy(tokenizer)
+    other_eos.eos_token = "a"
+    assert tokenizer_mismatch(tokenizer, 320, other_eos, 320) == [
+        f"eos_token_id {tokenizer.eos_token_id} vs {other_eos.eos_token_id}"]
+    assert tokenizer_mismatch(tokenizer, 320, None, 320) == ["one has a tokenizer and the other none"]
