@@ -106,12 +106,12 @@ def load_draft(source: DraftSource, dtype: str, attention: Any, scan_layers: boo
     its blocks when the target's ``quantization`` is "gguf", else it is dense."""
     mc, np_dtype = source.model_config, np.dtype(jax.numpy.dtype(dtype))
     if quantization == "gguf" and source.gguf_file is not None:
-        from jaxllm.quantization import matmul_implementation
+        from jaxllm.quantization import matmul_implementation, use_int_dot
         from jaxllm.quantization.gguf_params import load_gguf_params
 
-        params = load_gguf_params(source.gguf_file, source.family, source.hf_config, mc, np_dtype,
-                                  scan_layers=scan_layers,
-                                  implementation=matmul_implementation(jax.default_backend()))
+        params = use_int_dot(load_gguf_params(
+            source.gguf_file, source.family, source.hf_config, mc, np_dtype,
+            scan_layers=scan_layers, implementation=matmul_implementation(jax.default_backend())))
     else:
         params = source.family.load_params(source.model_dir, mc, np_dtype)
         if not scan_layers:
