@@ -123,3 +123,19 @@ def test_use_int_dot_moves_cpu_weights_and_keeps_the_product():
         x = rng.standard_normal((40, 64)).astype(np.float32)
         got = np.asarray(jax.jit(fn)(jnp.asarray(x), a))
         np.testing.assert_allclose(got, x @ w64.T, rtol=1e-4, atol=1e-4 * np.abs(x @ w64.T).max())
+
+
+@pytest.mark.parametrize("implementation", ["cpu_int_dot", "cpu", "reference"])
+def test_gradient_through_a_quantized_weight_is_the_dequantized_transpose(implementation):
+    """LoRA training over a quantized base: d(x @ w.T)/dx = dy @ w whatever kernel ran forward
+    (the FFI kernels have no derivative of their own); the packed weight gets no gradient."""
+    rng = np.random.default_rng(4)
+    data, _, w64 = _weights("Q4_1", 48, 64, rng)
+    w = use_int_dot(QuantizedWeight(data, None, "Q4_1", (48, 64), "cpu"))
+    w = w if implementation == "cpu_int_dot" else QuantizedWeight(data, None, "Q4_1", (48, 64),
+                                                                  implementation)
+    assert w.implementation == implementation
+    x = jnp.asarray(rng.standard_normal((24, 64)), jnp.float32)
+    dy = rng.standard_normal((24, 48)).astype(np.float32)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(quantized_matmul(x, w) * dy)))(x)
+    np.testing.assert_allclose(np.asarray(grad), dy @ w64, rtol=1e-4, atol=1e-4 * np.abs(dy @ w64).max())

@@ -91,14 +91,14 @@ def run_checks(cases: list) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def assert_matches_one_device(report: dict, kv_heads: dict[str, int]) -> None:
-    """Every check: same tokens, logprobs within 1e-4, q|k|v and down_proj split Megatron-style,
+def assert_matches_one_device(report: dict, kv_heads: dict[str, int], tolerance: float = 1e-4) -> None:
+    """Every check: same tokens, logprobs within ``tolerance``, q|k|v and down_proj split Megatron-style,
     the KV cache split over ``kv_heads[check]`` kv heads (the model's, or replicated ones)."""
     assert sorted(report) == sorted(kv_heads)
     for check, r in report.items():
         tp = int(check.split("tp")[-1])
         assert r["same_tokens"], check
-        assert r["max_logprob_diff"] < 1e-4, (check, r["max_logprob_diff"])
+        assert r["max_logprob_diff"] < tolerance, (check, r["max_logprob_diff"])
         assert r["qkv_spec"][-2:] == ["None", "tp"] and r["down_spec"][-2:] == ["tp", "None"], check
         assert r["qkv_shard"][-1] * tp == r["qkv_shape"][-1], check
         assert r["cache_spec"] == ["None", "None", "None", "tp"] and r["devices"] == tp, check
@@ -117,8 +117,13 @@ def test_tensor_parallel_matches_one_device(models):
 
 @pytest.mark.slow
 def test_smollm2_tensor_parallel_3_matches_one_device():
-    """The default model: 9 query heads and 3 kv heads, one of each kind per device at 3."""
-    assert_matches_one_device(run_checks([("smollm2", None, [3], {})]), {"smollm2/tp3": 3})
+    """The default model: 9 query heads and 3 kv heads, one of each kind per device at 3.
+
+    Its Q4_1 blocks run the integer-dot kernel on one device (x rounded to int16 per block of
+    32: logprobs move by ~1e-3) and the float-x kernel when split (the interleaved layout is
+    not split), hence the looser logprob bound; the tokens must still be the same."""
+    assert_matches_one_device(run_checks([("smollm2", None, [3], {})]), {"smollm2/tp3": 3},
+                              tolerance=3e-3)
 
 
 @pytest.mark.parametrize(("name", "size", "message"), [

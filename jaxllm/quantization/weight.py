@@ -132,6 +132,14 @@ def quantized_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     if x.ndim != 2 or x.shape[1] != w.in_features or w.data.ndim != 2:
         raise ValueError(f"quantized_matmul takes x [R, {w.in_features}] and one [N, K] weight; "
                          f"got x {x.shape}, data {w.data.shape}")
+    return _differentiable_matmul(x, w)
+
+
+@jax.custom_vjp
+def _differentiable_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """``quantized_matmul``'s dispatch. Its backward pass (LoRA training over a quantized base)
+    differentiates the reference, which XLA can, where the FFI kernels cannot be; the packed
+    weights are frozen: their cotangent is zero."""
     rows, (n, k) = x.shape[0], w.shape
     if w.implementation == INT_DOT:
         from jaxllm.kernels import cpu_int_dot_matmul
@@ -146,6 +154,21 @@ def quantized_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
             return cpu_quant_matmul.quantized_matmul(x, w.data, w.scale, qtype=w.qtype,
                                                      out_features=n).astype(x.dtype)
     return reference_quantized_matmul(x, w)
+
+
+def _matmul_forward(x: jax.Array, w: QuantizedWeight) -> tuple[jax.Array, tuple]:
+    return _differentiable_matmul(x, w), (x, w)
+
+
+def _matmul_backward(residuals: tuple, dy: jax.Array) -> tuple[jax.Array, QuantizedWeight]:
+    x, w = residuals
+    _, pullback = jax.vjp(lambda x: reference_quantized_matmul(x, w), x)
+    frozen = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0)
+                          if jnp.issubdtype(a.dtype, jnp.integer) else jnp.zeros_like(a), w)
+    return pullback(dy)[0], frozen
+
+
+_differentiable_matmul.defvjp(_matmul_forward, _matmul_backward)
 
 
 # Rows of w dequantized at a time by the reference: a [1024, K] float32 tile stays in cache
