@@ -11,6 +11,11 @@ import pytest
 
 # Keep tests hermetic: never reach a hub, keep converted models and XLA caches per session.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# torch (the transformers/peft reference) on one thread: beside the engine's XLA threads on a
+# 2-core machine, its 2-thread OpenMP pool spin-waits for a busy core, ~4-10x slower (SmolLM2's
+# greedy comparison: 92 s -> 21 s under load). Set before torch is imported. (jaxllm's own C++
+# kernels do not use OpenMP, XLA has its own pool: only the reference runs single-threaded.)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def make_tiny_llama(path: Path, seed: int = 0, **overrides):

@@ -77,11 +77,27 @@ def tiny(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def engine_of(tiny):
+    """name -> an engine (ENGINE_OPTIONS) over that family's tiny model, built once per module:
+    the config, logits and greedy tests of a family share it (the logits check drives
+    ``engine.model`` on a cache of its own, so it leaves the engine as it found it)."""
+    engines = {}
+
+    def get(name: str):
+        if name not in engines:
+            engines[name] = Engine(str(tiny(name)[0]), **ENGINE_OPTIONS)
+        return engines[name]
+
+    yield get
+    for engine in engines.values():
+        engine.shutdown()
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_family_config_is_read_explicitly(tiny, name):
-    path, _ = tiny(name)
-    with Engine(str(path), **ENGINE_OPTIONS) as engine:
-        c = engine.model_config
+def test_family_config_is_read_explicitly(engine_of, name):
+    engine = engine_of(name)
+    c = engine.model_config
     expected_windows = {"mistral": (8, 8), "qwen2": (0, 8, 8), "qwen3": (0, 0),
                         "gemma3": (8, 0, 8), "phi3": (8, 8)}[name]
     assert c.layer_windows == expected_windows
@@ -97,10 +113,8 @@ def test_family_config_is_read_explicitly(tiny, name):
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_family_logits_match_hf_at_every_step(tiny, name):
-    path, hf_model = tiny(name)
-    with Engine(str(path), **ENGINE_OPTIONS) as engine:
-        assert logits_match(engine, hf_model, (3, 17, 45), num_decodes=10) == 3 * 10
+def test_family_logits_match_hf_at_every_step(tiny, engine_of, name):
+    assert logits_match(engine_of(name), tiny(name)[1], (3, 17, 45), num_decodes=10) == 3 * 10
 
 
 @pytest.mark.parametrize("name", SCANNED)
@@ -113,12 +127,11 @@ def test_scanned_layers_with_per_layer_windows_match_hf(tiny, name):
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_family_engine_greedy_32_tokens_match_hf_generate(tiny, name):
-    path, hf_model = tiny(name)
+def test_family_engine_greedy_32_tokens_match_hf_generate(tiny, engine_of, name):
+    hf_model = tiny(name)[1]
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, 256, n).tolist() for n in (1, 9, 40)]
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    with Engine(str(path), **ENGINE_OPTIONS) as engine:
-        outputs = engine.generate(prompts, params, use_tqdm=False)
+    outputs = engine_of(name).generate(prompts, params, use_tqdm=False)
     for prompt, output in zip(prompts, outputs):
         assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 32)

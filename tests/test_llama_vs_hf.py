@@ -34,21 +34,31 @@ def tiny(request, tmp_path_factory):
     return path, model
 
 
-@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
-def test_model_logits_match_hf_at_every_step(tiny, scan_layers):
+@pytest.fixture(scope="module")
+def unrolled_engine(tiny):
+    """The config's engine with unrolled layers, shared by its logits and greedy tests (the
+    logits check drives ``engine.model`` on a cache of its own)."""
+    with Engine(str(tiny[0]), **ENGINE_OPTIONS) as engine:
+        yield engine
+
+
+def test_model_logits_match_hf_at_every_step(tiny, unrolled_engine):
     """Prefill (chunked: budget 32 < prompt) and every decode step, through the paged path."""
+    assert logits_match(unrolled_engine, tiny[1], (3, 17, 45), num_decodes=12) == 3 * 12
+
+
+def test_scanned_model_logits_match_hf_at_every_step(tiny):
     path, hf_model = tiny
-    with Engine(str(path), scan_layers=scan_layers, **ENGINE_OPTIONS) as engine:
+    with Engine(str(path), scan_layers=True, **ENGINE_OPTIONS) as engine:
         assert logits_match(engine, hf_model, (3, 17, 45), num_decodes=12) == 3 * 12
 
 
-def test_engine_greedy_32_tokens_match_hf_generate(tiny):
-    path, hf_model = tiny
+def test_engine_greedy_32_tokens_match_hf_generate(tiny, unrolled_engine):
+    hf_model = tiny[1]
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, 256, n).tolist() for n in (1, 9, 40)]
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    with Engine(str(path), **ENGINE_OPTIONS) as engine:
-        outputs = engine.generate(prompts, params, use_tqdm=False)
+    outputs = unrolled_engine.generate(prompts, params, use_tqdm=False)
     for prompt, output in zip(prompts, outputs):
         assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, 32)
         assert output.outputs[0].finish_reason == "length"
