@@ -1,6 +1,6 @@
 """Speculative decoding: tokens/s with and without it, in one run.
 
-    python benchmarks/speculative.py [--model PATH] [--k 4] [--single-tokens 200]
+    python benchmarks/speculative.py [--model PATH] [--k 4] [--single-tokens 200] [--repeats 3]
         [--method ngram|layer_skip|draft_model] [--num-layers N] [--draft PATH]
         [--num-requests 64] [--skip-batch] [--quick] [--out PATH.json]
 
@@ -8,13 +8,15 @@ Two engines on the same model, one at a time: ``Engine(model)`` and ``Engine(mod
 speculative_config=...)``: by default n-gram prompt lookup (``{"method": "ngram",
 "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 2}``); with
 ``--method layer_skip`` the target's first ``--num-layers`` layers as the draft; with
-``--draft PATH`` (method draft_model) a draft model of the same tokenizer. Each measures, after an untimed warm-up of the same shapes:
+``--draft PATH`` (method draft_model) a draft model of the same tokenizer. Each measures, after untimed warm-ups of the same shapes (``new_compilations`` in the JSON
+says none happened while timed):
 
 - single stream, greedy, ``--single-tokens`` output tokens (ignore_eos), per prompt type:
   ``copy`` asks for a ~200-token Python function back with one rename (completion style: the
   135M default model copies there, and barely in chat form); ``chat`` is a plain chat question
-  (little to copy). tokens/s = output tokens / wall time of ``generate`` (its prefill
-  included, prefix-cached after the warm-up in both engines alike); plus the acceptance.
+  (little to copy). tokens/s = output tokens / wall time of ``generate``, the best of
+  ``--repeats`` (its prefill included, prefix-cached after the warm-up in both engines
+  alike); plus the acceptance.
 - the 64-request workload of ``benchmarks/throughput.py`` (same generator, same seed: prompts
   of 16..512 tokens of English text, 16..256 output tokens), all submitted at once; useful
   output tokens/s. Speculation only runs while at most ``disable_by_batch_size`` (4) sequences
@@ -76,20 +78,26 @@ def spec_config(args: argparse.Namespace) -> dict[str, Any]:
             "prompt_lookup_min": 2}
 
 
-def single_stream(engine, prompts: dict[str, str], num_tokens: int) -> dict[str, dict]:
+def single_stream(engine, prompts: dict[str, str], num_tokens: int, repeats: int) -> dict[str, dict]:
     from jaxllm import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True)
     results = {}
     for name, prompt in prompts.items():
-        engine.generate(prompt, params)   # warm-up: compiles the shapes this prompt uses
-        steps = engine.stats()["num_steps"]
-        start = time.perf_counter()
-        out = engine.generate(prompt, params)
-        wall = time.perf_counter() - start
+        # Warm-up, twice: the first run compiles the uncached prefill, the second the prefill
+        # of the prompt's uncached tail after its prefix-cache hit (what the timed runs do).
+        for _ in range(2):
+            engine.generate(prompt, params)
+        before, walls = engine.stats(), []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = engine.generate(prompt, params)
+            walls.append(time.perf_counter() - start)
+        after, wall = engine.stats(), min(walls)
         results[name] = {
-            "tokens_per_s": len(out.outputs[0].token_ids) / wall, "wall_s": wall,
-            "num_steps": engine.stats()["num_steps"] - steps,
+            "tokens_per_s": len(out.outputs[0].token_ids) / wall, "wall_s": wall, "walls_s": walls,
+            "num_steps": (after["num_steps"] - before["num_steps"]) // repeats,
+            "new_compilations": after["num_compilations"] - before["num_compilations"],
             "num_draft_tokens": out.metrics.num_draft_tokens,
             "num_accepted_tokens": out.metrics.num_accepted_tokens,
             "acceptance_rate": (out.metrics.num_accepted_tokens / out.metrics.num_draft_tokens
@@ -128,7 +136,7 @@ def measure(args, speculative: dict | None, workloads) -> dict:
     try:
         prompts = {"copy": COPY_PROMPT, "chat": engine.tokenizer.apply_chat_template(
             [{"role": "user", "content": CHAT_MESSAGE}], tokenize=False, add_generation_prompt=True)}
-        result = {"single": single_stream(engine, prompts, args.single_tokens)}
+        result = {"single": single_stream(engine, prompts, args.single_tokens, args.repeats)}
         if workloads is not None:
             result["batch"] = batch(engine, *workloads)
         return result
@@ -146,6 +154,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-layers", type=int, default=8, help="layer_skip: the layers kept")
     parser.add_argument("--draft", default=None, help="draft model dir / .gguf (method draft_model)")
     parser.add_argument("--single-tokens", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3, help="timed single-stream runs (best kept)")
     parser.add_argument("--num-requests", type=int, default=DEFAULTS["num_requests"])
     parser.add_argument("--skip-batch", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
@@ -171,19 +180,21 @@ def main(argv=None) -> dict:
     spec = measure(args, spec_config(args), workloads)
     result = {"machine": machine_description(), "speculative_config": spec_config(args), "plain": plain, "speculative": spec,
               "note": "noisy shared machine: compare ratios within one run"}
-    print(f"{'':<8}{'plain tok/s':>12}{'spec tok/s':>12}{'ratio':>8}{'accepted':>10}{'same':>6}")
+    print(f"{'':<8}{'plain tok/s':>12}{'spec tok/s':>12}{'ratio':>8}{'accepted':>10}{'same':>6}{'compiled':>10}")
     for name in plain["single"]:
         p, s = plain["single"][name], spec["single"][name]
         rate = s["acceptance_rate"]
         print(f"{name:<8}{p['tokens_per_s']:>12.1f}{s['tokens_per_s']:>12.1f}"
               f"{s['tokens_per_s'] / p['tokens_per_s']:>8.2f}"
-              f"{'-' if rate is None else f'{rate:.0%}':>10}{str(p['token_ids'] == s['token_ids']):>6}")
+              f"{'-' if rate is None else f'{rate:.0%}':>10}{str(p['token_ids'] == s['token_ids']):>6}"
+              f"{p['new_compilations'] + s['new_compilations']:>10}")
         result.setdefault("ratios", {})[name] = s["tokens_per_s"] / p["tokens_per_s"]
     if workloads is not None:
         p, s = plain["batch"], spec["batch"]
         print(f"{'batch':<8}{p['output_tokens_per_s']:>12.1f}{s['output_tokens_per_s']:>12.1f}"
               f"{s['output_tokens_per_s'] / p['output_tokens_per_s']:>8.2f}"
-              f"{s['num_accepted_tokens']:>10}{str(p['token_ids'] == s['token_ids']):>6}")
+              f"{s['num_accepted_tokens']:>10}{str(p['token_ids'] == s['token_ids']):>6}"
+              f"{p['new_compilations'] + s['new_compilations']:>10}")
         result.setdefault("ratios", {})["batch"] = s["output_tokens_per_s"] / p["output_tokens_per_s"]
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
