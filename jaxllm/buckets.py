@@ -95,6 +95,13 @@ class BucketPolicy:
         block_growth, min_blocks: block ladder before per-T thinning.
         attention_slack: the most padded token x context positions (T x P x block_size) a step
             may gather so that one fewer key is compiled; 0 keeps every block bucket for every T.
+        speculative_tokens, speculative_rows: speculative decoding's k and the most rows that
+            speculate (``disable_by_batch_size``): adds "verify" pairs (T = S (k + 1), S) for
+            the decode row buckets S up to that many rows, so that a row of its last token and
+            k proposals is not padded to the token ladder (1 row, k = 4: 5 tokens, not 8; on
+            CPU, where a 5-row product of the quantized kernels is compute-bound, a verify
+            step of 8 rows cost ~1.7x one of 5). A step takes its verify pair where that has
+            no more tokens and rows than its ladder pair.
     """
 
     max_num_batched_tokens: int
@@ -108,6 +115,8 @@ class BucketPolicy:
     block_growth: int = 4
     min_blocks: int = 2
     attention_slack: int = 16384
+    speculative_tokens: int = 0
+    speculative_rows: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_blocks_per_seq", "block_size",
@@ -124,6 +133,9 @@ class BucketPolicy:
                              f"({self.max_num_batched_tokens})")
         if self.attention_slack < 0:
             raise ValueError(f"attention_slack must be >= 0, got {self.attention_slack}")
+        if self.speculative_tokens < 0 or self.speculative_rows < 0:
+            raise ValueError(f"speculative_tokens and speculative_rows must be >= 0, got "
+                             f"{self.speculative_tokens}, {self.speculative_rows}")
 
     @classmethod
     def from_config(cls, config: Any, platform: str, **overrides: Any) -> "BucketPolicy":
@@ -145,6 +157,10 @@ class BucketPolicy:
                       block_size=config.block_size,
                       decode_row_growth=CPU_DECODE_ROW_GROWTH if platform == "cpu" else 2,
                       min_blocks=max_blocks if config.attention == "cpu" else 2)
+        spec = config.speculative_config
+        if spec is not None:
+            fields.update(speculative_tokens=spec.num_speculative_tokens,
+                          speculative_rows=min(spec.disable_by_batch_size, config.max_num_seqs))
         return cls(**{**fields, **overrides})
 
     # ---- ladders ----
@@ -163,7 +179,7 @@ class BucketPolicy:
     @functools.cached_property
     def _block_ladders(self) -> dict[int, tuple[int, ...]]:
         base = ladder(self.max_blocks_per_seq, self.block_growth, self.min_blocks)
-        token_buckets = set(self.decode_rows) | set(self.tokens)
+        token_buckets = set(self.decode_rows) | set(self.tokens) | {t for t, _ in self.verify_pairs}
         return {t: self._thin_blocks(t, base) for t in sorted(token_buckets)}
 
     def _thin_blocks(self, num_tokens: int, base: tuple[int, ...]) -> tuple[int, ...]:
@@ -178,13 +194,27 @@ class BucketPolicy:
         """The block buckets of token bucket T."""
         return self._block_ladders[num_tokens_bucket]
 
+    @functools.cached_property
+    def verify_pairs(self) -> tuple[tuple[int, int], ...]:
+        """(T, S) of speculative verify steps: S decode-bucket rows of k + 1 tokens each."""
+        if not (self.speculative_tokens and self.speculative_rows):
+            return ()
+        most = ceil_bucket(min(self.speculative_rows, self.max_num_seqs), self.decode_rows)
+        width = self.speculative_tokens + 1
+        return tuple((s * width, s) for s in self.decode_rows
+                     if s <= most and s * width <= self.max_num_batched_tokens)
+
     # ---- the set and the choice ----
     def _pair(self, num_tokens: int, num_rows: int) -> tuple[int, int]:
         if num_tokens == num_rows:
             size = ceil_bucket(num_rows, self.decode_rows)
             return size, size
         t = ceil_bucket(num_tokens, self.tokens)
-        return t, min(ceil_bucket(num_rows, self.rows), t)
+        s = min(ceil_bucket(num_rows, self.rows), t)
+        for verify_t, verify_s in self.verify_pairs:
+            if num_tokens <= verify_t <= t and num_rows <= verify_s <= s:
+                return verify_t, verify_s
+        return t, s
 
     def pick(self, num_tokens: int, num_rows: int, max_context_blocks: int) -> BaseKey:
         """(T, S, P) for a step of ``num_tokens`` tokens in ``num_rows`` rows whose longest
@@ -203,7 +233,7 @@ class BucketPolicy:
     @functools.cached_property
     def _pairs(self) -> tuple[tuple[int, int], ...]:
         """Every (T, S) some step maps to: decode pairs, then one per reachable ladder interval."""
-        pairs = {(d, d) for d in self.decode_rows}
+        pairs = {(d, d) for d in self.decode_rows} | set(self.verify_pairs)
         row_lows = (0,) + self.rows[:-1]
         for t in self.tokens:
             for low, high in zip(row_lows, self.rows):
@@ -228,5 +258,6 @@ class BucketPolicy:
             "num_keys": len(keys), "num_decode_keys": num_decode,
             "num_prefill_keys": len(keys) - num_decode,
             "decode_rows": self.decode_rows, "tokens": self.tokens, "rows": self.rows,
+            "verify": self.verify_pairs,
             "blocks": {t: self.blocks(t) for t in sorted({k[0] for k in keys})},
         }

@@ -33,7 +33,8 @@ def policies(draw, max_tokens=700):
         decode_row_growth=draw(st.sampled_from([1.5, 2, 3, 4])), token_growth=draw(st.integers(2, 8)),
         min_tokens=draw(st.integers(1, 32)), row_growth=draw(st.integers(2, 8)),
         block_growth=draw(st.integers(2, 8)), min_blocks=draw(st.integers(1, 8)),
-        attention_slack=draw(st.sampled_from([0, 1024, 16384, 10**9])))
+        attention_slack=draw(st.sampled_from([0, 1024, 16384, 10**9])),
+        speculative_tokens=draw(st.sampled_from([0, 1, 4, 7])), speculative_rows=draw(st.integers(0, 8)))
 
 
 @st.composite
@@ -62,9 +63,12 @@ def test_pick_returns_a_listed_key_that_covers_the_step(case):
 @settings(max_examples=100, deadline=None)
 @given(policy_and_step(), st.integers(0, 3), st.integers(0, 3), st.integers(0, 3))
 def test_pick_is_monotonic(case, more_tokens, more_rows, more_blocks):
-    """More blocks never give a smaller key; within a step kind, neither do more tokens or rows."""
+    """More blocks never give a smaller key; within a step kind (decode, speculative verify,
+    other), neither do more tokens or rows. (A verify pair may have fewer rows than the ladder
+    pair of a step with fewer tokens: 4 rows of 9 tokens take (20, 4) at k = 4, of 8 (8, 8).)"""
     policy, num_tokens, num_rows, blocks = case
     t, s, p = policy.pick(num_tokens, num_rows, blocks)
+    verify = set(policy.verify_pairs)
     bigger_blocks = min(blocks + more_blocks, policy.max_blocks_per_seq)
     assert policy.pick(num_tokens, num_rows, bigger_blocks) >= (t, s, p)
     assert policy.pick(num_tokens, num_rows, bigger_blocks)[2] >= p
@@ -72,7 +76,8 @@ def test_pick_is_monotonic(case, more_tokens, more_rows, more_blocks):
     rows2 = min(num_rows + more_rows, policy.max_num_seqs, tokens2)
     if (tokens2 == rows2) == (num_tokens == num_rows) and rows2 >= num_rows:
         t2, s2, _ = policy.pick(tokens2, rows2, blocks)
-        assert t2 >= t and s2 >= s
+        if ((t2, s2) in verify) == ((t, s) in verify):
+            assert t2 >= t and s2 >= s
 
 
 def _image(policy: BucketPolicy) -> set:
@@ -89,6 +94,8 @@ def _image(policy: BucketPolicy) -> set:
     BucketPolicy(50, 7, 9, block_size=4, token_growth=3, row_growth=2, min_tokens=3,
                  block_growth=3, min_blocks=1, attention_slack=40),
     BucketPolicy(16, 16, 3, decode_row_growth=3, min_tokens=1),
+    BucketPolicy(64, 8, 12, block_size=8, decode_row_growth=1.5, speculative_tokens=4,
+                 speculative_rows=4),
 ])
 def test_keys_are_exactly_the_reachable_ones(policy):
     assert _image(policy) == set(policy.keys())
@@ -103,7 +110,9 @@ def test_keys_are_exactly_the_reachable_ones_on_pairs(policy):
                for r in range(1, min(n, policy.max_num_seqs) + 1)}
     assert reached == {k[:2] for k in policy.keys()}
     for t in {k[0] for k in policy.keys()}:
-        n, r = (t, t) if t in policy.decode_rows else (t, 1)  # a step of bucket t
+        verify_rows = dict(policy.verify_pairs)
+        # a step of bucket t: a decode step, a verify step of its rows, else one row
+        n, r = (t, t) if t in policy.decode_rows else (t, verify_rows.get(t, 1))
         blocks = {policy.pick(n, r, b)[2] for b in range(policy.max_blocks_per_seq + 1)}
         assert blocks == set(policy.blocks(t))
 
@@ -150,7 +159,7 @@ def test_rejects_impossible_steps_and_bad_settings():
 
 def test_from_config_on_cpu_uses_finer_decode_rows_and_one_block_bucket_with_the_cpu_kernel():
     config = types.SimpleNamespace(max_num_batched_tokens=512, max_num_seqs=64, max_model_len=8192,
-                                   block_size=16, attention="cpu")
+                                   block_size=16, attention="cpu", speculative_config=None)
     cpu = BucketPolicy.from_config(config, "cpu")
     assert cpu.decode_rows == (1, 2, 3, 4, 5, 7, 10, 14, 20, 29, 43, 64)
     assert {cpu.blocks(t) for t in {k[0] for k in cpu.keys()}} == {(512,)}
@@ -158,6 +167,25 @@ def test_from_config_on_cpu_uses_finer_decode_rows_and_one_block_bucket_with_the
     gpu = BucketPolicy.from_config(types.SimpleNamespace(**{**vars(config), "attention": "reference"}), "gpu")
     assert gpu.decode_rows == (1, 2, 4, 8, 16, 32, 64) and gpu.blocks(512) == (2, 8, 32, 128, 512)
     assert len(gpu) == 51
+
+
+def test_speculation_adds_verify_steps_of_k_plus_one_tokens_per_row():
+    """A row of its last token and k proposals is a verify step of S (k + 1) tokens, not the
+    token ladder's next bucket (1 row, k = 4: 5 tokens, not 8), up to disable_by_batch_size rows."""
+    from jaxllm.speculative import SpeculativeConfig
+
+    spec = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 4})
+    config = types.SimpleNamespace(max_num_batched_tokens=512, max_num_seqs=64, max_model_len=8192,
+                                   block_size=16, attention="cpu", speculative_config=spec)
+    policy = BucketPolicy.from_config(config, "cpu")
+    assert policy.verify_pairs == ((5, 1), (10, 2), (15, 3), (20, 4))
+    assert len(policy) == 23 + 4
+    assert policy.pick(5, 1, 3)[:2] == (5, 1) and policy.pick(2, 1, 3)[:2] == (5, 1)
+    assert policy.pick(9, 2, 3)[:2] == (10, 2) and policy.pick(20, 4, 3)[:2] == (20, 4)
+    assert policy.pick(6, 1, 3)[:2] == (8, 1)       # past k + 1 tokens: the token ladder
+    assert policy.pick(7, 2, 3)[:2] == (8, 8)       # the ladder pair has fewer tokens
+    assert policy.pick(12, 5, 3)[:2] == (32, 8)     # more rows than speculate
+    assert policy.pick(1, 1, 3)[:2] == (1, 1)       # decode steps as before
 
 
 # ---- on a tiny engine ----

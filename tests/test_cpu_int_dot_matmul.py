@@ -62,10 +62,11 @@ def test_interleave_is_an_exact_byte_permutation(qtype):
         np.asarray(interleaved_rows(jnp.asarray(packed[1]), qtype, jnp.asarray(rows))), data[1][rows])
 
 
-# Rows: the 1, 2, 4 and 8-row register groups, remainders and several groups; N: one 16-feature
+# Rows: every register group size (1..8 rows) and several groups with a remainder; N: one 16-feature
 # group and several; K: one block and many.
 @pytest.mark.parametrize("qtype", QTYPES)
-@pytest.mark.parametrize("rows,k,n", [(1, 1280, 48), (2, 32, 16), (3, 576, 32), (8, 96, 64),
+@pytest.mark.parametrize("rows,k,n", [(1, 1280, 48), (2, 32, 16), (3, 576, 32), (4, 64, 48),
+                                      (6, 96, 32), (7, 64, 16), (8, 96, 64),
                                       (13, 1536, 16), (64, 64, 32)])
 def test_matches_float64_product_of_the_rounded_x(qtype, rows, k, n):
     rng = np.random.default_rng(rows * 1000 + k + n)
