@@ -1,22 +1,23 @@
 """Speculative decoding: tokens/s with and without it, in one run.
 
-    python benchmarks/speculative.py [--model PATH] [--k 4] [--single-tokens 200] [--repeats 3]
-        [--method ngram|layer_skip|draft_model] [--num-layers N] [--draft PATH]
-        [--num-requests 64] [--skip-batch] [--quick] [--out PATH.json]
+    python benchmarks/speculative.py [--model PATH] [--quantization none|gguf|int8] [--k 4]
+        [--single-tokens 200] [--repeats 3] [--method ngram|layer_skip|draft_model]
+        [--num-layers N] [--draft PATH] [--num-requests 64] [--skip-batch] [--quick] [--out PATH.json]
 
-Two engines on the same model, one at a time: ``Engine(model)`` and ``Engine(model,
+Two engines on the same model, alive together: ``Engine(model)`` and ``Engine(model,
 speculative_config=...)``: by default n-gram prompt lookup (``{"method": "ngram",
 "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 2}``); with
 ``--method layer_skip`` the target's first ``--num-layers`` layers as the draft; with
-``--draft PATH`` (method draft_model) a draft model of the same tokenizer. Each measures, after untimed warm-ups of the same shapes (``new_compilations`` in the JSON
-says none happened while timed):
+``--draft PATH`` (method draft_model) a draft model of the same tokenizer. Each measures,
+after untimed warm-ups of the same shapes (``new_compilations`` in the JSON says none happened
+while timed):
 
 - single stream, greedy, ``--single-tokens`` output tokens (ignore_eos), per prompt type:
   ``copy`` asks for a ~200-token Python function back with one rename (completion style: the
   135M default model copies there, and barely in chat form); ``chat`` is a plain chat question
   (little to copy). tokens/s = output tokens / wall time of ``generate``, the best of
-  ``--repeats`` (its prefill included, prefix-cached after the warm-up in both engines
-  alike); plus the acceptance.
+  ``--repeats`` runs that alternate between the engines (its prefill included, prefix-cached
+  after the warm-up in both engines alike); plus the acceptance.
 - the 64-request workload of ``benchmarks/throughput.py`` (same generator, same seed: prompts
   of 16..512 tokens of English text, 16..256 output tokens), all submitted at once; useful
   output tokens/s. Speculation only runs while at most ``disable_by_batch_size`` (4) sequences
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from jaxllm.cli_options import quantization_method  # noqa: E402
 from throughput import DEFAULTS, PromptSource, load_tokenizer, machine_description, make_workload  # noqa: E402
 
 COPY_SOURCE = '''def moving_average(values, window):
@@ -78,31 +80,40 @@ def spec_config(args: argparse.Namespace) -> dict[str, Any]:
             "prompt_lookup_min": 2}
 
 
-def single_stream(engine, prompts: dict[str, str], num_tokens: int, repeats: int) -> dict[str, dict]:
+def single_stream(engines: dict, prompts: dict[str, str], num_tokens: int,
+                  repeats: int) -> dict[str, dict[str, dict]]:
+    """{engine name: {prompt name: result}}: the engines' timed runs alternate (plain,
+    speculative, plain, ...), so that the machine's load drifts over both alike."""
     from jaxllm import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True)
-    results = {}
-    for name, prompt in prompts.items():
+    results: dict[str, dict[str, dict]] = {name: {} for name in engines}
+    for prompt_name, prompt in prompts.items():
         # Warm-up, twice: the first run compiles the uncached prefill, the second the prefill
         # of the prompt's uncached tail after its prefix-cache hit (what the timed runs do).
-        for _ in range(2):
-            engine.generate(prompt, params)
-        before, walls = engine.stats(), []
+        for engine in engines.values():
+            for _ in range(2):
+                engine.generate(prompt, params)
+        before = {name: engine.stats() for name, engine in engines.items()}
+        walls: dict[str, list[float]] = {name: [] for name in engines}
+        outs = {}
         for _ in range(repeats):
-            start = time.perf_counter()
-            out = engine.generate(prompt, params)
-            walls.append(time.perf_counter() - start)
-        after, wall = engine.stats(), min(walls)
-        results[name] = {
-            "tokens_per_s": len(out.outputs[0].token_ids) / wall, "wall_s": wall, "walls_s": walls,
-            "num_steps": (after["num_steps"] - before["num_steps"]) // repeats,
-            "new_compilations": after["num_compilations"] - before["num_compilations"],
-            "num_draft_tokens": out.metrics.num_draft_tokens,
-            "num_accepted_tokens": out.metrics.num_accepted_tokens,
-            "acceptance_rate": (out.metrics.num_accepted_tokens / out.metrics.num_draft_tokens
-                                if out.metrics.num_draft_tokens else None),
-            "token_ids": out.outputs[0].token_ids}
+            for name, engine in engines.items():
+                start = time.perf_counter()
+                outs[name] = engine.generate(prompt, params)
+                walls[name].append(time.perf_counter() - start)
+        for name, engine in engines.items():
+            after, wall, out = engine.stats(), min(walls[name]), outs[name]
+            results[name][prompt_name] = {
+                "tokens_per_s": len(out.outputs[0].token_ids) / wall, "wall_s": wall,
+                "walls_s": walls[name],
+                "num_steps": (after["num_steps"] - before[name]["num_steps"]) // repeats,
+                "new_compilations": after["num_compilations"] - before[name]["num_compilations"],
+                "num_draft_tokens": out.metrics.num_draft_tokens,
+                "num_accepted_tokens": out.metrics.num_accepted_tokens,
+                "acceptance_rate": (out.metrics.num_accepted_tokens / out.metrics.num_draft_tokens
+                                    if out.metrics.num_draft_tokens else None),
+                "token_ids": out.outputs[0].token_ids}
     return results
 
 
@@ -129,20 +140,29 @@ def batch(engine, workload: list[dict], warm: list[dict]) -> dict:
             "token_ids": [o.outputs[0].token_ids for o in outputs]}
 
 
-def measure(args, speculative: dict | None, workloads) -> dict:
+def measure(args, workloads) -> dict[str, dict]:
+    """Both engines ("plain", "speculative") on the same model, alive together: single streams
+    alternate between them; the batch workload runs on one, then the other."""
     from jaxllm import Engine
 
-    engine = Engine(args.model, speculative_config=speculative)
+    engines = {}
     try:
-        prompts = {"copy": COPY_PROMPT, "chat": engine.tokenizer.apply_chat_template(
+        for name, speculative in (("plain", None), ("speculative", spec_config(args))):
+            engines[name] = Engine(args.model, speculative_config=speculative,
+                                   quantization=args.quantization)
+        tokenizer = engines["plain"].tokenizer
+        prompts = {"copy": COPY_PROMPT, "chat": tokenizer.apply_chat_template(
             [{"role": "user", "content": CHAT_MESSAGE}], tokenize=False, add_generation_prompt=True)}
-        result = {"single": single_stream(engine, prompts, args.single_tokens, args.repeats)}
+        single = single_stream(engines, prompts, args.single_tokens, args.repeats)
+        result = {name: {"single": single[name]} for name in engines}
         if workloads is not None:
-            result["batch"] = batch(engine, *workloads)
+            for name, engine in engines.items():
+                result[name]["batch"] = batch(engine, *workloads)
         return result
     finally:
-        engine.shutdown()
-        del engine
+        for engine in engines.values():
+            engine.shutdown()
+        engines.clear()
         gc.collect()
 
 
@@ -150,6 +170,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model dir / .gguf (default SmolLM2-135M)")
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--quantization", type=quantization_method, default="auto",
+                        help="Engine's quantization: auto (its default), none, gguf, int8")
     parser.add_argument("--method", choices=("ngram", "layer_skip", "draft_model"), default="ngram")
     parser.add_argument("--num-layers", type=int, default=8, help="layer_skip: the layers kept")
     parser.add_argument("--draft", default=None, help="draft model dir / .gguf (method draft_model)")
@@ -176,9 +198,10 @@ def main(argv=None) -> dict:
         warm = [{"prompt_token_ids": source.make(len(r["prompt_token_ids"])), "max_tokens": r["max_tokens"]}
                 for r in workload]
         workloads = (workload, warm)
-    plain = measure(args, None, workloads)
-    spec = measure(args, spec_config(args), workloads)
-    result = {"machine": machine_description(), "speculative_config": spec_config(args), "plain": plain, "speculative": spec,
+    measured = measure(args, workloads)
+    plain, spec = measured["plain"], measured["speculative"]
+    result = {"machine": machine_description(), "speculative_config": spec_config(args),
+              "quantization": args.quantization, "plain": plain, "speculative": spec,
               "note": "noisy shared machine: compare ratios within one run"}
     print(f"{'':<8}{'plain tok/s':>12}{'spec tok/s':>12}{'ratio':>8}{'accepted':>10}{'same':>6}{'compiled':>10}")
     for name in plain["single"]:
