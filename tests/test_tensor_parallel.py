@@ -119,9 +119,10 @@ def test_tensor_parallel_matches_one_device(models):
 def test_smollm2_tensor_parallel_3_matches_one_device():
     """The default model: 9 query heads and 3 kv heads, one of each kind per device at 3.
 
-    Its Q4_1 blocks run the integer-dot kernel on one device (x rounded to int16 per block of
-    32: logprobs move by ~1e-3) and the float-x kernel when split (the interleaved layout is
-    not split), hence the looser logprob bound; the tokens must still be the same."""
+    On one device its Q4_1 blocks stay packed and run the integer-dot kernel (x rounded to
+    int16 per block of 32: logprobs move by ~1e-3); split, quantization "auto" dequantizes them
+    to float32 (quantized weights run on one device), hence the looser logprob bound; the
+    tokens must still be the same."""
     assert_matches_one_device(run_checks([("smollm2", None, [3], {})]), {"smollm2/tp3": 3},
                               tolerance=3e-3)
 
