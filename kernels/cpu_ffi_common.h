@@ -1,5 +1,6 @@
 // What the FFI kernels of this directory share besides vectors (cpu_vec.h): work sharing over
-// XLA:CPU's intra-op thread pool, and shapes written out for error messages.
+// XLA:CPU's intra-op thread pool, shapes written out for error messages, and the operand
+// contract of the two quantized matmuls.
 #ifndef JAXLLM_KERNELS_CPU_FFI_COMMON_H_
 #define JAXLLM_KERNELS_CPU_FFI_COMMON_H_
 
@@ -52,6 +53,35 @@ inline std::string dims_str(xla::ffi::Span<const int64_t> dims) {
   std::string s = "[";
   for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
   return s + "]";
+}
+
+// The operands the quantized matmuls (cpu_quant_matmul.cc, cpu_int_dot_matmul.cc) share: x
+// [R, K], data [N, K / block * block_bytes] (int8 for "int8", else uint8), y [R, N] float32, and
+// for "int8" a float32 scale [N]; N a multiple of n_multiple. What is wrong, or "" if nothing.
+// (x's element type is each kernel's own check.)
+inline std::string quantized_operands_error(const std::string& type_name, int64_t block,
+                                            int64_t block_bytes, int64_t n_multiple, bool int8,
+                                            xla::ffi::Span<const int64_t> xd,
+                                            const xla::ffi::AnyBuffer& data,
+                                            const xla::ffi::AnyBuffer& scale,
+                                            const xla::ffi::AnyBuffer& y) {
+  namespace ffi = xla::ffi;
+  auto wd = data.dimensions(), yd = y.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2)
+    return "expected x [R, K], data [N, row_bytes], y [R, N]; got x " + dims_str(xd) +
+           ", data " + dims_str(wd) + ", y " + dims_str(yd);
+  const int64_t R = xd[0], K = xd[1], N = wd[0];
+  if (K % block != 0 || N % n_multiple != 0 || wd[1] != K / block * block_bytes || yd[0] != R ||
+      yd[1] != N)
+    return type_name + ": inconsistent shapes x " + dims_str(xd) + ", data " + dims_str(wd) +
+           ", y " + dims_str(yd);
+  if (data.element_type() != (int8 ? ffi::DataType::S8 : ffi::DataType::U8))
+    return std::string("data must be ") + (int8 ? "int8" : "uint8");
+  if (y.element_type() != ffi::DataType::F32) return "y must be float32";
+  if (int8 && (scale.element_type() != ffi::DataType::F32 || scale.dimensions().size() != 1 ||
+               scale.dimensions()[0] != N))
+    return "int8 needs a float32 scale [N]; got " + dims_str(scale.dimensions());
+  return "";
 }
 
 }  // namespace jaxllm

@@ -49,8 +49,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using jaxllm::dims_str;
-
 constexpr int kGroup = 16;   // features per group (one 512-bit vector of float32)
 constexpr int kBlock = 32;   // weights per block along K
 constexpr int kMaxRowGroup = 8;
@@ -221,23 +219,13 @@ ffi::Error IntDotMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuff
   if (qtype < 0 || qtype >= static_cast<int>(std::size(kTypes)))
     return bad("unknown qtype " + std::to_string(qtype));
   const Type& type = kTypes[qtype];
-  auto xd = x.dimensions(), wd = data.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2)
-    return bad("expected x [R, K], data [N, row_bytes], y [R, N]; got x " + dims_str(xd) +
-               ", data " + dims_str(wd) + ", y " + dims_str(yd));
-  const int64_t R = xd[0], K = xd[1], N = wd[0];
-  if (K % kBlock != 0 || N % kGroup != 0 || wd[1] != K / kBlock * type.bytes_per_block ||
-      yd[0] != R || yd[1] != N)
-    return bad(std::string(type.name) + ": inconsistent shapes x " + dims_str(xd) + ", data " +
-               dims_str(wd) + ", y " + dims_str(yd));
   const bool int8 = qtype == kInt8;
-  if (data.element_type() != (int8 ? ffi::DataType::S8 : ffi::DataType::U8))
-    return bad(std::string("data must be ") + (int8 ? "int8" : "uint8"));
+  auto xd = x.dimensions();
+  const std::string error = jaxllm::quantized_operands_error(
+      type.name, kBlock, type.bytes_per_block, kGroup, int8, xd, data, scale, *y);
+  if (!error.empty()) return bad(error);
   if (x.element_type() != ffi::DataType::F32) return bad("x must be float32");
-  if (y->element_type() != ffi::DataType::F32) return bad("y must be float32");
-  if (int8 && (scale.element_type() != ffi::DataType::F32 || scale.dimensions().size() != 1 ||
-               scale.dimensions()[0] != N))
-    return bad("int8 needs a float32 scale [N]; got " + dims_str(scale.dimensions()));
+  const int64_t R = xd[0], K = xd[1], N = data.dimensions()[0];
   if (R == 0 || N == 0) return ffi::Error::Success();
   const int padded = (R + kMaxRowGroup - 1) / kMaxRowGroup * kMaxRowGroup;
   const QuantizedX xq = quantize_x(static_cast<const float*>(x.untyped_data()),

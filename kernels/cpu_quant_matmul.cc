@@ -177,22 +177,12 @@ ffi::Error QuantMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffe
   if (qtype < 0 || qtype >= static_cast<int>(std::size(kTypes)))
     return bad("unknown qtype " + std::to_string(qtype));
   const Type& type = kTypes[qtype];
-  auto xd = x.dimensions(), wd = data.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2)
-    return bad("expected x [R, K], data [N, row_bytes], y [R, N]; got x " + dims_str(xd) +
-               ", data " + dims_str(wd) + ", y " + dims_str(yd));
-  const int64_t R = xd[0], K = xd[1], N = wd[0];
-  if (K % type.weights != 0 || wd[1] != K / type.weights * type.bytes || yd[0] != R ||
-      yd[1] != N)
-    return bad(std::string(type.name) + ": inconsistent shapes x " + dims_str(xd) + ", data " +
-               dims_str(wd) + ", y " + dims_str(yd));
   const bool int8 = qtype == kInt8;
-  if (data.element_type() != (int8 ? ffi::DataType::S8 : ffi::DataType::U8))
-    return bad(std::string("data must be ") + (int8 ? "int8" : "uint8"));
-  if (y->element_type() != ffi::DataType::F32) return bad("y must be float32");
-  if (int8 && (scale.element_type() != ffi::DataType::F32 || scale.dimensions().size() != 1 ||
-               scale.dimensions()[0] != N))
-    return bad("int8 needs a float32 scale [N]; got " + dims_str(scale.dimensions()));
+  auto xd = x.dimensions(), wd = data.dimensions();
+  const std::string error = jaxllm::quantized_operands_error(
+      type.name, type.weights, type.bytes, 1, int8, xd, data, scale, *y);
+  if (!error.empty()) return bad(error);
+  const int64_t R = xd[0], K = xd[1], N = wd[0];
   std::vector<float> x32;
   switch (x.element_type()) {
     case ffi::DataType::F32: x32 = x_as_f32<float>(x, R, K); break;

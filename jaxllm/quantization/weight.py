@@ -233,8 +233,8 @@ def use_int_dot(params: Any) -> Any:
     VNNI); the rest stay as they are.
 
     Why: the float kernel decodes every weight to float32 and is bound by that arithmetic; with
-    x quantized to int8 (as llama.cpp does) a decode step is bound by memory instead (SmolLM2
-    Q4_1: see the README's quantization table)."""
+    x rounded to int16 per block of 32 and integer dot products, a decode step is bound by
+    memory instead (SmolLM2 Q4_1: see the README's quantization table)."""
     from jaxllm.kernels import cpu_int_dot_matmul
 
     if not cpu_int_dot_matmul.is_available():
